@@ -1,0 +1,90 @@
+"""Crash-safe checkpoints: safetensors only (no pickle), every file written to a temporary name and renamed.
+
+A checkpoint is a folder of `tensors.safetensors` (module parameters), `optimizer.safetensors` (optimizer
+state, flattened) and `meta.json` (step, history, optimizer param_groups). It is written as NAME.tmp and then
+swapped in, so a checkpoint on disk is always complete: either the old one or the new one.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LinearizeError
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors.load_file with a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LinearizeError(f"weights file {path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LinearizeError(f"{path} is not a valid safetensors file ({e}); re-create it or restore a good copy") from e
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = optimizer.state_dict()
+    flat = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            flat[f"{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat, sd["param_groups"]
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor], param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    flat, groups = _optimizer_to_flat(optimizer)
+    save_file({k: v.contiguous().cpu() for k, v in flat.items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "optimizer_param_groups": groups}, indent=2))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None):
+    """Returns (tensors, meta) of the last complete checkpoint in `folder` (or None if there is none) and
+    restores the optimizer state into `optimizer`."""
+    folder = Path(folder)
+    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
+        folder = folder.with_name(folder.name + ".old")  # crashed between the two renames
+    if not (folder / "meta.json").exists():
+        return None
+    meta = json.loads((folder / "meta.json").read_text())
+    tensors = load_tensors(folder / "tensors.safetensors")
+    if optimizer is not None:
+        _optimizer_from_flat(optimizer, load_tensors(folder / "optimizer.safetensors"), meta.pop("optimizer_param_groups"))
+    return tensors, meta

