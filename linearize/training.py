@@ -15,9 +15,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 
 @dataclass
 class TrainResult:
-    steps: int
-    tokens: int
-    seconds: float  # wall time of the steps run in this process (not counting resumed work)
+    steps: int  # all steps of the stage, resumed ones included
+    tokens: int  # tokens trained in this process (a resumed run counts only its own)
+    seconds: float  # wall time of the steps run in this process
     history: list = field(default_factory=list)  # [{"step", "tokens", "loss", ...}]
 
     @property
@@ -70,21 +70,27 @@ def train(
     bar = tqdm(total=total_steps * tokens_per_step, initial=start * tokens_per_step, desc=name, unit="tok",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     t0 = last_save = time.perf_counter()
-    for step in range(start, total_steps):
-        batch = sequences[step * batch_size : (step + 1) * batch_size]
-        metrics = step_fn(batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        elapsed = time.perf_counter() - t0
-        done = step + 1
-        history.append({"step": done, "tokens": done * tokens_per_step, "lr": schedule.get_last_lr()[0],
-                        "tokens_per_s": (done - start) * tokens_per_step / elapsed, **metrics})
-        bar.update(tokens_per_step)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-        if time.perf_counter() - last_save > checkpoint_every_s and done < total_steps:
-            save(done)
-            last_save = time.perf_counter()
-    bar.close()
+    done = start
+    try:
+        for step in range(start, total_steps):
+            batch = sequences[step * batch_size : (step + 1) * batch_size]
+            metrics = step_fn(batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            history.append({"step": done, "tokens": done * tokens_per_step, "lr": schedule.get_last_lr()[0],
+                            "tokens_per_s": (done - start) * tokens_per_step / elapsed, **metrics})
+            bar.update(tokens_per_step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+            if time.perf_counter() - last_save > checkpoint_every_s and done < total_steps:
+                save(done)
+                last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        save(done)  # finished steps survive an interrupt
+        raise
+    finally:
+        bar.close()
     save(total_steps)
-    return TrainResult(total_steps, total_steps * tokens_per_step, time.perf_counter() - t0, history)
+    return TrainResult(total_steps, (total_steps - start) * tokens_per_step, time.perf_counter() - t0, history)

@@ -60,6 +60,7 @@ class DecodingState(list):
 
     def __init__(self, num_layers: int):
         super().__init__([None] * num_layers)
+        self.seen = 0  # tokens consumed so far: the position of the next one
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self if s is not None)

@@ -1,0 +1,114 @@
+"""The `linearize` command: convert | generate (| eval | bench | report | compare as they land).
+
+Every user error is one line on stderr and a non-zero exit code, never a traceback."""
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .errors import LinearizeError
+
+
+def _add_convert(sub):
+    from .layers.linear_attention import ATTENTION_PRESETS
+    from .pipeline import ConvertSettings
+
+    d = ConvertSettings()
+    p = sub.add_parser("convert", help="linearize a model: attention transfer then LoRA",
+                       description="Convert a causal LM to linear attention. With no options: the bundled "
+                                   "SmolLM2-135M-Instruct on the bundled ShareGPT text.")
+    p.add_argument("--model", help="HF model id, model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training text: .txt/.jsonl/.json file or folder, or a datasets name "
+                                  "(default: bundled ShareGPT)")
+    p.add_argument("--out", default="runs/smollm2", help="output folder (default: %(default)s)")
+    p.add_argument("--attention", default=d.attention, choices=sorted(ATTENTION_PRESETS), help="attention family")
+    p.add_argument("--window", type=int, help="softmax sliding window (0 = pure linear; default from --attention)")
+    p.add_argument("--feature-map", help="hedgehog | t2r | elu (default from --attention)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,
+                   help="stage 1 training tokens (default: %(default)s)")
+    p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 training tokens (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens for perplexity")
+    p.add_argument("--transfer-lr", type=float, default=d.transfer_lr)
+    p.add_argument("--lora-lr", type=float, default=d.lora_lr)
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
+    p.add_argument("--skip-transfer", action="store_true", help="LoRA only (baseline: shows what transfer buys)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args):
+    from .pipeline import ConvertSettings, convert
+
+    names = {f.name for f in fields(ConvertSettings)}
+    settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
+    res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress)
+    _print_summary(res, args.out)
+
+
+def _print_summary(res, out):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"linearize convert -> {out}")
+    for col in ("", "tokens", "wall s", "tokens/s", "held-out ppl"):
+        table.add_column(col, justify="right")
+    table.add_row("teacher", "", "", "", f"{res['teacher_ppl']:.3f}")
+    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), ("stage 2: LoRA", "lora", "stage2_ppl")):
+        s = res.get(key, {})
+        table.add_row(stage, str(s.get("tokens", "-")), str(s.get("seconds", "-")), str(s.get("tokens_per_s", "-")),
+                      f"{res[ppl]:.3f}" if ppl in res else "-")
+    Console().print(table)
+    print(f"model saved to {out} (load with linearize.load('{out}'); try `linearize generate {out} \"Hello\"`)")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="continue a prompt with a converted model (constant-memory decoding)")
+    p.add_argument("path", help="converted model folder")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args):
+    import linearize
+
+    model, tokenizer = linearize.load(args.path)
+    if tokenizer is None:
+        raise LinearizeError(f"{args.path} has no tokenizer files; re-run `linearize convert`")
+    linearize.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw,
+                            stream=lambda s: print(s, end="", flush=True))
+    print()
+
+
+COMMANDS = [_add_convert, _add_generate]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="linearize", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        args.run(args)
+    except LinearizeError as e:
+        print(f"linearize: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlinearize: interrupted; finished work is checkpointed, continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""`linearize convert`: load -> convert -> stage 1 (attention transfer) -> stage 2 (LoRA) -> save, resumable.
+
+The output folder holds the finished model (config.json, model.safetensors, tokenizer), `convert.json`
+(settings, tokens, wall time, tokens/s and perplexities per stage), `curves.json` (loss histories for the
+report) and `checkpoints/` (what --resume continues from).
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, write_json_atomic
+from .data import pack_sequences
+from .errors import LinearizeError
+from .evaluate.perplexity import perplexity
+from .finetune.lora import LoraSettings, finetune_lora
+from .layers.linear_attention import attention_preset
+from .load.teacher import load_teacher
+from .models.linearized import LinearizedForCausalLM, make_student_attention
+from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
+
+
+@dataclass
+class ConvertSettings:
+    model: str | None = None  # None: bundled SmolLM2-135M-Instruct
+    data: str | None = None  # None: bundled ShareGPT
+    attention: str = "lolcats"
+    window: int | None = None  # override the preset's window
+    feature_map: str | None = None  # override the preset's feature map
+    seq_len: int = 1024
+    transfer_tokens: int = 131_072
+    lora_tokens: int = 65_536
+    eval_tokens: int = 24_576
+    transfer_lr: float = 1e-2
+    lora_lr: float = 1e-3
+    lora_rank: int = 8
+    lora_init: str = "default"
+    skip_transfer: bool = False
+    seed: int = 0
+
+    def attention_config(self):
+        return attention_preset(self.attention, window=self.window, feature_map=self.feature_map)
+
+    def check(self):
+        attention = self.attention_config()
+        if self.seq_len < max(attention.window, 2):
+            raise LinearizeError(f"--seq-len {self.seq_len} is shorter than the attention window {attention.window}; "
+                                 f"use --seq-len >= {max(attention.window, 2)} or a smaller --window")
+        for name in ("transfer_tokens", "lora_tokens", "eval_tokens"):
+            if getattr(self, name) < 0:
+                raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.eval_tokens < self.seq_len:
+            raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
+        LoraSettings(rank=self.lora_rank, init=self.lora_init)
+
+
+class RunState:
+    """progress.json in the output folder: settings plus the results of each finished step."""
+
+    def __init__(self, out: Path, settings: ConvertSettings, resume: bool):
+        self.path = out / "progress.json"
+        if self.path.exists() and not resume:
+            raise LinearizeError(f"{out} already holds a run; add --resume to continue it or choose another --out")
+        if resume and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if self.data["settings"] != asdict(settings):
+                changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k) != v]
+                raise LinearizeError(f"--resume with different settings ({', '.join(changed)}); "
+                                     "use the original ones or a new --out")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            self.data = {"settings": asdict(settings), "results": {}}
+            self.save()
+
+    @property
+    def results(self) -> dict:
+        return self.data["results"]
+
+    def record(self, **results):
+        self.results.update(results)
+        self.save()
+
+    def save(self):
+        write_json_atomic(self.data, self.path)
+
+
+def _stage_summary(result, seconds: float) -> dict:
+    return {"tokens": result.tokens, "steps": result.steps, "seconds": round(seconds, 1),
+            "tokens_per_s": round(result.tokens / seconds, 1) if seconds else None}
+
+
+def _save_final(model, tokenizer, out: Path):
+    """save_pretrained into a temporary folder, then rename each file into `out`."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Run the whole conversion; returns the results dict (also in out/convert.json)."""
+    settings.check()
+    out = Path(out)
+    state = RunState(out, settings, resume)
+    res = state.results
+    if res.get("done"):
+        log(f"{out} is already finished")
+        return res
+    torch.manual_seed(settings.seed)
+    t_start = time.perf_counter()
+    attention = settings.attention_config()
+
+    log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'}")
+    teacher, tokenizer = load_teacher(settings.model)
+    n1 = 0 if settings.skip_transfer else settings.transfer_tokens // settings.seq_len
+    n2 = settings.lora_tokens // settings.seq_len
+    pack = dict(source=settings.data, tokenizer=tokenizer, seq_len=settings.seq_len, progress=progress)
+    heldout = pack_sequences(num_sequences=settings.eval_tokens // settings.seq_len, split="heldout", **pack)
+    train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, settings.seq_len, dtype=torch.long)
+    train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
+
+    if "teacher_ppl" not in res:
+        state.record(teacher_ppl=perplexity(teacher, heldout, desc="teacher perplexity", progress=progress))
+    log(f"teacher held-out perplexity: {res['teacher_ppl']:.3f}")
+
+    students = make_student_attention(teacher, attention)
+    ckpt = out / "checkpoints"
+    if n1:
+        if "transfer" not in res:
+            t0 = time.perf_counter()
+            r1 = attention_transfer(teacher, students, train1, lr=settings.transfer_lr,
+                                    checkpoint_dir=ckpt / "transfer", progress=progress)
+            errors = layer_transfer_errors(teacher, students, heldout[:2])
+            state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
+                         transfer_history=r1.history)
+        else:
+            load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
+    model = LinearizedForCausalLM.from_teacher(teacher, attention, students)
+    if "stage1_ppl" not in res:
+        state.record(stage1_ppl=perplexity(model, heldout, desc="student perplexity (stage 1)", progress=progress))
+    log(f"student held-out perplexity after {'stage 1' if n1 else 'conversion (no transfer)'}: {res['stage1_ppl']:.3f}")
+
+    if train2 is not None and len(train2):
+        t0 = time.perf_counter()
+        lora = LoraSettings(rank=settings.lora_rank, init=settings.lora_init)
+        model, r2 = finetune_lora(model, train2, lora, lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
+                                  progress=progress)
+        if "lora" not in res:
+            state.record(lora=_stage_summary(r2, time.perf_counter() - t0), lora_history=r2.history)
+        state.record(stage2_ppl=perplexity(model, heldout, desc="student perplexity (stage 2)", progress=progress))
+        log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
+
+    _save_final(model, tokenizer, out)
+    write_json_atomic({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
+                       "layer_mse": res.get("layer_mse", [])}, out / "curves.json")
+    state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
+                 heldout_tokens=int(heldout.numel()))
+    summary = {k: v for k, v in res.items() if not k.endswith("_history")}
+    write_json_atomic({"settings": asdict(settings), **summary}, out / "convert.json")
+    return res
