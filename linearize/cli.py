@@ -40,9 +40,17 @@ def _add_convert(sub):
     p.set_defaults(run=_run_convert)
 
 
+def _quiet_libraries():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run_convert(args):
     from .pipeline import ConvertSettings, convert
 
+    if args.no_progress:
+        _quiet_libraries()
     names = {f.name for f in fields(ConvertSettings)}
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
     res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress)

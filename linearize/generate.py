@@ -17,7 +17,7 @@ def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new
     state = state if state is not None else model.new_decoding_state()
     logits = model(input_ids=prompt_ids, linear_state=state).logits[:, -1]
     out = [prompt_ids]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if temperature <= 0:
             token = logits.argmax(-1, keepdim=True)
         else:
@@ -29,7 +29,7 @@ def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new
         out.append(token)
         if on_token is not None:
             on_token(token.item())
-        if eos_token_id is not None and token.item() == eos_token_id:
+        if i == max_new_tokens - 1 or (eos_token_id is not None and token.item() == eos_token_id):
             break
         logits = model(input_ids=token, linear_state=state).logits[:, -1]
     return torch.cat(out, dim=1), state

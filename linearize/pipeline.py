@@ -72,10 +72,8 @@ class RunState:
                 changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k) != v]
                 raise LinearizeError(f"--resume with different settings ({', '.join(changed)}); "
                                      "use the original ones or a new --out")
-        else:
-            out.mkdir(parents=True, exist_ok=True)
+        else:  # written by the first record(), once the inputs have loaded: a failed start leaves no run behind
             self.data = {"settings": asdict(settings), "results": {}}
-            self.save()
 
     @property
     def results(self) -> dict:
@@ -86,6 +84,7 @@ class RunState:
         self.save()
 
     def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.data, self.path)
 
 

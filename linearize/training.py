@@ -47,24 +47,25 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_every_s: float = 120.0,
     progress: bool = True,
+    write_checkpoints: bool = True,
 ) -> TrainResult:
     """Train `params` over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
     return {"loss": float, ...}. state_fn/restore_fn give/take the tensors a checkpoint must hold.
-    With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s."""
+    With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s
+    (write_checkpoints=False: resume only, never write; for the ranks other than 0 of a data-parallel run)."""
     total_steps = len(sequences) // batch_size
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, max(1, total_steps // 20)))
     start, history = 0, []
     if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir, optimizer)) is not None:
         tensors, meta = found
         restore_fn(tensors)
         start, history = meta["step"], meta["history"]
-        schedule.last_epoch = start - 1
-        schedule.step()
+    factor = cosine_with_warmup(total_steps, max(1, total_steps // 20))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
     tokens_per_step = batch_size * sequences.shape[1]
 
     def save(step):
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and write_checkpoints:
             save_checkpoint(checkpoint_dir, state_fn(), optimizer, {"step": step, "history": history})
 
     bar = tqdm(total=total_steps * tokens_per_step, initial=start * tokens_per_step, desc=name, unit="tok",

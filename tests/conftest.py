@@ -18,3 +18,51 @@ def tiny_tokenizer():
                  "User: hi there\nAssistant: hello, how can I help?", "linear attention is fast"]
     tok.train_from_iterator(sentences, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 KV heads); vocab fits tiny_tokenizer."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture
+def tiny_teacher():
+    """A random tiny Llama teacher in eval mode (fresh per test: conversion modifies it in place)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory, tiny_tokenizer):
+    """A converted tiny model folder (random Llama teacher, 2 layers): returns (student_dir, teacher_dir).
+    convert.json names the teacher folder, as `linearize convert --model DIR` would."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from linearize.layers.linear_attention import LinearAttentionConfig
+    from linearize.models.linearized import LinearizedForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_converted")
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(cfg).eval()
+    teacher_dir, student_dir = root / "teacher", root / "student"
+    teacher.save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    student = LinearizedForCausalLM.from_teacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval(),
+                                                 LinearAttentionConfig(window=8, chunk_size=8))
+    student.save_pretrained(student_dir)
+    tiny_tokenizer.save_pretrained(student_dir)
+    (student_dir / "convert.json").write_text(json.dumps({"settings": {"model": str(teacher_dir)}}))
+    return student_dir, teacher_dir

@@ -67,23 +67,36 @@ def finetune_lora(
     batch_size: int = 1,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    data_parallel=None,
 ):
-    """LoRA-finetune `model` on sequences (N, T); returns (merged plain model, TrainResult)."""
+    """LoRA-finetune `model` on sequences (N, T); returns (merged plain model, TrainResult).
+    data_parallel: a transfer.distributed.RankGroup; each rank then runs its shard of every batch (batch_size is
+    the global batch) under torch DDP, and only rank 0 writes checkpoints."""
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = add_lora(model, settings)
     peft_model.train()
+    forward = peft_model if data_parallel is None else data_parallel.ddp(peft_model)
+    device = next(peft_model.parameters()).device
 
     def step(batch):
-        loss = peft_model(input_ids=batch, labels=batch).loss
+        if data_parallel is not None:
+            batch = data_parallel.shard(batch)
+        batch = batch.to(device)
+        loss = forward(input_ids=batch, labels=batch).loss
         loss.backward()
+        if data_parallel is not None:  # report the global mean, as one process would
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= data_parallel.world
         return {"loss": loss.item()}
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     result: TrainResult = train("stage 2: LoRA", sequences, step, params,
                                 state_fn=lambda: _trainable_state(peft_model),
                                 restore_fn=lambda t: _load_trainable_state(peft_model, t),
-                                lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress)
+                                lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
+                                write_checkpoints=data_parallel is None or data_parallel.rank == 0)
     merged = peft_model.merge_and_unload().eval()
     for p in merged.parameters():
         p.requires_grad_(False)

@@ -10,32 +10,55 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import LinearizeError
 from ..ops import hybrid_attention as ops
 from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 
 
+GATES = ("none", "key")
+RULES = ("sum", "delta")
+
+
 @dataclass
 class LinearAttentionConfig:
     """One attention mechanism, many configurations.
     feature_map: "hedgehog" | "t2r" | "elu"; feature_dim: projection width (default head_dim);
-    window: softmax sliding window (0 = pure linear); chunk_size: block length of the chunked form."""
+    window: softmax sliding window (0 = pure linear; None = unbounded, i.e. full softmax attention);
+    chunk_size: block length of the chunked form;
+    gate: "none" | "key": a per-token forget gate on the linear memory, built from the pretrained key projection
+      with no new parameters (Liger): log g_t = logsigmoid(mean over head_dim of k_t) / gate_norm (pre-RoPE k);
+    rule: "sum" (linear attention) | "delta" (delta rule; with gate="key" the gated delta rule), write strength
+      beta = sigmoid(a learned per-KV-head logit), phi(q), phi(k) L2-normalised;
+    linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters)."""
 
     feature_map: str = "hedgehog"
     feature_dim: int | None = None
-    window: int = 64
+    window: int | None = 64
     chunk_size: int = 64
+    gate: str = "none"
+    gate_norm: float = 16.0
+    rule: str = "sum"
+    linear: bool = True
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
             raise LinearizeError(f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}")
-        if self.window < 0 or self.chunk_size < 1:
+        if (self.window is not None and self.window < 0) or self.chunk_size < 1:
             raise LinearizeError(f"window must be >= 0 and chunk_size >= 1 (got {self.window}, {self.chunk_size})")
+        if self.gate not in GATES or self.rule not in RULES:
+            raise LinearizeError(f"gate must be one of {GATES} and rule one of {RULES} (got {self.gate!r}, {self.rule!r})")
+        if not self.linear and self.window == 0:
+            raise LinearizeError("linear=False needs a softmax window (window > 0, or None for full attention)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# Exact causal softmax attention as a configuration of the same module: layers kept by --keep-softmax, and the
+# "linear part switched off" check. Its decoding state is a KV cache (the unbounded window).
+FULL_SOFTMAX = LinearAttentionConfig(window=None, linear=False)
 
 # Named presets for `--attention NAME`.
 ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
@@ -43,6 +66,10 @@ ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
     "hedgehog": LinearAttentionConfig(feature_map="hedgehog", window=0),
     "t2r": LinearAttentionConfig(feature_map="t2r", window=0),
     "elu": LinearAttentionConfig(feature_map="elu", window=0),
+    "liger": LinearAttentionConfig(feature_map="hedgehog", window=0, gate="key"),  # gated linear attention
+    "liger-swa": LinearAttentionConfig(feature_map="hedgehog", window=64, gate="key"),  # + sliding window
+    "gated-delta": LinearAttentionConfig(feature_map="hedgehog", window=0, gate="key", rule="delta"),
+    "gated-delta-swa": LinearAttentionConfig(feature_map="hedgehog", window=64, gate="key", rule="delta"),
 }
 
 
@@ -85,26 +112,36 @@ class LinearAttention(nn.Module):
             if hasattr(teacher_attn, name):
                 setattr(self, name, getattr(teacher_attn, name))
         # the teacher's own rotary function (identical math across Llama-style families)
-        self._apply_rotary = sys.modules[type(teacher_attn).__module__].apply_rotary_pos_emb
-        self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim)
-        self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
-        self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if config.window > 0 else None
+        self._apply_rotary = getattr(teacher_attn, "_apply_rotary", None) or sys.modules[
+            type(teacher_attn).__module__].apply_rotary_pos_emb
+        if config.linear:
+            self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim)
+            self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
+        linear_and_window = config.linear and config.window is not None
+        self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if linear_and_window and config.window > 0 else None
+        self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
+
+    TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit")
 
     def trainable_transfer_parameters(self):
-        """What attention transfer trains: the feature maps and the mixing factor."""
-        return [p for n, p in self.named_parameters() if n.startswith(("feature_map_", "mix_logit"))]
+        """What attention transfer trains: the feature maps, the mixing factor and the delta-rule strength."""
+        return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
 
     def project(self, hidden_states, position_embeddings):
-        """(B, T, D) -> q (B, H, T, d), k, v (B, Hkv, T, d), after the teacher's norms and RoPE."""
+        """(B, T, D) -> q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log forget
+        gate (B, Hkv, T) (None without a gate). Use as attend(*project(...))."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        log_gate = None
+        if self.config.gate == "key" and self.config.linear:  # Liger: the gate reuses the pretrained key projection
+            log_gate = F.logsigmoid(k.float().mean(-1)).transpose(1, 2).to(k.dtype) / self.config.gate_norm
         cos, sin = position_embeddings
         q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, v
+        return q, k, v, log_gate
 
     def mix(self, like: torch.Tensor) -> torch.Tensor:
         """(H,) weight of the softmax window vs the linear term (unused when window = 0)."""
@@ -112,21 +149,28 @@ class LinearAttention(nn.Module):
             return like.new_zeros(self.num_heads)
         return torch.sigmoid(self.mix_logit).to(like.dtype)
 
-    def attend(self, q, k, v, state: DecodingState | None = None):
-        """q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d); with a DecodingState, prefill or decode."""
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+    def attend(self, q, k, v, log_gate=None, state: DecodingState | None = None):
+        """q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
+        prefill (first call) or decode."""
+        fq = fk = beta = None
+        if self.config.linear:
+            fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+            if self.beta_logit is not None:  # delta rule: unit-norm features, per-head write strength
+                fq, fk = F.normalize(fq, dim=-1), F.normalize(fk, dim=-1)
+                beta = torch.sigmoid(self.beta_logit).to(k.dtype)[None, :, None].expand(k.shape[:3])
         args = (q, k, v, fq, fk, self.mix(q), self.config.window, self.scaling)
+        kw = dict(log_gate=log_gate, beta=beta)
         if state is not None:
             if state[self.layer_idx] is None:
-                y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size, return_state=True)
+                y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size,
+                                                                 return_state=True, **kw)
                 return y
-            return ops.attention_recurrent(*args, state=state[self.layer_idx])
+            return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
         if self.form == "quadratic":
-            return ops.attention_quadratic(*args)
-        return ops.attention_chunked(*args, chunk=self.config.chunk_size)
+            return ops.attention_quadratic(*args, **kw)
+        return ops.attention_chunked(*args, chunk=self.config.chunk_size, **kw)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, position_embeddings)
-        y = self.attend(q, k, v, linear_state)
+        y = self.attend(*self.project(hidden_states, position_embeddings), state=linear_state)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None

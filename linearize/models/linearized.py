@@ -5,30 +5,55 @@ teacher skeleton from it and swaps the attention, so `save_pretrained` / `from_p
 `AutoModelForCausalLM.from_pretrained(dir)` work once `linearize` is imported (it registers the classes).
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from ..layers.linear_attention import DecodingState, LinearAttention, LinearAttentionConfig
+from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttention, LinearAttentionConfig
 from ..load.architectures import architecture_of
 
 
-def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
-    """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies)."""
+def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,
+                           keep_softmax: tuple[int, ...] = ()) -> list[LinearAttention]:
+    """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies).
+    Layers in keep_softmax get exact softmax attention (FULL_SOFTMAX); a teacher's local layers keep their exact
+    sliding window (see load/architectures.py), unless every layer is local (then all are linearized)."""
     arch = architecture_of(teacher.config)
     c = teacher.config
-    return [
-        LinearAttention(attn, config, c.num_attention_heads, c.num_key_value_heads).to(attn.q_proj.weight.device)
-        for attn in arch.attention_modules(teacher)
-    ]
+    attns = arch.attention_modules(teacher)
+    windows = [arch.local_window(a) for a in attns]
+    if all(w is not None for w in windows):
+        windows = [None] * len(attns)
+    students = []
+    for i, (attn, window) in enumerate(zip(attns, windows)):
+        cfg = config
+        if window is not None:
+            cfg = replace(config, window=window, linear=False)
+        elif i in keep_softmax:
+            cfg = replace(FULL_SOFTMAX, chunk_size=config.chunk_size)
+        student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
+        students.append(student.to(attn.q_proj.weight.device))
+    return students
+
+
+def linearized_layers(students: list[LinearAttention]) -> list[int]:
+    """Indices of the layers that have a linear part (candidates for --keep-softmax)."""
+    return [i for i, s in enumerate(students) if s.config.linear]
 
 
 def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softmax: tuple[int, ...] = ()) -> nn.Module:
-    """Install the student attention modules in place of the teacher's (except layers in keep_softmax)."""
+    """Install the student attention modules in place of the teacher's. Layers in keep_softmax get exact softmax
+    attention in the same module type (so decoding keeps a KV cache for them in the DecodingState)."""
     arch = architecture_of(model.config)
+    c = model.config
     for i, layer in enumerate(arch.decoder_layers(model)):
-        if i not in keep_softmax:
-            setattr(layer, arch.attention_attr, students[i])
+        student = students[i]
+        if i in keep_softmax and student.config.linear:
+            cfg = replace(FULL_SOFTMAX, chunk_size=student.config.chunk_size)
+            student = LinearAttention(student, cfg, c.num_attention_heads, c.num_key_value_heads)
+        setattr(layer, arch.attention_attr, student)
     return model
 
 

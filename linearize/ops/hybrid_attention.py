@@ -1,16 +1,21 @@
 """Hybrid sliding-window + linear attention (LoLCATs eq. 7) in three forms of the same math.
 
 For query i, keys j with i - W < j <= i (the W most recent) get exact softmax weights, older keys
-(j <= i - W) get linear weights phi(q_i) . phi(k_j); both share one normaliser:
+(j <= i - W) are read from a linear memory (linear_memory.py) that a key enters when it leaves the window:
 
-    y_i = sum_j a_ij v_j / sum_j a_ij,
-    a_ij = w_h * exp(s_ij - m_i)           if i - W < j <= i   (s_ij = q_i . k_j * scale, m_i = max over the window)
-    a_ij = (1 - w_h) * phi(q_i) . phi(k_j) if j <= i - W
+    sum rule (default):  y_i = sum_j a_ij [v_j, 1] -> divided by its last column (one shared normaliser),
+        a_ij = w_h * exp(s_ij - m_i)                     if i - W < j <= i   (s_ij = q_i . k_j * scale)
+        a_ij = (1 - w_h) * decay_ij * phi(q_i) . phi(k_j) if j <= i - W
+        decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate)
+    delta rule (beta given): y_i = w_h * softmax-window output + (1 - w_h) * phi(q_i) S_{i-W}, with S the
+        (gated) delta-rule memory of keys j <= i - W (no normaliser: the delta rule stores values directly).
 
-with w_h in (0, 1) a learned per-head mixing factor. W = 0 is pure linear attention (w unused).
+w_h in (0, 1) is a per-head mixing factor. W = 0: pure linear; W = None: full causal softmax, no linear part.
+fq = fk = None: no linear part at all (exact sliding-window softmax; with W >= T exact softmax attention).
 
 Shapes: q (B, H, T, d) and k, v (B, Hkv, T, d) after RoPE; fq = phi(q) (B, H, T, F), fk = phi(k) (B, Hkv, T, F);
-mix (H,). Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
+mix (H,); log_gate, beta (B, Hkv, T) or None. Grouped-query attention: H = G * Hkv, query head h uses key head
+h // G (as in transformers).
 
 - attention_quadratic: the T x T reference (tests only).
 - attention_chunked: O(T) memory, for training and prefill; can return the decoding state.
@@ -22,22 +27,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .linear_memory import memory_chunked, memory_naive, memory_step
+
 EPS = 1e-6
 
 
 @dataclass
 class LinearAttentionState:
-    """Everything decoding needs, constant in context length.
-    kv: (B, Hkv, F, d+1) sum of phi(k_j) [v_j, 1] over keys that left the window;
-    win_k, win_v: (B, Hkv, <=W, d) and win_fk: (B, Hkv, <=W, F) the most recent keys."""
+    """Everything decoding needs; constant in context length unless the window is unbounded (W = None).
+    kv: (B, Hkv, F, d+1) sum-rule memory of [v, 1] (delta rule: (B, Hkv, F, d)), None without a linear part;
+    win_k, win_v: (B, Hkv, <=W, d), win_fk: (B, Hkv, <=W, F), win_log_gate / win_beta: (B, Hkv, <=W) or None:
+    the most recent keys, still in the softmax window."""
 
-    kv: torch.Tensor
+    kv: torch.Tensor | None
     win_k: torch.Tensor
     win_v: torch.Tensor
-    win_fk: torch.Tensor
+    win_fk: torch.Tensor | None
+    win_log_gate: torch.Tensor | None = None
+    win_beta: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.kv, self.win_k, self.win_v, self.win_fk))
+        parts = (self.kv, self.win_k, self.win_v, self.win_fk, self.win_log_gate, self.win_beta)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def _ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -51,34 +62,20 @@ def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.view(B, num_kv_heads, H // num_kv_heads, T, X)
 
 
-def _combine(num_sm, num_lin, mix, num_kv_heads):
-    """Weighted sum of the two numerators (B, Hkv, G, T, d+1), then divide by the shared normaliser."""
-    if num_sm is None:
-        num = num_lin
+def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False):
+    """Mix the window numerator num_sm (B, Hkv, G, T, d+1) with the linear part lin (sum rule: a numerator of the
+    same shape sharing the normaliser; delta rule: an output (B, Hkv, G, T, d); None: no linear part)."""
+    if lin is None:
+        y = num_sm[..., :-1] / num_sm[..., -1:]  # the window max contributes exp(0) = 1: no epsilon needed
     else:
-        w = mix.view(num_kv_heads, -1, 1, 1).to(num_lin.dtype)
-        num = w * num_sm + (1 - w) * num_lin
-    y = num[..., :-1] / (num[..., -1:] + EPS)
+        w = mix.view(num_kv_heads, -1, 1, 1).to(lin.dtype)
+        if delta:
+            y = lin if num_sm is None else w * (num_sm[..., :-1] / num_sm[..., -1:]) + (1 - w) * lin
+        else:
+            num = lin if num_sm is None else w * num_sm + (1 - w) * lin
+            y = num[..., :-1] / (num[..., -1:] + EPS)
     B, Hkv, G, T, d = y.shape
     return y.reshape(B, Hkv * G, T, d)
-
-
-def attention_quadratic(q, k, v, fq, fk, mix, window: int, scale: float) -> torch.Tensor:
-    """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
-    B, H, T, d = q.shape
-    G = H // k.shape[1]
-    k, v, fk = (x.repeat_interleave(G, dim=1) for x in (k, v, fk))
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    a = (fq @ fk.transpose(-1, -2)) * (j <= i - window)
-    if window > 0:
-        s = (q @ k.transpose(-1, -2)) * scale
-        in_window = (j <= i) & (j > i - window)
-        s = s.masked_fill(~in_window, float("-inf"))
-        e = torch.exp(s - s.amax(-1, keepdim=True))
-        w = mix.view(1, H, 1, 1).to(q.dtype)
-        a = w * e + (1 - w) * a
-    return (a @ v) / (a.sum(-1, keepdim=True) + EPS)
 
 
 def _pad_time(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
@@ -86,22 +83,41 @@ def _pad_time(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
     return F.pad(x, (0, 0, front, back))
 
 
-def _causal_linear_chunked(fq, fk, v1, chunk: int) -> torch.Tensor:
-    """sum_{j <= i} (fq_i . fk_j) v1_j, chunk by chunk.
-    fq (B, Hkv, G, T, F), fk (B, Hkv, 1, T, F), v1 (B, Hkv, 1, T, D) -> (B, Hkv, G, T, D)."""
-    B, Hkv, G, T, Fd = fq.shape
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    fq, fk, v1 = (_pad_time(x, 0, pad) for x in (fq, fk, v1))
-    fq = fq.view(B, Hkv, G, n, chunk, Fd)
-    fk = fk.view(B, Hkv, 1, n, chunk, Fd)
-    v1 = v1.view(B, Hkv, 1, n, chunk, -1)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    intra = ((fq @ fk.transpose(-1, -2)) * causal) @ v1
-    kv = fk.transpose(-1, -2) @ v1  # (B, Hkv, 1, n, F, D): each chunk's contribution
-    prefix = torch.cat([torch.zeros_like(kv[:, :, :, :1]), kv[:, :, :, :-1].cumsum(dim=3)], dim=3)
-    out = intra + fq @ prefix
-    return out.reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
+def _delay(x, window: int):
+    """Shift (B, Hkv, T[, X]) `window` steps later along time (zeros enter): the stream of keys leaving the window.
+    A zero key (and zero log gate) leaves the memory unchanged."""
+    if x is None:
+        return None
+    T = x.shape[2]
+    pad = (0, 0, window, 0) if x.dim() == 4 else (window, 0)
+    return F.pad(x, pad)[:, :, :T]
+
+
+def _linear_part(fq, fk, v, log_gate, beta, window, Hkv, memory, **kw):
+    """The linear half over the delayed key stream: (lin, memory after the last delayed key)."""
+    values = v if beta is not None else _ones_column(v)
+    return memory(_group(fq, Hkv), _delay(fk, window), _delay(values, window), _delay(log_gate, window),
+                  _delay(beta, window), **kw)
+
+
+def attention_quadratic(q, k, v, fq, fk, mix, window, scale: float, log_gate=None, beta=None) -> torch.Tensor:
+    """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
+    B, H, T, d = q.shape
+    Hkv = k.shape[1]
+    W = T if window is None else window
+    lin = None
+    if fq is not None and window is not None:
+        lin = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_naive)[0]
+    num_sm = None
+    if W > 0:
+        G = H // Hkv
+        i = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(T, device=q.device)[None, :]
+        s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * scale
+        s = s.masked_fill(~((j <= i) & (j > i - W)), float("-inf"))
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        num_sm = _group(e @ _ones_column(v).repeat_interleave(G, dim=1), Hkv)
+    return _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
 
 
 def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> torch.Tensor:
@@ -125,58 +141,76 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> 
     return (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
 
 
-def attention_chunked(q, k, v, fq, fk, mix, window: int, scale: float, chunk: int = 64, return_state: bool = False):
+def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
+                      log_gate=None, beta=None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns y (B, H, T, d), and with
     return_state the LinearAttentionState after the last token (for decoding)."""
     Hkv, T = k.shape[1], k.shape[2]
-    v1 = _ones_column(v).unsqueeze(2)
-    # linear part: key j serves query i once j <= i - W, i.e. shift the keys W steps later
-    fk_shift = _pad_time(fk, window, 0)[:, :, :T].unsqueeze(2)
-    v1_shift = _pad_time(v1.squeeze(2), window, 0)[:, :, :T].unsqueeze(2)
-    num_lin = _causal_linear_chunked(_group(fq, Hkv), fk_shift, v1_shift, chunk)
+    W = T if window is None else window
+    lin, memory = None, None
+    if fq is not None and window is not None:
+        lin, memory = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk)
     num_sm = None
-    if window > 0:
-        num_sm = _sliding_window_chunked(_group(q, Hkv), k.unsqueeze(2), v1, window, scale, chunk)
-    y = _combine(num_sm, num_lin, mix, Hkv)
+    if W > 0:
+        num_sm = _sliding_window_chunked(_group(q, Hkv), k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale, chunk)
+    y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
     if not return_state:
         return y
-    old = max(T - window, 0)  # keys 0 .. old-1 have left the window
-    state = LinearAttentionState(
-        kv=fk[:, :, :old].transpose(-1, -2) @ v1.squeeze(2)[:, :, :old],
-        win_k=k[:, :, old:], win_v=v[:, :, old:], win_fk=fk[:, :, old:],
-    )
+    old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
+    tail = lambda x: None if x is None else x[:, :, old:]  # noqa: E731
+    state = LinearAttentionState(kv=memory, win_k=k[:, :, old:], win_v=v[:, :, old:], win_fk=tail(fk),
+                                 win_log_gate=tail(log_gate), win_beta=tail(beta))
     return y, state
 
 
-def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, dtype, device) -> LinearAttentionState:
+def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, dtype, device,
+                delta: bool = False) -> LinearAttentionState:
     z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     return LinearAttentionState(
-        kv=z(batch, num_kv_heads, feature_dim, head_dim + 1),
+        kv=z(batch, num_kv_heads, feature_dim, head_dim + (0 if delta else 1)),
         win_k=z(batch, num_kv_heads, 0, head_dim), win_v=z(batch, num_kv_heads, 0, head_dim),
         win_fk=z(batch, num_kv_heads, 0, feature_dim),
     )
 
 
-def attention_recurrent(q, k, v, fq, fk, mix, window: int, scale: float, state: LinearAttentionState):
+def _append(buf, x):
+    """Concatenate along time (dim 2); None stays None."""
+    if x is None:
+        return None
+    return x if buf is None else torch.cat([buf, x], dim=2)
+
+
+def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
+                        log_gate=None, beta=None):
     """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes as attention_chunked
     (T = new tokens); returns y (B, H, T, d)."""
     Hkv = k.shape[1]
+    linear = fq is not None and window is not None
+    delta = beta is not None
     out = []
     for t in range(q.shape[2]):
-        k_t, v_t, fk_t = k[:, :, t : t + 1], v[:, :, t : t + 1], fk[:, :, t : t + 1]
+        step = lambda x: None if x is None else x[:, :, t : t + 1]  # noqa: E731
+        k_t, v_t, fk_t, lg_t, b_t = map(step, (k, v, fk, log_gate, beta))
+        num_sm = None
         if window == 0:
-            state.kv = state.kv + fk_t.transpose(-1, -2) @ _ones_column(v_t)
-            num_sm = None
+            state.kv = memory_step(fk_t, v_t if delta else _ones_column(v_t), lg_t, b_t, state.kv)
         else:
-            state.win_k = torch.cat([state.win_k, k_t], dim=2)
-            state.win_v = torch.cat([state.win_v, v_t], dim=2)
-            state.win_fk = torch.cat([state.win_fk, fk_t], dim=2)
-            if state.win_k.shape[2] > window:  # the oldest key leaves the window for the linear state
-                state.kv = state.kv + state.win_fk[:, :, :1].transpose(-1, -2) @ _ones_column(state.win_v[:, :, :1])
-                state.win_k, state.win_v, state.win_fk = (x[:, :, 1:] for x in (state.win_k, state.win_v, state.win_fk))
+            state.win_k, state.win_v = _append(state.win_k, k_t), _append(state.win_v, v_t)
+            if linear:
+                state.win_fk, state.win_log_gate = _append(state.win_fk, fk_t), _append(state.win_log_gate, lg_t)
+                state.win_beta = _append(state.win_beta, b_t)
+            if window is not None and state.win_k.shape[2] > window:  # the oldest key enters the linear memory
+                if linear:
+                    first = lambda x: None if x is None else x[:, :, :1]  # noqa: E731
+                    v0 = first(state.win_v) if delta else _ones_column(first(state.win_v))
+                    state.kv = memory_step(first(state.win_fk), v0, first(state.win_log_gate),
+                                           first(state.win_beta), state.kv)
+                rest = lambda x: None if x is None else x[:, :, 1:]  # noqa: E731
+                state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(
+                    rest, (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta))
             s = (_group(q[:, :, t : t + 1], Hkv) @ state.win_k.unsqueeze(2).transpose(-1, -2)) * scale
             e = torch.exp(s - s.amax(-1, keepdim=True))
             num_sm = e @ _ones_column(state.win_v).unsqueeze(2)
-        num_lin = _group(fq[:, :, t : t + 1], Hkv) @ state.kv.unsqueeze(2)
-        out.append(_combine(num_sm, num_lin, mix, Hkv))
-    return torch.cat(out, dim=2)
+        lin = _group(fq[:, :, t : t + 1], Hkv) @ state.kv.unsqueeze(2) if linear else None
+        out.append(_combine(num_sm, lin, mix, Hkv, delta=delta))
+    return torch.cat(out, dim=2) if out else torch.zeros_like(q)

@@ -17,7 +17,7 @@ from ..training import TrainResult, train
 
 def transfer_state(students: list[LinearAttention]) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": p for i, s in enumerate(students)
-            for n, p in s.named_parameters() if n.startswith(("feature_map_", "mix_logit"))}
+            for n, p in s.named_parameters() if n.startswith(LinearAttention.TRANSFER_PARAMETERS)}
 
 
 def load_transfer_state(students: list[LinearAttention], tensors: dict[str, torch.Tensor]) -> None:
@@ -31,25 +31,28 @@ def load_transfer_state(students: list[LinearAttention], tensors: dict[str, torc
 
 
 class _TransferHooks:
-    """Forward hooks that train student i on teacher attention i's input/output; collects per-layer losses."""
+    """Forward hooks that train student i on teacher attention i's input/output; collects per-layer losses.
+    `layers`: hook only these layers (default all); the others keep loss 0."""
 
-    def __init__(self, teacher, students: list[LinearAttention]):
+    def __init__(self, teacher, students: list[LinearAttention], layers=None):
         self.students = students
         self.losses = [0.0] * len(students)
         attn = architecture_of(teacher.config).attention_modules(teacher)
-        self.handles = [a.register_forward_hook(self._hook(i), with_kwargs=True) for i, a in enumerate(attn)]
+        layers = range(len(attn)) if layers is None else layers
+        self.handles = [attn[i].register_forward_hook(self._hook(i), with_kwargs=True) for i in layers]
 
     def _hook(self, i):
         def hook(module, args, kwargs, output):
             student = self.students[i]
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             with torch.no_grad():
-                q, k, v = student.project(x, kwargs["position_embeddings"])
+                projected = student.project(x, kwargs["position_embeddings"])  # q, k, v, log gate
             with torch.enable_grad():
-                y = student.attend(q, k, v)
+                y = student.attend(*projected)
                 out = student.o_proj(y.transpose(1, 2).reshape(*x.shape[:2], -1))
                 loss = F.mse_loss(out, output[0].detach())
-                loss.backward()
+                if loss.requires_grad:  # a layer with nothing to train (exact softmax) only reports its error
+                    loss.backward()
             self.losses[i] = loss.item()
 
         return hook
@@ -81,25 +84,37 @@ def attention_transfer(
     batch_size: int = 1,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    layers: list[int] | None = None,
+    data_parallel=None,
 ) -> TrainResult:
-    """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids."""
+    """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids.
+    layers: train only these students (default all). data_parallel: a transfer.distributed.DataParallel; each
+    rank then runs its shard of every batch and gradients are averaged (see transfer/distributed.py)."""
     for p in teacher.parameters():
         p.requires_grad_(False)
-    params = [p for s in students for p in s.trainable_transfer_parameters()]
+    layers = list(range(len(students))) if layers is None else layers
+    params = [p for i in layers for p in students[i].trainable_transfer_parameters()]
     for p in params:
         p.requires_grad_(True)
-    hooks = _TransferHooks(teacher, students)
+    hooks = _TransferHooks(teacher, students, layers)
     decoder = teacher.get_decoder()  # no lm_head: transfer needs no logits
+    device = next(teacher.parameters()).device
 
     def step(batch):
+        if data_parallel is not None:
+            batch = data_parallel.shard(batch)
         with torch.no_grad():
-            decoder(batch)
-        return {"loss": sum(hooks.losses), "layer_mse": list(hooks.losses)}
+            decoder(batch.to(device))
+        losses = list(hooks.losses)
+        if data_parallel is not None:
+            losses = data_parallel.average_gradients(params, losses)
+        return {"loss": sum(losses), "layer_mse": losses}
 
     try:
         return train("stage 1: attention transfer", sequences, step, params,
                      state_fn=lambda: transfer_state(students),
                      restore_fn=lambda t: load_transfer_state(students, t),
-                     lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress)
+                     lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
+                     write_checkpoints=data_parallel is None or data_parallel.rank == 0)
     finally:
         hooks.remove()

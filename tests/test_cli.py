@@ -1,0 +1,106 @@
+"""The `linearize` command end to end on a tiny local model, and one clear error line for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig, GPT2Config
+
+from linearize.cli import main
+
+from conftest import tiny_llama_config
+
+SMALL = ["--seq-len", "32", "--tokens", "256", "--lora-tokens", "128", "--eval-tokens", "64", "--window", "8",
+         "--no-progress"]
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher"
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog hello world linear attention is fast".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [{"text": " ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g))} for _ in range(1500)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    return path
+
+
+def one_error_line(capsys, argv, match):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("linearize: error:")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    assert match in lines[0], lines[0]
+
+
+def test_convert_generate_and_resume(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "convert.json", "curves.json"} <= names
+    summary = json.loads((out / "convert.json").read_text())
+    for key in ("teacher_ppl", "stage1_ppl", "stage2_ppl"):
+        assert summary[key] > 1.0
+    assert summary["transfer"]["tokens"] == 256 and summary["lora"]["tokens"] == 128
+    curves = json.loads((out / "curves.json").read_text())
+    assert len(curves["transfer"]) == 8 and len(curves["lora"]) == 4 and len(curves["layer_mse"]) == 2
+    capsys.readouterr()
+    assert main(["generate", str(out), "hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    # an existing run is never overwritten by accident; --resume continues (here: already finished)
+    one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL],
+                   "--resume")
+    assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
+                 "--resume"]) == 0
+
+
+def test_lora_only_baseline_runs(model_dir, data_file, tmp_path):
+    out = tmp_path / "lora-only"
+    argv = ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL, "--skip-transfer"]
+    assert main(argv) == 0
+    summary = json.loads((out / "convert.json").read_text())
+    assert "transfer" not in summary and summary["lora"]["tokens"] == 128
+
+
+def test_bad_inputs_give_one_clear_line(model_dir, data_file, tmp_path, capsys):
+    m, d = ["--model", str(model_dir)], ["--data", str(data_file), "--out", str(tmp_path / "out")]
+    one_error_line(capsys, ["convert", "--model", str(tmp_path / "nope.gguf"), *d], "not found")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    one_error_line(capsys, ["convert", "--model", str(tmp_path / "junk.gguf"), *d],
+                   "could not load model")
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(tmp_path / "bert")
+    one_error_line(capsys, ["convert", "--model", str(tmp_path / "bert"), *d], "'bert' is not supported")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    one_error_line(capsys, ["convert", "--model", str(tmp_path / "gpt2"), *d], "supported: llama")
+    (tmp_path / "empty.txt").write_text("")
+    one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out"), *SMALL],
+                   "no text")
+    one_error_line(capsys, ["convert", *m, *d, "--seq-len", "16"], "shorter than the attention window")
+    one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")],
+                   "not found")
+    assert not (tmp_path / "out").exists()  # failed starts leave nothing that would block a corrected re-run
+
+
+def test_corrupt_safetensors_is_one_line_from_a_real_process(model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL]) == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = subprocess.run([sys.executable, "-m", "linearize.cli", "generate", str(out), "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("linearize: error:") and "corrupt" in proc.stderr

@@ -1,0 +1,82 @@
+"""Stage 1 (attention transfer) and stage 2 (LoRA) train what they should, and resume exactly."""
+
+import pytest
+import torch
+
+from linearize.finetune.lora import LoraSettings, finetune_lora
+from linearize.layers.linear_attention import LinearAttentionConfig
+from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
+from linearize.transfer.attention_transfer import attention_transfer, layer_transfer_errors, transfer_state
+
+
+def sequences(n=24, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 40, (n, T), generator=g)  # small alphabet: learnable structure
+
+
+def test_transfer_lowers_layer_error_and_trains_only_feature_maps(tiny_teacher):
+    students = make_student_attention(tiny_teacher, LinearAttentionConfig(window=4, chunk_size=8))
+    frozen = {n: p.clone() for n, p in tiny_teacher.named_parameters()}
+    data = sequences()
+    before = layer_transfer_errors(tiny_teacher, students, data[:4])
+    attention_transfer(tiny_teacher, students, data, lr=3e-2, progress=False)
+    after = layer_transfer_errors(tiny_teacher, students, data[:4])
+    assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
+    for n, p in tiny_teacher.named_parameters():  # q/k/v/o and everything else untouched
+        assert torch.equal(p, frozen[n]), n
+
+
+def test_transfer_resumes_to_the_same_result(tiny_teacher, tmp_path, monkeypatch):
+    data = sequences(n=10)
+    cfg = LinearAttentionConfig(window=4, chunk_size=8)
+    torch.manual_seed(0)
+    straight = make_student_attention(tiny_teacher, cfg)
+    attention_transfer(tiny_teacher, straight, data, progress=False)
+
+    torch.manual_seed(0)
+    interrupted = make_student_attention(tiny_teacher, cfg)
+    calls = {"n": 0}
+    import linearize.training as training
+
+    original = training.torch.optim.AdamW.step
+
+    def step_then_interrupt(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(training.torch.optim.AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        attention_transfer(tiny_teacher, interrupted, data, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    monkeypatch.setattr(training.torch.optim.AdamW, "step", original)
+    resumed = make_student_attention(tiny_teacher, cfg)  # fresh modules: everything comes from the checkpoint
+    result = attention_transfer(tiny_teacher, resumed, data, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert result.tokens == 5 * 32  # only the 5 unfinished steps ran again
+    for k, v in transfer_state(straight).items():
+        torch.testing.assert_close(transfer_state(resumed)[k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_lora_lowers_loss_merges_and_keeps_feature_maps(tiny_teacher, init):
+    model = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, chunk_size=8))
+    fmaps = {n: p.clone() for n, p in model.named_parameters() if "feature_map" in n}
+    q_before = model.attention_modules()[0].q_proj.weight.clone()
+    data = sequences(n=30)
+    merged, result = finetune_lora(model, data, LoraSettings(rank=4, init=init), lr=1e-2, progress=False)
+    first = sum(h["loss"] for h in result.history[:5]) / 5
+    last = sum(h["loss"] for h in result.history[-5:]) / 5
+    assert last < first
+    assert isinstance(merged, LinearizedForCausalLM)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert not torch.equal(merged.attention_modules()[0].q_proj.weight, q_before)  # adapters merged in
+    for n, p in merged.named_parameters():
+        if "feature_map" in n:
+            assert torch.equal(p, fmaps[n]), n
+
+
+def test_bad_lora_settings_are_clear():
+    from linearize.errors import LinearizeError
+
+    with pytest.raises(LinearizeError, match="lora-init"):
+        LoraSettings(init="svd")
