@@ -3,6 +3,7 @@
 Every user error is one line on stderr and a non-zero exit code, never a traceback."""
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -33,9 +34,16 @@ def _add_convert(sub):
     p.add_argument("--lora-lr", type=float, default=d.lora_lr)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
+    p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
+                   help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
     p.add_argument("--skip-transfer", action="store_true", help="LoRA only (baseline: shows what transfer buys)")
+    p.add_argument("--transfer-state", help="stage 1 result from `linearize blocks stitch` (.safetensors): load it "
+                                            "instead of running stage 1")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--distributed", nargs="?", const="layers", choices=("layers", "data"),
+                   help="under `torchrun --nproc-per-node N -m linearize.cli convert ...`: split stage 1 over "
+                        "ranks by layers (default; same result as one process) or by data; stage 2 runs DDP")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_convert)
 
@@ -53,8 +61,9 @@ def _run_convert(args):
         _quiet_libraries()
     names = {f.name for f in fields(ConvertSettings)}
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
-    res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress)
-    _print_summary(res, args.out)
+    res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
+    if os.environ.get("RANK", "0") == "0" or not args.distributed:  # one summary per run
+        _print_summary(res, args.out)
 
 
 def _print_summary(res, out):
@@ -94,7 +103,13 @@ def _run_generate(args):
     print()
 
 
-COMMANDS = [_add_convert, _add_generate]
+def _add_bench_transfer(sub):
+    from .bench.transfer_speed import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS = [_add_convert, _add_generate, _add_bench_transfer] + [__import__(f"linearize.{m}.cli", fromlist=["add"]).add for m in ("evaluate", "bench", "report", "compare", "transfer")]
 
 
 def main(argv=None) -> int:
@@ -107,6 +122,9 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        import torch
+
+        torch.set_flush_denormal(True)  # trained feature maps make subnormal floats, which are very slow on CPU
         args.run(args)
     except LinearizeError as e:
         print(f"linearize: error: {e}", file=sys.stderr)

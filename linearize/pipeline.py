@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, load_tensors, write_json_atomic
 from .data import pack_sequences
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LoraSettings, finetune_lora
 from .layers.linear_attention import attention_preset
 from .load.teacher import load_teacher
-from .models.linearized import LinearizedForCausalLM, make_student_attention
+from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
 from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
+from .transfer.distributed import distributed_transfer, init_distributed
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ConvertSettings:
     lora_rank: int = 8
     lora_init: str = "default"
     skip_transfer: bool = False
+    transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
+    keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
     seed: int = 0
 
     def attention_config(self):
@@ -51,7 +54,7 @@ class ConvertSettings:
         if self.seq_len < max(attention.window, 2):
             raise LinearizeError(f"--seq-len {self.seq_len} is shorter than the attention window {attention.window}; "
                                  f"use --seq-len >= {max(attention.window, 2)} or a smaller --window")
-        for name in ("transfer_tokens", "lora_tokens", "eval_tokens"):
+        for name in ("transfer_tokens", "lora_tokens", "eval_tokens", "keep_softmax"):
             if getattr(self, name) < 0:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_tokens < self.seq_len:
@@ -62,14 +65,17 @@ class ConvertSettings:
 class RunState:
     """progress.json in the output folder: settings plus the results of each finished step."""
 
+    writer = True  # False on the ranks other than 0 of a distributed run: results stay in memory
+
     def __init__(self, out: Path, settings: ConvertSettings, resume: bool):
         self.path = out / "progress.json"
         if self.path.exists() and not resume:
             raise LinearizeError(f"{out} already holds a run; add --resume to continue it or choose another --out")
         if resume and self.path.exists():
             self.data = json.loads(self.path.read_text())
-            if self.data["settings"] != asdict(settings):
-                changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k) != v]
+            defaults = asdict(ConvertSettings())  # settings added later read as their defaults in older runs
+            changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k, defaults[k]) != v]
+            if changed:
                 raise LinearizeError(f"--resume with different settings ({', '.join(changed)}); "
                                      "use the original ones or a new --out")
         else:  # written by the first record(), once the inputs have loaded: a failed start leaves no run behind
@@ -84,6 +90,8 @@ class RunState:
         self.save()
 
     def save(self):
+        if not self.writer:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.data, self.path)
 
@@ -104,14 +112,34 @@ def _save_final(model, tokenizer, out: Path):
     tmp.rmdir()
 
 
-def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Run the whole conversion; returns the results dict (also in out/convert.json)."""
+def choose_softmax_layers(layer_mse: list[float], students, k: int) -> list[int]:
+    """The k linearized layers with the largest transfer error (LoLCATs' per-layer MSE), sorted by index."""
+    candidates = linearized_layers(students)
+    if k > len(candidates):
+        raise LinearizeError(f"--keep-softmax {k} exceeds the {len(candidates)} linearized layers; use at most "
+                             f"{len(candidates)}")
+    return sorted(sorted(candidates, key=lambda i: -layer_mse[i])[:k])
+
+
+def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, progress: bool = True, log=print,
+            distributed: str | None = None) -> dict:
+    """Run the whole conversion; returns the results dict (also in out/convert.json).
+    distributed: "layers" | "data" under torchrun (see transfer/distributed.py): every rank runs the pipeline,
+    stage 1 splits layers or batches, stage 2 is DDP with one sequence per rank, and rank 0 alone writes."""
     settings.check()
     out = Path(out)
+    group = init_distributed(backend="gloo") if distributed else None  # the pipeline keeps the model on the CPU
     state = RunState(out, settings, resume)
+    if group is not None:
+        state.writer = group.rank == 0
+        group.barrier()  # every rank has read progress.json before rank 0 first writes it
+        if group.rank:
+            log, progress = (lambda *a, **k: None), False
     res = state.results
     if res.get("done"):
         log(f"{out} is already finished")
+        if group is not None:
+            group.close()
         return res
     torch.manual_seed(settings.seed)
     t_start = time.perf_counter()
@@ -119,7 +147,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
 
     log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'}")
     teacher, tokenizer = load_teacher(settings.model)
-    n1 = 0 if settings.skip_transfer else settings.transfer_tokens // settings.seq_len
+    n1 = 0 if settings.skip_transfer or settings.transfer_state else settings.transfer_tokens // settings.seq_len
     n2 = settings.lora_tokens // settings.seq_len
     pack = dict(source=settings.data, tokenizer=tokenizer, seq_len=settings.seq_len, progress=progress)
     heldout = pack_sequences(num_sequences=settings.eval_tokens // settings.seq_len, split="heldout", **pack)
@@ -131,18 +159,32 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
     log(f"teacher held-out perplexity: {res['teacher_ppl']:.3f}")
 
     students = make_student_attention(teacher, attention)
+    if settings.transfer_state:
+        try:
+            load_transfer_state(students, load_tensors(settings.transfer_state))
+        except KeyError as e:
+            raise LinearizeError(f"--transfer-state {settings.transfer_state} does not fit these attention settings "
+                                 f"({e}); use the --attention/--window/--feature-map of `linearize blocks train`")
     ckpt = out / "checkpoints"
     if n1:
         if "transfer" not in res:
             t0 = time.perf_counter()
-            r1 = attention_transfer(teacher, students, train1, lr=settings.transfer_lr,
-                                    checkpoint_dir=ckpt / "transfer", progress=progress)
+            kw = dict(lr=settings.transfer_lr, checkpoint_dir=ckpt / "transfer", progress=progress)
+            r1 = (attention_transfer(teacher, students, train1, **kw) if group is None else
+                  distributed_transfer(teacher, students, train1, group, distributed,
+                                       batch_size=group.world if distributed == "data" else 1, **kw))
             errors = layer_transfer_errors(teacher, students, heldout[:2])
             state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
                          transfer_history=r1.history)
         else:
             load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
-    model = LinearizedForCausalLM.from_teacher(teacher, attention, students)
+    if settings.keep_softmax and "keep_softmax" not in res:
+        if "layer_mse" not in res:  # no transfer ran: rank layers by the untrained students' error
+            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:2]))
+        state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax))
+    if res.get("keep_softmax"):
+        log(f"exact softmax attention kept in layers {res['keep_softmax']} (largest transfer error)")
+    model = LinearizedForCausalLM.from_teacher(teacher, attention, students, keep_softmax=res.get("keep_softmax", []))
     if "stage1_ppl" not in res:
         state.record(stage1_ppl=perplexity(model, heldout, desc="student perplexity (stage 1)", progress=progress))
     log(f"student held-out perplexity after {'stage 1' if n1 else 'conversion (no transfer)'}: {res['stage1_ppl']:.3f}")
@@ -151,17 +193,21 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         t0 = time.perf_counter()
         lora = LoraSettings(rank=settings.lora_rank, init=settings.lora_init)
         model, r2 = finetune_lora(model, train2, lora, lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
-                                  progress=progress)
+                                  progress=progress, batch_size=group.world if group else 1, data_parallel=group)
         if "lora" not in res:
             state.record(lora=_stage_summary(r2, time.perf_counter() - t0), lora_history=r2.history)
         state.record(stage2_ppl=perplexity(model, heldout, desc="student perplexity (stage 2)", progress=progress))
         log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
 
-    _save_final(model, tokenizer, out)
-    write_json_atomic({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
-                       "layer_mse": res.get("layer_mse", [])}, out / "curves.json")
+    if state.writer:
+        _save_final(model, tokenizer, out)
+        write_json_atomic({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
+                           "layer_mse": res.get("layer_mse", [])}, out / "curves.json")
     state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
                  heldout_tokens=int(heldout.numel()))
     summary = {k: v for k, v in res.items() if not k.endswith("_history")}
-    write_json_atomic({"settings": asdict(settings), **summary}, out / "convert.json")
+    if state.writer:
+        write_json_atomic({"settings": asdict(settings), **summary}, out / "convert.json")
+    if group is not None:
+        group.close()
     return res

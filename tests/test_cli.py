@@ -84,7 +84,7 @@ def test_bad_inputs_give_one_clear_line(model_dir, data_file, tmp_path, capsys):
                intermediate_size=64).save_pretrained(tmp_path / "bert")
     one_error_line(capsys, ["convert", "--model", str(tmp_path / "bert"), *d], "'bert' is not supported")
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    one_error_line(capsys, ["convert", "--model", str(tmp_path / "gpt2"), *d], "supported: llama")
+    one_error_line(capsys, ["convert", "--model", str(tmp_path / "gpt2"), *d], "supported: gemma3_text, llama, mistral, qwen2, qwen3")
     (tmp_path / "empty.txt").write_text("")
     one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out"), *SMALL],
                    "no text")

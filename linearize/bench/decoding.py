@@ -27,7 +27,7 @@ class Decoder:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -35,7 +35,7 @@ class Decoder:
         if self.linear:
             out = self.model(input_ids=token, linear_state=self.cache)
         else:
-            out = self.model(input_ids=token, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=token, cache=self.cache, use_cache=True)
         return out.logits[:, -1]
 
     def cache_bytes(self) -> int:

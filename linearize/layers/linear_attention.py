@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LinearizeError
+from ..ops import fla_kernels
 from ..ops import hybrid_attention as ops
 from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 
@@ -168,6 +169,8 @@ class LinearAttention(nn.Module):
             return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
         if self.form == "quadratic":
             return ops.attention_quadratic(*args, **kw)
+        if fla_kernels.fla_applies(self.config, q, log_gate, beta):  # CUDA + flash-linear-attention
+            return fla_kernels.linear_attention_fla(fq, fk, v)
         return ops.attention_chunked(*args, chunk=self.config.chunk_size, **kw)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):

@@ -150,10 +150,14 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     lin, memory = None, None
     if fq is not None and window is not None:
         lin, memory = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk)
-    num_sm = None
-    if W > 0:
-        num_sm = _sliding_window_chunked(_group(q, Hkv), k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale, chunk)
-    y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
+    if lin is None and W >= T:  # exact causal softmax attention: PyTorch's fused kernel, O(T) memory
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        num_sm = None
+        if W > 0:
+            num_sm = _sliding_window_chunked(_group(q, Hkv), k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale,
+                                             chunk)
+        y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window

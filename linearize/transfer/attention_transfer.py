@@ -15,13 +15,15 @@ from ..load.architectures import architecture_of
 from ..training import TrainResult, train
 
 
-def transfer_state(students: list[LinearAttention]) -> dict[str, torch.Tensor]:
-    return {f"{i}.{n}": p for i, s in enumerate(students)
-            for n, p in s.named_parameters() if n.startswith(LinearAttention.TRANSFER_PARAMETERS)}
+def transfer_state(students: list[LinearAttention], layers=None) -> dict[str, torch.Tensor]:
+    """{"{layer}.{name}": parameter} of what transfer trains, for all layers or only `layers`."""
+    layers = range(len(students)) if layers is None else layers
+    return {f"{i}.{n}": p for i in layers
+            for n, p in students[i].named_parameters() if n.startswith(LinearAttention.TRANSFER_PARAMETERS)}
 
 
-def load_transfer_state(students: list[LinearAttention], tensors: dict[str, torch.Tensor]) -> None:
-    params = transfer_state(students)
+def load_transfer_state(students: list[LinearAttention], tensors: dict[str, torch.Tensor], layers=None) -> None:
+    params = transfer_state(students, layers)
     missing = set(params) - set(tensors)
     if missing:
         raise KeyError(f"checkpoint lacks {sorted(missing)[:3]}...")
@@ -86,10 +88,13 @@ def attention_transfer(
     progress: bool = True,
     layers: list[int] | None = None,
     data_parallel=None,
+    forward=None,
 ) -> TrainResult:
     """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids.
-    layers: train only these students (default all). data_parallel: a transfer.distributed.DataParallel; each
-    rank then runs its shard of every batch and gradients are averaged (see transfer/distributed.py)."""
+    layers: train only these students (default all). data_parallel: a transfer.distributed.RankGroup; each
+    rank then runs its shard of every batch and gradients are averaged (see transfer/distributed.py).
+    forward(batch): what runs the teacher attention modules on a batch; default the teacher's decoder on token
+    ids (transfer/blockwise.py replays one block of layers on stored hidden states instead)."""
     for p in teacher.parameters():
         p.requires_grad_(False)
     layers = list(range(len(students))) if layers is None else layers
@@ -99,12 +104,13 @@ def attention_transfer(
     hooks = _TransferHooks(teacher, students, layers)
     decoder = teacher.get_decoder()  # no lm_head: transfer needs no logits
     device = next(teacher.parameters()).device
+    forward = forward or (lambda batch: decoder(batch.to(device)))
 
     def step(batch):
         if data_parallel is not None:
             batch = data_parallel.shard(batch)
         with torch.no_grad():
-            decoder(batch.to(device))
+            forward(batch)
         losses = list(hooks.losses)
         if data_parallel is not None:
             losses = data_parallel.average_gradients(params, losses)
@@ -112,8 +118,8 @@ def attention_transfer(
 
     try:
         return train("stage 1: attention transfer", sequences, step, params,
-                     state_fn=lambda: transfer_state(students),
-                     restore_fn=lambda t: load_transfer_state(students, t),
+                     state_fn=lambda: transfer_state(students, layers),
+                     restore_fn=lambda t: load_transfer_state(students, t, layers),
                      lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
                      write_checkpoints=data_parallel is None or data_parallel.rank == 0)
     finally:

@@ -66,7 +66,7 @@ class RankGroup:
     def ddp(self, module: torch.nn.Module) -> torch.nn.Module:
         """Wrap for data-parallel training (gradients of trainable parameters averaged in backward)."""
         device_ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def barrier(self):
         dist.barrier()

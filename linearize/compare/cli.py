@@ -1,0 +1,68 @@
+"""`linearize compare`: parser, run and the terminal table."""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(x) for x in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add(sub):
+    from ..evaluate.cli import token_count
+    from ..pipeline import ConvertSettings
+    from .run import PARTS, CompareSettings
+
+    d, c = ConvertSettings(), CompareSettings()
+    p = sub.add_parser("compare", help="convert with several attention families at one budget, one table",
+                       description="Run `linearize convert` for each --attention (and --keep-softmax K) into "
+                                   "OUT/NAME with the same token budget, then print held-out ppl, KL, passkey and "
+                                   "decode speed side by side. Finished runs are reused. Writes OUT/compare.json.")
+    p.add_argument("--attention", type=_names, default=c.attentions,
+                   help=f"comma-separated families (default: {','.join(c.attentions)})")
+    p.add_argument("--keep-softmax", type=_ints, default=c.keep_softmax, metavar="K[,K...]",
+                   help="softmax layers to keep; several values compare the trade-off (default: 0)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
+    p.add_argument("--model", help="teacher (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training text (default: bundled ShareGPT)")
+    p.add_argument("--window", type=int, help="softmax window of the hybrid families (default: each preset's)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--tokens", type=int, default=d.transfer_tokens, help="stage 1 tokens per variant")
+    p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 tokens per variant")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--kl-sequences", type=int, default=c.kl_sequences)
+    p.add_argument("--passkey-length", type=token_count, default=c.passkey_length)
+    p.add_argument("--passkey-trials", type=int, default=c.passkey_trials)
+    p.add_argument("--decode-context", type=token_count, default=c.decode_context)
+    p.add_argument("--decode-tokens", type=int, default=c.decode_tokens)
+    p.add_argument("--skip", type=_names, default=(), help=f"parts to skip: {', '.join(PARTS)}")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..pipeline import ConvertSettings
+    from .run import COLUMNS, CompareSettings, compare, table_rows
+
+    base = ConvertSettings(model=args.model, data=args.data, window=args.window, seq_len=args.seq_len, transfer_tokens=args.tokens,
+                           lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens)
+    cs = CompareSettings(attentions=args.attention, keep_softmax=args.keep_softmax, kl_sequences=args.kl_sequences,
+                         passkey_length=args.passkey_length, passkey_trials=args.passkey_trials,
+                         decode_context=args.decode_context, decode_tokens=args.decode_tokens, skip=args.skip)
+    res = compare(base, cs, args.out, progress=not args.no_progress)
+    table = Table(title=f"linearize compare -> {args.out} ({args.tokens} + {args.lora_tokens} tokens each)")
+    for col in COLUMNS:
+        table.add_column(col, justify="right")
+    for row in table_rows(res):
+        table.add_row(*row)
+    Console().print(table)
+    print(f"results written to {args.out}/compare.json and compare.md")

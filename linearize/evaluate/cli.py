@@ -1,0 +1,91 @@
+"""`linearize eval DIR [--teacher M]`: parser, run and the terminal table."""
+
+from argparse import ArgumentTypeError
+
+
+def token_count(text: str) -> int:
+    """"4096" or "4k" -> 4096."""
+    try:
+        return int(float(text[:-1]) * 1024) if text.lower().endswith("k") else int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a token count like 512, 4k or 4096, got {text!r}") from None
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """"512,1k,2048" -> (512, 1024, 2048)."""
+    return tuple(token_count(t) for t in text.split(",") if t)
+
+
+def _limit(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise ArgumentTypeError(f"--limit takes a number of questions per subject or 'all', got {text!r}")
+    return int(text)
+
+
+def add(sub):
+    from .run import PARTS, EvalSettings
+    from .texts import EVAL_TEXTS
+
+    d = EvalSettings()
+    p = sub.add_parser("eval", help="quality vs the teacher: ppl, KL, top-1, layer error, passkey, MMLU -> eval.json",
+                       description="Compare a converted model with its teacher. Writes DIR/eval.json (keys documented "
+                                   "in linearize/evaluate/run.py) and prints a table.")
+    p.add_argument("path", help="converted model folder")
+    p.add_argument("--teacher", help="teacher model (default: the one in DIR/convert.json, else bundled SmolLM2)")
+    p.add_argument("--texts", default=",".join(d.texts), help=f"texts for ppl/KL/top-1 among {', '.join(EVAL_TEXTS)}")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (default: %(default)s)")
+    p.add_argument("--sequences", type=int, default=d.sequences, help="rows per text (default: %(default)s)")
+    p.add_argument("--layer-sequences", type=int, default=d.layer_sequences,
+                   help="rows per text for per-layer error (default: %(default)s)")
+    p.add_argument("--passkey-lengths", type=int_list, default=d.passkey_lengths,
+                   help="passkey prompt lengths in tokens (default: 256,512,1k,2k,4k)")
+    p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
+                   help="trials per length (default: %(default)s)")
+    p.add_argument("--limit", type=_limit, default=d.limit,
+                   help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from .run import EvalSettings, evaluate
+
+    settings = EvalSettings(texts=tuple(t for t in args.texts.split(",") if t), seq_len=args.seq_len,
+                            sequences=args.sequences, layer_sequences=args.layer_sequences,
+                            passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
+                            limit=args.limit, skip=tuple(s for s in args.skip.split(",") if s))
+    res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
+    print_tables(res)
+    print(f"results written to {args.path}/eval.json")
+
+
+def print_tables(res: dict):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "texts" in res:
+        t = Table(title="teacher vs student on held-out text")
+        for col in ("text", "tokens", "teacher ppl", "student ppl", "KL(t||s)", "top-1 agree", "mean layer MSE"):
+            t.add_column(col, justify="right")
+        for name, r in res["texts"].items():
+            mse = res.get("layer_mse", {}).get(name)
+            t.add_row(name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
+                      f"{r['top1']:.1%}", f"{sum(mse) / len(mse):.2e}" if mse else "-")
+        console.print(t)
+    if "passkey" in res:
+        pk = res["passkey"]
+        t = Table(title=f"passkey retrieval ({pk['trials']} trials per length)")
+        t.add_column("prompt tokens", justify="right")
+        t.add_column("teacher", justify="right")
+        t.add_column("student", justify="right")
+        for i, n in enumerate(pk["tokens"]):
+            t.add_row(str(n), f"{pk['teacher'][i]:.0%}", f"{pk['student'][i]:.0%}")
+        console.print(t)
+    if "mmlu" in res:
+        m = res["mmlu"]
+        console.print(f"MMLU {m['num_fewshot']}-shot ({m['questions']} questions, limit {m['limit']} per subject): "
+                      f"teacher {m['teacher']['acc']:.1%}, student {m['student']['acc']:.1%}")

@@ -1,0 +1,114 @@
+"""`linearize eval DIR`: how close a converted model is to its teacher. Writes DIR/eval.json:
+
+    model, teacher             the folder evaluated and its teacher (None = bundled SmolLM2)
+    settings                   the EvalSettings used
+    texts.NAME                 per evaluation text (see texts.py): tokens, teacher_ppl, student_ppl,
+                               kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
+    layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
+    passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
+    mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
+                               {acc, acc_stderr, subjects: {subject: acc}}
+    seconds                    wall time of each part
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..checkpoint import write_json_atomic
+from ..errors import LinearizeError
+from .models import load_student, load_teacher_of
+from .texts import EVAL_TEXTS, eval_sequences
+
+PARTS = ("ppl", "layers", "passkey", "mmlu")
+
+
+@dataclass
+class EvalSettings:
+    texts: tuple[str, ...] = EVAL_TEXTS
+    seq_len: int = 1024
+    sequences: int = 8  # rows per text for ppl / KL / top-1
+    layer_sequences: int = 2  # rows per text for the per-layer error
+    passkey_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    passkey_trials: int = 5
+    limit: int | None = 5  # MMLU questions per subject (None = all 14,042)
+    skip: tuple[str, ...] = ()
+
+    def check(self):
+        if unknown := set(self.skip) - set(PARTS):
+            raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        if unknown := set(self.texts) - set(EVAL_TEXTS):
+            raise LinearizeError(f"unknown text(s) {sorted(unknown)}; choose from {', '.join(EVAL_TEXTS)}")
+        if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths) < 1:
+            raise LinearizeError("sizes and counts must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
+
+
+def _training_data(path: Path):
+    """The conversion's training source, for its held-out split (None = bundled ShareGPT)."""
+    import json
+
+    info = path / "convert.json"
+    return json.loads(info.read_text()).get("settings", {}).get("data") if info.is_file() else None
+
+
+def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: str | None = None,
+             progress: bool = True, log=print) -> dict:
+    """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
+    from ..transfer.attention_transfer import layer_transfer_errors
+    from .agreement import compare
+    from .mmlu import mmlu_accuracy
+    from .passkey import passkey_accuracy
+
+    settings = settings or EvalSettings()
+    settings.check()
+    path = Path(path)
+    student, tokenizer = load_student(path)
+    teacher_model, spec = load_teacher_of(path, teacher)
+    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {}}
+    models = {"teacher": teacher_model, "student": student}
+
+    def part(name, fn):
+        if name in settings.skip:
+            return
+        log(f"eval: {name} ...")
+        t0 = time.time()
+        fn()
+        res["seconds"][name] = round(time.time() - t0, 1)
+        write_json_atomic(res, path / "eval.json")  # finished parts survive an interrupted run
+
+    rows = {}
+
+    def sequences(name, n):
+        if name not in rows:
+            rows[name] = eval_sequences(name, tokenizer, settings.seq_len, max(settings.sequences, n),
+                                        data=_training_data(path))
+        return rows[name][:n]
+
+    def ppl():
+        res["texts"] = {name: compare(teacher_model, student, sequences(name, settings.sequences), progress, name)
+                        for name in settings.texts}
+
+    def layers():
+        students = student.attention_modules()
+        if len(students) != teacher_model.config.num_hidden_layers:
+            log("eval: skipping layer errors (some layers kept softmax attention)")
+            return
+        res["layer_mse"] = {name: layer_transfer_errors(teacher_model, students,
+                                                        sequences(name, settings.layer_sequences))
+                            for name in settings.texts}
+
+    def passkey():
+        runs = {who: passkey_accuracy(m, tokenizer, list(settings.passkey_lengths), settings.passkey_trials)
+                for who, m in models.items()}
+        res["passkey"] = {k: runs["teacher"][k] for k in ("lengths", "tokens", "trials")}
+        res["passkey"].update({who: r["accuracy"] for who, r in runs.items()})
+
+    def mmlu():
+        max_length = getattr(teacher_model.config, "max_position_embeddings", 2048)
+        res["mmlu"] = mmlu_accuracy(models, tokenizer, settings.limit, max_length=max_length)
+
+    for name, fn in (("ppl", ppl), ("layers", layers), ("passkey", passkey), ("mmlu", mmlu)):
+        part(name, fn)
+    return res

@@ -1,0 +1,112 @@
+"""`linearize report DIR`: one self-contained HTML page (figures embedded as base64 PNG) plus the PNGs.
+
+Reads whatever the folder has: convert.json + curves.json (convert), eval.json (eval), bench.json (bench);
+sections without data say which command fills them. Writes DIR/report.html and DIR/report/*.png.
+"""
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+from ..errors import LinearizeError
+from .plots import FIGURES
+
+SOURCES = {"convert": "convert.json", "curves": "curves.json", "results": "eval.json", "bench": "bench.json"}
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}
+th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%}.missing{color:#888}.met{color:#1a7f37}
+.missed{color:#c62828}"""
+
+
+def _read(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LinearizeError(f"{path} is not valid JSON ({e}); re-run the command that writes it") from e
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _rounded(value) -> str:
+    """A target's measured value: a number, a list of numbers or None."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(_rounded(v) for v in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def summary_tables(convert: dict | None, results: dict | None, bench: dict | None) -> str:
+    parts = []
+    if convert and "teacher_ppl" in convert:
+        rows = [["teacher", "", "", _num(convert.get("teacher_ppl"), ".2f")]]
+        for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
+                                ("stage 2: LoRA", "lora", "stage2_ppl")):
+            s = convert.get(key) or {}
+            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), _num(convert.get(ppl), ".2f")])
+        parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))
+    if results and results.get("texts"):
+        rows = [[n, r["tokens"], _num(r["teacher_ppl"], ".2f"), _num(r["student_ppl"], ".2f"), _num(r["kl"], ".3f"),
+                 _num(r["top1"], ".1%")] for n, r in results["texts"].items()]
+        parts.append("<h2>Quality vs teacher</h2>" + _table(
+            ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
+    if results and results.get("mmlu"):
+        m = results["mmlu"]
+        parts.append(f"<p>MMLU {m['num_fewshot']}-shot (lm-eval, {m['questions']} questions, limit {m['limit']} per "
+                     f"subject): teacher {m['teacher']['acc']:.1%}, student {m['student']['acc']:.1%}</p>")
+    if bench and bench.get("targets"):
+        rows = [[name, _rounded(r["value"]),
+                 r["target"], {True: "met", False: "missed", None: "not measured"}[r["met"]]]
+                for name, r in bench["targets"].items()]
+        m = bench.get("machine", {})
+        parts.append(f"<h2>Speed targets ({m.get('cpus')} CPUs, {m.get('threads')} threads)</h2>"
+                     + _table(["target", "measured", "goal", ""], rows))
+    return "\n".join(parts)
+
+
+def build_report(path: str | Path) -> Path:
+    """Write DIR/report.html (+ DIR/report/*.png); returns the HTML path."""
+    path = Path(path)
+    data = {key: _read(path / name) for key, name in SOURCES.items()}
+    if not any(data.values()):
+        raise LinearizeError(f"{path} has none of {', '.join(SOURCES.values())}; run `linearize convert` "
+                             "(then `linearize eval` and `linearize bench`) first")
+    png_dir = path / "report"
+    png_dir.mkdir(exist_ok=True)
+    figures = []
+    for stem, (caption, make) in FIGURES.items():
+        fig = make(data["curves"], data["results"], data["bench"])
+        if fig is None:
+            figures.append(f'<p class="missing">{html.escape(caption)}: no data yet (see the commands above).</p>')
+            continue
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        fig.clf()
+        (png_dir / f"{stem}.png").write_bytes(buf.getvalue())
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        figures.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{b64}">'
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    teacher = next((d.get("teacher") for d in (data["results"], data["bench"]) if d and d.get("teacher")), None)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>linearize report: {html.escape(path.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>linearize report: {html.escape(str(path))}</h1>"
+            f"<p>teacher: {html.escape(str(teacher or 'bundled SmolLM2-135M-Instruct'))}; generated "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Commands: <code>linearize convert</code> "
+            f"(curves), <code>linearize eval</code> (quality), <code>linearize bench</code> (speed).</p>"
+            f"{summary_tables(data['convert'], data['results'], data['bench'])}<h2>Figures</h2>{''.join(figures)}"
+            "</body></html>")
+    out = path / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

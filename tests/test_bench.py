@@ -1,0 +1,85 @@
+"""linearize bench: the shared decoder, one measurement, the targets and the command (tiny model)."""
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.bench.decoding import Decoder
+from linearize.bench.measure import measure
+from linearize.bench.run import targets
+from linearize.cli import main
+from linearize.evaluate.models import load_student, load_teacher_of
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_converted):
+    return load_teacher_of(tiny_converted[0])[0], load_student(tiny_converted[0])[0]
+
+
+def _prompt(n=40):
+    return torch.randint(300, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_student_decoder_matches_generate_ids(pair):
+    student = pair[1]
+    ids, _ = linearize.generate_ids(student, _prompt(), max_new_tokens=6)
+    assert Decoder(student).greedy(_prompt(), 6) == ids[0, 40:].tolist()
+
+
+def test_teacher_decoder_matches_full_forward(pair):
+    teacher = pair[0]
+    new = Decoder(teacher).greedy(_prompt(), 5)
+    ids = _prompt()
+    for token in new:  # recompute every step without a cache
+        assert teacher(ids).logits[0, -1].argmax().item() == token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+
+
+def test_student_cache_is_constant_and_teacher_cache_grows(pair):
+    sizes = {}
+    for name, model in zip(("teacher", "student"), pair):
+        for n in (32, 128):
+            dec = Decoder(model)
+            dec.prefill(_prompt(n))
+            sizes[name, n] = dec.cache_bytes()
+    assert sizes["student", 32] == sizes["student", 128] > 0
+    assert sizes["teacher", 128] == 4 * sizes["teacher", 32]
+
+
+def test_measure_reports_speed_and_memory(pair):
+    r = measure(pair[1], context=64, decode_tokens=3)
+    assert r["context"] == 64 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
+    assert r["cache_bytes"] == r["cache_bytes_after_decode"] > 0 and r["model_rss_bytes"] > 0
+    assert "decode_ms_per_token" not in measure(pair[1], context=64, decode_tokens=0)
+
+
+def test_targets_from_points():
+    def point(which, c, tps, pre, cache):
+        return {"which": which, "context": c, "decode_tokens_per_s": tps, "prefill_tokens_per_s": pre,
+                "cache_bytes": cache}
+
+    points = [point("student", 1024, 100, 500, 7), point("student", 16384, 90, 450, 7),
+              point("teacher", 16384, 20, 150, 9)]
+    t = targets(points, (1024, 16384))
+    assert t["student_decode_flat"] == {"value": [0.9, 1.0], "target": t["student_decode_flat"]["target"], "met": True}
+    assert t["decode_speedup_16k"]["value"] == 4.5 and t["decode_speedup_16k"]["met"]
+    assert t["prefill_speedup_16k"]["value"] == 3.0 and t["student_cache_constant"]["met"]
+    assert targets([], (1024,))["decode_speedup_16k"]["met"] is None
+
+
+def test_bench_command_writes_bench_json(tiny_converted):
+    student_dir = tiny_converted[0]
+    # one point (a fresh process each: ~5 s); --teacher-max-context skips the teacher's, which run the same way
+    assert main(["bench", str(student_dir), "--contexts", "48", "--decode-contexts", "48", "--decode-tokens", "2",
+                 "--teacher-max-context", "32"]) == 0
+    res = json.loads((student_dir / "bench.json").read_text())
+    assert [(p["which"], p["context"]) for p in res["points"]] == [("student", 48)]
+    assert all("error" not in p and p["decode_tokens_per_s"] > 0 for p in res["points"])
+    assert res["targets"]["student_cache_constant"]["met"]
+
+
+def test_bench_rejects_a_folder_without_a_model(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "not a converted model folder" in capsys.readouterr().err

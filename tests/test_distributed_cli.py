@@ -1,0 +1,37 @@
+"""`torchrun --nproc-per-node 2 -m linearize.cli convert --distributed` (CPU, gloo) end to end: rank 0 alone
+writes, and layer-parallel stage 1 gives the single-process result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linearize.cli import main
+from test_cli import SMALL, data_file, model_dir, one_error_line  # noqa: F401 (fixtures)
+
+
+def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):  # noqa: F811
+    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "linearize.cli", *args, "--out", str(tmp_path / "dist"), "--distributed"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("model saved to") == 1  # one summary, from rank 0
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+
+    dist, single = (json.loads((tmp_path / d / "progress.json").read_text())["results"] for d in ("dist", "single"))
+    assert dist["layer_mse"] == pytest.approx(single["layer_mse"], rel=1e-5)
+    assert dist["stage1_ppl"] == pytest.approx(single["stage1_ppl"], rel=1e-6)
+    assert dist["transfer"]["tokens"] == 256 and dist["lora"]["tokens"] == 128
+    ckpt = tmp_path / "dist" / "checkpoints" / "transfer"  # per-rank shards merged into the one-process layout
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "optimizer.safetensors", "tensors.safetensors"]
+    assert (tmp_path / "dist" / "model.safetensors").is_file()
+
+
+def test_distributed_without_torchrun_is_one_line(model_dir, data_file, tmp_path, capsys):  # noqa: F811
+    one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out",
+                            str(tmp_path / "o"), *SMALL, "--distributed"], "torchrun")

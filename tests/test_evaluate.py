@@ -1,0 +1,109 @@
+"""linearize eval: agreement metrics, evaluation texts, passkey, the lm-eval MMLU task and the command."""
+
+import json
+
+import pytest
+import torch
+
+from linearize.cli import main
+from linearize.errors import LinearizeError
+from linearize.evaluate.agreement import compare
+from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
+from linearize.evaluate.models import load_student, load_teacher_of, teacher_spec
+from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
+from linearize.evaluate.texts import eval_sequences, shakespeare_documents
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_converted):
+    student, tokenizer = load_student(tiny_converted[0])
+    teacher, _ = load_teacher_of(tiny_converted[0])
+    return teacher, student, tokenizer
+
+
+def test_teacher_comes_from_convert_json(tiny_converted):
+    student_dir, teacher_dir = tiny_converted
+    assert teacher_spec(student_dir) == str(teacher_dir)
+    assert teacher_spec(student_dir, "other") == "other"
+    assert teacher_spec(teacher_dir) is None  # no convert.json: the bundled model
+
+
+def test_compare_model_with_itself_agrees_exactly(pair):
+    teacher, student, _ = pair
+    rows = torch.randint(300, (2, 33), generator=torch.Generator().manual_seed(0))
+    same = compare(teacher, teacher, rows, progress=False)
+    assert same["tokens"] == 64 and same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
+    assert same["teacher_ppl"] == pytest.approx(same["student_ppl"])
+    diff = compare(teacher, student, rows, progress=False)
+    assert diff["kl"] >= 0 and 0 <= diff["top1"] <= 1 and diff["teacher_ppl"] == pytest.approx(same["teacher_ppl"])
+
+
+@pytest.mark.parametrize("name", ["sharegpt", "shakespeare", "python-docs"])
+def test_eval_texts_are_fixed_token_rows(name, tiny_tokenizer):
+    a = eval_sequences(name, tiny_tokenizer, 64, 3)
+    assert a.shape == (3, 64) and a.dtype == torch.long
+    assert torch.equal(a, eval_sequences(name, tiny_tokenizer, 64, 3))
+
+
+def test_shakespeare_text_has_no_markdown_marks():
+    hamlet = shakespeare_documents()[0]
+    assert "HAMLET" in hamlet and "**" not in hamlet
+
+
+def test_unknown_text_is_a_clear_error(tiny_tokenizer):
+    with pytest.raises(LinearizeError, match="unknown evaluation text"):
+        eval_sequences("klingon", tiny_tokenizer, 64, 1)
+
+
+def test_passkey_prompt_hides_the_key_at_the_depth(tiny_tokenizer):
+    prompt = passkey_prompt(tiny_tokenizer, 3000, 0.25, 12345)
+    n = len(tiny_tokenizer(prompt).input_ids)
+    assert abs(n - 3000) < 100 and prompt.count("12345") == 2 and prompt.endswith("The pass key is")
+    assert 0.15 < prompt.index("12345") / len(prompt) < 0.35
+
+
+def test_passkey_accuracy_runs_for_teacher_and_student(pair):
+    teacher, student, tokenizer = pair
+    for model in (teacher, student):
+        r = passkey_accuracy(model, tokenizer, [300, 600], trials=2)
+        assert r["lengths"] == [300, 600] and len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"])
+        assert r["tokens"][0] < r["tokens"][1]
+
+
+def test_mmlu_tasks_have_five_shot_dev_split(tmp_path):
+    tasks = write_tasks(tmp_path, ["virology", "abstract algebra"])
+    assert tasks == [f"{GROUP}_abstract_algebra", f"{GROUP}_virology"]
+    config = json.loads((tmp_path / f"{tasks[1]}.yaml").read_text())
+    dev = config["dataset_kwargs"]["data_files"]["dev"]
+    rows = [json.loads(line) for line in open(dev)]
+    assert len(rows) == 5 and set(rows[0]) == {"question", "choices", "answer"} and len(rows[0]["choices"]) == 4
+    assert sum(1 for _ in open(config["dataset_kwargs"]["data_files"]["test"])) == 166 - 5
+    with pytest.raises(LinearizeError, match="unknown MMLU subjects"):
+        write_tasks(tmp_path, ["klingon"])
+
+
+def test_mmlu_runs_through_lm_eval(pair):
+    teacher, student, tokenizer = pair
+    r = mmlu_accuracy({"teacher": teacher, "student": student}, tokenizer, limit=2, subjects=["virology"])
+    assert r["questions"] == 2 and r["num_fewshot"] == 5
+    assert 0 <= r["student"]["acc"] <= 1 and set(r["teacher"]["subjects"]) == {"virology"}
+
+
+def test_eval_command_writes_eval_json(tiny_converted, capsys):
+    student_dir = tiny_converted[0]
+    rc = main(["eval", str(student_dir), "--seq-len", "64", "--sequences", "2", "--layer-sequences", "1",
+               "--passkey-lengths", "200", "--passkey-trials", "1", "--skip", "mmlu", "--no-progress"])
+    assert rc == 0
+    res = json.loads((student_dir / "eval.json").read_text())
+    assert set(res["texts"]) == {"sharegpt", "shakespeare", "python-docs"}
+    assert all(len(v) == 2 for v in res["layer_mse"].values())
+    assert res["passkey"]["lengths"] == [200] and "mmlu" not in res
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_eval_command_rejects_bad_options(tiny_converted, capsys):
+    assert main(["eval", str(tiny_converted[0]), "--skip", "everything"]) == 2
+    assert "unknown part" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: one line "argument --limit: ..." and exit 2
+        main(["eval", str(tiny_converted[0]), "--limit", "some"])
+    assert e.value.code == 2 and "--limit takes" in capsys.readouterr().err

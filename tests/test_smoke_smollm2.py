@@ -1,0 +1,41 @@
+"""Smoke tests on the real bundled SmolLM2-135M-Instruct (minutes on CPU): `python -m pytest -m smoke`."""
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.cli import main
+
+pytestmark = pytest.mark.smoke
+
+
+def test_tiny_budget_conversion_reloads_and_generates(tmp_path):
+    out = tmp_path / "smol"
+    argv = ["convert", "--out", str(out), "--seq-len", "128", "--tokens", "1024", "--lora-tokens", "512",
+            "--eval-tokens", "256", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "convert.json").read_text())
+    assert 1 < summary["teacher_ppl"] < 100
+    model, tokenizer = linearize.load(out)
+    assert model.config.num_hidden_layers == 30
+    text = linearize.generate_text(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
+    assert len(text.strip()) > 0
+
+
+def test_teacher_is_reproduced_when_the_linear_part_is_off():
+    """Window >= sequence and all weight on the window: the student is exactly the softmax teacher."""
+    from linearize.load.teacher import load_teacher
+    from linearize.layers.linear_attention import LinearAttentionConfig
+    from linearize.models.linearized import LinearizedForCausalLM
+
+    teacher, tokenizer = load_teacher()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        student = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=ids.shape[1]))
+        for attn in student.attention_modules():
+            attn.mix_logit.fill_(float("inf"))
+        got = student(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
