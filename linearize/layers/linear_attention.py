@@ -128,13 +128,15 @@ class LinearAttention(nn.Module):
         """What attention transfer trains: the feature maps, the mixing factor and the delta-rule strength."""
         return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
 
-    def project(self, hidden_states, position_embeddings):
+    def project(self, hidden_states, position_embeddings, projected=None):
         """(B, T, D) -> q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log forget
-        gate (B, Hkv, T) (None without a gate). Use as attend(*project(...))."""
+        gate (B, Hkv, T) (None without a gate). Use as attend(*project(...)). `projected`: the outputs of
+        q_proj, k_proj, v_proj on hidden_states if already computed (attention transfer reuses the teacher's)."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = projected or (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         log_gate = None

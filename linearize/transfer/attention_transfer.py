@@ -41,14 +41,27 @@ class _TransferHooks:
         self.losses = [0.0] * len(students)
         attn = architecture_of(teacher.config).attention_modules(teacher)
         layers = range(len(attn)) if layers is None else layers
-        self.handles = [attn[i].register_forward_hook(self._hook(i), with_kwargs=True) for i in layers]
+        self.projected = {i: {} for i in layers}  # the teacher's own q/k/v projections, reused by the student
+        self.handles = []
+        for i in layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                self.handles.append(getattr(attn[i], name).register_forward_hook(self._keep(i, name)))
+            self.handles.append(attn[i].register_forward_hook(self._hook(i), with_kwargs=True))
+
+    def _keep(self, i, name):
+        def keep(module, args, output):
+            self.projected[i][name] = output
+
+        return keep
 
     def _hook(self, i):
         def hook(module, args, kwargs, output):
             student = self.students[i]
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kept = self.projected[i]
+            reuse = (kept.pop("q_proj"), kept.pop("k_proj"), kept.pop("v_proj")) if len(kept) == 3 else None
             with torch.no_grad():
-                projected = student.project(x, kwargs["position_embeddings"])  # q, k, v, log gate
+                projected = student.project(x, kwargs["position_embeddings"], reuse)  # q, k, v, log gate
             with torch.enable_grad():
                 y = student.attend(*projected)
                 out = student.o_proj(y.transpose(1, 2).reshape(*x.shape[:2], -1))
