@@ -69,8 +69,9 @@ def print_tables(res: dict):
     console = Console()
     if "texts" in res:
         t = Table(title="teacher vs student on held-out text")
-        for col in ("text", "tokens", "teacher ppl", "student ppl", "KL(t||s)", "top-1 agree", "mean layer MSE"):
-            t.add_column(col, justify="right")
+        t.caption = "KL = mean KL(teacher || student) per token; top-1 = argmax agreement; MSE = mean layer error"
+        for col in ("text", "tokens", "ppl teacher", "ppl student", "KL", "top-1", "MSE"):
+            t.add_column(col, justify="right", no_wrap=True)
         for name, r in res["texts"].items():
             mse = res.get("layer_mse", {}).get(name)
             t.add_row(name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
