@@ -66,3 +66,16 @@ def tiny_converted(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(student_dir)
     (student_dir / "convert.json").write_text(json.dumps({"settings": {"model": str(teacher_dir)}}))
     return student_dir, teacher_dir
+
+
+def write_word_jsonl(path, lines: int = 1500):
+    """A .jsonl of `lines` random 12-word documents over a small vocabulary (fits tiny_tokenizer); returns path."""
+    import json
+
+    import torch
+
+    words = "the quick brown fox jumps over the lazy dog hello world linear attention is fast".split()
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(lines)]
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return path

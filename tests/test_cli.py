@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BertConfig, GPT2Config
 
 from linearize.cli import main
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, write_word_jsonl
 
 SMALL = ["--seq-len", "32", "--tokens", "256", "--lora-tokens", "128", "--eval-tokens", "64", "--window", "8",
          "--no-progress"]
@@ -27,12 +27,7 @@ def model_dir(tmp_path, tiny_tokenizer):
 
 @pytest.fixture
 def data_file(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog hello world linear attention is fast".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [{"text": " ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g))} for _ in range(1500)]
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in lines))
-    return path
+    return write_word_jsonl(tmp_path / "data.jsonl")
 
 
 def one_error_line(capsys, argv, match):

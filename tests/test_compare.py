@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from linearize.cli import main
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, write_word_jsonl
 
 
 @pytest.fixture
@@ -17,12 +17,7 @@ def inputs(tmp_path, tiny_tokenizer):
     model = tmp_path / "teacher"
     AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=3)).save_pretrained(model)
     tiny_tokenizer.save_pretrained(model)
-    words = "the quick brown fox jumps over the lazy dog hello world linear attention is fast".split()
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(words[i] for i in torch.randint(0, len(words), (12,),
-                                                                                          generator=g))})
-                              for _ in range(1500)))
+    data = write_word_jsonl(tmp_path / "data.jsonl")
     return model, data
 
 

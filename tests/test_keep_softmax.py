@@ -12,7 +12,7 @@ from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
 from linearize.pipeline import choose_softmax_layers
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, write_word_jsonl
 
 
 def four_layer_teacher():
@@ -67,12 +67,7 @@ def model_dir(tmp_path, tiny_tokenizer):
 
 
 def test_convert_keep_softmax_end_to_end(model_dir, tmp_path):
-    words = "the quick brown fox jumps over the lazy dog hello world linear attention is fast".split()
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(words[i] for i in torch.randint(0, len(words), (12,),
-                                                                                          generator=g))})
-                              for _ in range(1500)))
+    data = write_word_jsonl(tmp_path / "data.jsonl")
     out = tmp_path / "out"
     argv = ["convert", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len", "32",
             "--tokens", "128", "--lora-tokens", "64", "--eval-tokens", "64", "--window", "8", "--keep-softmax", "2",
