@@ -1,7 +1,5 @@
 """Text generation with constant memory: chunked prefill of the prompt, then one recurrent step per token."""
 
-from pathlib import Path
-
 import torch
 
 from .models.linearized import LinearizedForCausalLM

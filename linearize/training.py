@@ -20,10 +20,6 @@ class TrainResult:
     seconds: float  # wall time of the steps run in this process
     history: list = field(default_factory=list)  # [{"step", "tokens", "loss", ...}]
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.history[-1].get("tokens_per_s", 0.0) if self.history else 0.0
-
 
 def cosine_with_warmup(total_steps: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:

@@ -79,3 +79,21 @@ def write_word_jsonl(path, lines: int = 1500):
     docs = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(lines)]
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return path
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny Llama teacher folder (config.json, model.safetensors, tokenizer) for CLI tests."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "teacher"
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_word_jsonl(tmp_path / "data.jsonl")

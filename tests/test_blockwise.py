@@ -9,7 +9,7 @@ from linearize.models.linearized import make_student_attention
 from linearize.transfer.attention_transfer import attention_transfer, load_transfer_state, transfer_state
 from linearize.transfer.blockwise import (BlockInputs, dump_block_inputs, load_block_teacher, save_block_state,
                                           split_blocks, stitch_block_states, train_block)
-from test_cli import SMALL, data_file, model_dir  # noqa: F401 (fixtures)
+from test_cli import SMALL
 from test_distributed import ATTENTION, make_data, make_teacher
 
 torch.set_num_threads(1)

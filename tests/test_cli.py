@@ -4,30 +4,12 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, BertConfig, GPT2Config
+from transformers import BertConfig, GPT2Config
 
 from linearize.cli import main
 
-from conftest import tiny_llama_config, write_word_jsonl
-
 SMALL = ["--seq-len", "32", "--tokens", "256", "--lora-tokens", "128", "--eval-tokens", "64", "--window", "8",
          "--no-progress"]
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path / "teacher"
-    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    return write_word_jsonl(tmp_path / "data.jsonl")
 
 
 def one_error_line(capsys, argv, match):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from linearize.cli import main
-from test_cli import SMALL, data_file, model_dir, one_error_line  # noqa: F401 (fixtures)
+from test_cli import SMALL, one_error_line
 
 
 def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):  # noqa: F811

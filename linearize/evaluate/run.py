@@ -12,7 +12,7 @@
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import write_json_atomic

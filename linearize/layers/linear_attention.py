@@ -6,7 +6,7 @@ a per-head mixing factor. Every variant (Hedgehog, T2R, ELU; window 0 or > 0) is
 """
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -14,7 +14,6 @@ Stage 2 (LoRA) is data parallel through torch DDP (finetune_lora(..., data_paral
 """
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
