@@ -4,6 +4,19 @@ import torch
 
 from .models.linearized import LinearizedForCausalLM
 
+PREFILL_BLOCK = 2048  # prompt tokens per forward pass: bounds prefill memory, whatever the prompt length
+
+
+@torch.no_grad()
+def prefill(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, block: int = PREFILL_BLOCK):
+    """Feed prompt_ids (1, T) through the model `block` tokens at a time, each block continuing from the decoding
+    state the last one left (chunked form), so activations never exceed one block.
+    Returns (next-token logits (1, V), decoding state)."""
+    state = state if state is not None else model.new_decoding_state()
+    for start in range(0, prompt_ids.shape[1], block):
+        logits = model(input_ids=prompt_ids[:, start : start + block], linear_state=state, logits_to_keep=1).logits
+    return logits[:, -1], state
+
 
 @torch.no_grad()
 def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new_tokens: int = 64,
@@ -12,8 +25,7 @@ def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new
     """prompt_ids (1, T) -> (1, T + n) with n <= max_new_tokens. temperature 0 = greedy.
     on_token(id) is called for each new token (for streaming). Returns (ids, decoding state)."""
     model.eval()
-    state = state if state is not None else model.new_decoding_state()
-    logits = model(input_ids=prompt_ids, linear_state=state).logits[:, -1]
+    logits, state = prefill(model, prompt_ids, state)
     out = [prompt_ids]
     for i in range(max_new_tokens):
         if temperature <= 0:

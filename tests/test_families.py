@@ -63,6 +63,43 @@ def test_family_prefill_then_decode(B, H, Hkv, T, d, window, chunk, family):
     torch.testing.assert_close(torch.cat([y1, y2], dim=2), ref, rtol=1e-10, atol=1e-10)
 
 
+def _blocks(T: int) -> list[slice]:
+    """Uneven blocks: 1 token, then 3, then blocks of 11 (some shorter and some longer than the test windows)."""
+    cuts = sorted({0, *range(min(T, 4), T, 11), min(T, 1), min(T, 4), T})
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+@pytest.mark.parametrize("family", ["sum", *sorted(FAMILIES)])
+@pytest.mark.parametrize("B,H,Hkv,T,d,window,chunk", CASES)
+def test_family_prefill_in_blocks_matches_reference(B, H, Hkv, T, d, window, chunk, family):
+    """attention_chunked(state=...) continues where the last block stopped: block-wise prefill == one pass."""
+    args, kw = inputs(B, H, Hkv, T, d, **FAMILIES.get(family, dict(gate=False, delta=False)))
+    ref = attention_quadratic(*args, window, d**-0.5, **kw)
+    cut = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
+    q, k, v, fq, fk, mix = args
+    state, ys = None, []
+    for s in _blocks(T):
+        y, state = attention_chunked(*(cut(x, s) for x in (q, k, v, fq, fk)), mix, window, d**-0.5, chunk=chunk,
+                                     return_state=True, state=state, **{n: cut(x, s) for n, x in kw.items()})
+        ys.append(y)
+        assert state.win_k.shape[2] == min(s.stop, window)  # only the window is kept, never the prompt
+    torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 7, 30])
+def test_no_linear_part_prefill_in_blocks(window):
+    """Exact softmax layers (kept by --keep-softmax, or a teacher's local layers) also continue block by block."""
+    (q, k, v, _, _, mix), _ = inputs(1, 4, 2, 40, 8, False, False)
+    ref = attention_quadratic(q, k, v, None, None, mix, window, 8**-0.5)
+    state, ys = None, []
+    for s in _blocks(40):
+        y, state = attention_chunked(q[:, :, s], k[:, :, s], v[:, :, s], None, None, mix, window, 8**-0.5, chunk=8,
+                                     return_state=True, state=state)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-12, atol=1e-12)
+    assert state.win_k.shape[2] == min(40, window or 40)
+
+
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("gate", [False, True])
 def test_memory_forms_agree_from_a_nonzero_state(gate, delta):

@@ -45,6 +45,25 @@ def test_step_by_step_decoding_equals_full_forward(tiny_teacher, window):
     assert state.seen == 40
 
 
+@pytest.mark.parametrize("keep_softmax", [(), (1,)])
+@pytest.mark.parametrize("window", [0, 8])
+def test_prefill_in_blocks_equals_full_forward(tiny_teacher, window, keep_softmax):
+    """generate.prefill feeds a long prompt a block at a time; logits and the decoding after it are unchanged."""
+    model = LinearizedForCausalLM.from_teacher(
+        tiny_teacher, LinearAttentionConfig(window=window, chunk_size=8), keep_softmax=keep_softmax)
+    ids = torch.randint(0, 320, (1, 50))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        logits, state = linearize.generate.prefill(model, ids[:, :45], block=16)  # blocks of 16, 16, 13
+        after = model(input_ids=ids[:, 45:46], linear_state=state).logits
+    torch.testing.assert_close(logits, full[:, 44], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[:, 0], full[:, 45], rtol=1e-4, atol=1e-5)
+    assert state.seen == 46
+    assert state[0].win_k.shape[2] == min(window, 46)  # the linear layer holds its window, not the prompt
+    if keep_softmax:
+        assert state[1].win_k.shape[2] == 46  # the kept softmax layer holds a KV cache
+
+
 def test_decoding_memory_is_flat_beyond_the_window(tiny_teacher):
     model = convert(tiny_teacher, window=8)
     sizes = []

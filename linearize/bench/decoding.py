@@ -1,11 +1,12 @@
 """One prefill/step interface for both sides of a comparison, so the bench and the passkey test treat them alike.
 
     teacher: Hugging Face KV cache (DynamicCache, SDPA attention) -- memory grows with the context
-    student: chunked prefill, then recurrent steps on a linear-attention DecodingState -- constant memory
+    student: chunked prefill in blocks (generate.prefill), then recurrent steps on a linear-attention DecodingState -- constant memory
 """
 
 import torch
 
+from ..generate import prefill
 from ..models.linearized import LinearizedForCausalLM
 
 
@@ -21,14 +22,12 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.linear:
-            self.cache = self.model.new_decoding_state()
-            out = self.model(input_ids=ids, linear_state=self.cache, logits_to_keep=1)
-        else:
-            from transformers import DynamicCache
+            logits, self.cache = prefill(self.model, ids)
+            return logits
+        from transformers import DynamicCache
 
-            self.cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+        self.cache = DynamicCache(config=self.model.config)
+        return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:

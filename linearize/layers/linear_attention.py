@@ -154,7 +154,7 @@ class LinearAttention(nn.Module):
 
     def attend(self, q, k, v, log_gate=None, state: DecodingState | None = None):
         """q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
-        prefill (first call) or decode."""
+        prefill (a prompt, or its next block) or decode (one token)."""
         fq = fk = beta = None
         if self.config.linear:
             fq, fk = self.feature_map_q(q), self.feature_map_k(k)
@@ -163,12 +163,12 @@ class LinearAttention(nn.Module):
                 beta = torch.sigmoid(self.beta_logit).to(k.dtype)[None, :, None].expand(k.shape[:3])
         args = (q, k, v, fq, fk, self.mix(q), self.config.window, self.scaling)
         kw = dict(log_gate=log_gate, beta=beta)
-        if state is not None:
-            if state[self.layer_idx] is None:
-                y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size,
-                                                                 return_state=True, **kw)
-                return y
-            return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
+        if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
+            if state[self.layer_idx] is not None and q.shape[2] == 1:
+                return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
+            y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size, return_state=True,
+                                                             state=state[self.layer_idx], **kw)
+            return y
         if self.form == "quadratic":
             return ops.attention_quadratic(*args, **kw)
         if fla_kernels.fla_applies(self.config, q, log_gate, beta):  # CUDA + flash-linear-attention

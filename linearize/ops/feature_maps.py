@@ -20,7 +20,7 @@ class FeatureMap(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, d) -> (B, H, T, F)"""
-        return torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+        return x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)
 
 
 class HedgehogMap(FeatureMap):

@@ -141,30 +141,45 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> 
     return (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
 
 
+def _prepend(old, new):
+    """Concatenate along time (dim 2), `old` first; None stays None."""
+    return new if old is None or new is None else torch.cat([old, new], dim=2)
+
+
 def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
-                      log_gate=None, beta=None):
+                      log_gate=None, beta=None, state: LinearAttentionState | None = None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns y (B, H, T, d), and with
-    return_state the LinearAttentionState after the last token (for decoding)."""
-    Hkv, T = k.shape[1], k.shape[2]
+    return_state the LinearAttentionState after the last token (for decoding).
+    state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this block's
+    keys (with w placeholder queries whose outputs are dropped) and its memory is the starting memory."""
+    w = 0 if state is None else state.win_k.shape[2]
+    if w:
+        k, v, fk, log_gate, beta = (_prepend(old, new) for old, new in zip(
+            (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta), (k, v, fk, log_gate, beta)))
+    Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
     W = T if window is None else window
     lin, memory = None, None
     if fq is not None and window is not None:
-        lin, memory = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk)
+        fq_all = _pad_time(fq, w, 0)
+        lin, memory = _linear_part(fq_all, fk, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk,
+                                   state=None if state is None else state.kv)
     if lin is None and W >= T:  # exact causal softmax attention: PyTorch's fused kernel, O(T) memory
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w, scale=scale,
+                                           enable_gqa=True)
     else:
         num_sm = None
         if W > 0:
-            num_sm = _sliding_window_chunked(_group(q, Hkv), k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale,
-                                             chunk)
-        y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
+            num_sm = _sliding_window_chunked(_group(_pad_time(q, w, 0), Hkv), k.unsqueeze(2),
+                                             _ones_column(v).unsqueeze(2), W, scale, chunk)
+        y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)[:, :, w:]
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
     tail = lambda x: None if x is None else x[:, :, old:]  # noqa: E731
-    state = LinearAttentionState(kv=memory, win_k=k[:, :, old:], win_v=v[:, :, old:], win_fk=tail(fk),
-                                 win_log_gate=tail(log_gate), win_beta=tail(beta))
-    return y, state
+    new_state = LinearAttentionState(kv=memory, win_k=k[:, :, old:], win_v=v[:, :, old:], win_fk=tail(fk),
+                                     win_log_gate=tail(log_gate), win_beta=tail(beta))
+    return y, new_state
 
 
 def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, dtype, device,
@@ -187,23 +202,21 @@ def _append(buf, x):
 def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
                         log_gate=None, beta=None):
     """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes as attention_chunked
-    (T = new tokens); returns y (B, H, T, d)."""
+    (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
+    plain batched matmul (no broadcast copies of the state): decoding is latency-bound."""
+    B, H, T, d = q.shape
     Hkv = k.shape[1]
     linear = fq is not None and window is not None
     delta = beta is not None
     out = []
-    for t in range(q.shape[2]):
-        step = lambda x: None if x is None else x[:, :, t : t + 1]  # noqa: E731
-        k_t, v_t, fk_t, lg_t, b_t = map(step, (k, v, fk, log_gate, beta))
-        num_sm = None
+    for t in range(T):
+        step = (lambda x: x) if T == 1 else (lambda x: None if x is None else x[:, :, t : t + 1])  # noqa: E731
+        q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = map(step, (q, k, v, fq, fk, log_gate, beta))
+        num_sm = lin = None
         if window == 0:
             state.kv = memory_step(fk_t, v_t if delta else _ones_column(v_t), lg_t, b_t, state.kv)
         else:
-            state.win_k, state.win_v = _append(state.win_k, k_t), _append(state.win_v, v_t)
-            if linear:
-                state.win_fk, state.win_log_gate = _append(state.win_fk, fk_t), _append(state.win_log_gate, lg_t)
-                state.win_beta = _append(state.win_beta, b_t)
-            if window is not None and state.win_k.shape[2] > window:  # the oldest key enters the linear memory
+            if window is not None and state.win_k.shape[2] == window:  # the oldest key enters the linear memory
                 if linear:
                     first = lambda x: None if x is None else x[:, :, :1]  # noqa: E731
                     v0 = first(state.win_v) if delta else _ones_column(first(state.win_v))
@@ -212,9 +225,14 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
                 rest = lambda x: None if x is None else x[:, :, 1:]  # noqa: E731
                 state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(
                     rest, (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta))
-            s = (_group(q[:, :, t : t + 1], Hkv) @ state.win_k.unsqueeze(2).transpose(-1, -2)) * scale
+            state.win_k, state.win_v = _append(state.win_k, k_t), _append(state.win_v, v_t)
+            if linear:
+                state.win_fk, state.win_log_gate = _append(state.win_fk, fk_t), _append(state.win_log_gate, lg_t)
+                state.win_beta = _append(state.win_beta, b_t)
+            s = (q_t.reshape(B, Hkv, -1, d) @ state.win_k.transpose(-1, -2)) * scale  # (B, Hkv, G, w)
             e = torch.exp(s - s.amax(-1, keepdim=True))
-            num_sm = e @ _ones_column(state.win_v).unsqueeze(2)
-        lin = _group(fq[:, :, t : t + 1], Hkv) @ state.kv.unsqueeze(2) if linear else None
+            num_sm = (e @ _ones_column(state.win_v)).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+        if linear:
+            lin = (fq_t.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)
         out.append(_combine(num_sm, lin, mix, Hkv, delta=delta))
-    return torch.cat(out, dim=2) if out else torch.zeros_like(q)
+    return out[0] if T == 1 else torch.cat(out, dim=2) if out else torch.zeros_like(q)

@@ -56,7 +56,7 @@ def memory_step(fk_t, v_t, log_gate_t, beta_t, S):
     if log_gate_t is not None:
         S = torch.exp(log_gate_t.to(S.dtype))[..., None] * S
     if beta_t is None:
-        return S + fk_t.transpose(-1, -2) @ v_t
+        return S + fk_t.transpose(-1, -2) * v_t  # rank-1 outer product
     # g (I - b k^T k) S + b k^T v  =  gS + b k^T (v - k gS)
     return S + beta_t.to(S.dtype)[..., None] * fk_t.transpose(-1, -2) @ (v_t - fk_t @ S)
 
