@@ -44,6 +44,9 @@ def _add_convert(sub):
     p.add_argument("--distributed", nargs="?", const="layers", choices=("layers", "data"),
                    help="under `torchrun --nproc-per-node N -m linearize.cli convert ...`: split stage 1 over "
                         "ranks by layers (default; same result as one process) or by data; stage 2 runs DDP")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default=d.dtype, help="teacher precision: auto (bfloat16 on CUDA, float32 on CPU) | "
+                                                    "float32 | bfloat16 | float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_convert)
 

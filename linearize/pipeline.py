@@ -26,6 +26,9 @@ from .transfer.attention_transfer import attention_transfer, layer_transfer_erro
 from .transfer.distributed import distributed_transfer, init_distributed
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class ConvertSettings:
     model: str | None = None  # None: bundled SmolLM2-135M-Instruct
@@ -45,6 +48,8 @@ class ConvertSettings:
     transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
     seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPES
 
     def attention_config(self):
         return attention_preset(self.attention, window=self.window, feature_map=self.feature_map)
@@ -59,7 +64,30 @@ class ConvertSettings:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_tokens < self.seq_len:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise LinearizeError(f"--dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
         LoraSettings(rank=self.lora_rank, init=self.lora_init)
+
+    def placement(self, distributed: bool = False) -> tuple[torch.device, torch.dtype]:
+        """Where the teacher runs and in what precision: a GPU in bfloat16 when torch sees one (pure linear
+        attention then runs on the flash-linear-attention kernels), else the CPU in float32. Under torchrun on
+        GPUs each rank takes cuda:LOCAL_RANK. Trained parameters (feature maps, LoRA) stay float32."""
+        name = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise LinearizeError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise LinearizeError(f"--device {self.device!r}: only cpu and cuda are supported")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise LinearizeError(f"--device {self.device} but torch sees no CUDA device (a CPU build of torch, "
+                                     "or no GPU visible); use --device cpu")
+            if distributed:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if self.dtype == "auto":
+            return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, DTYPES[self.dtype]
 
 
 class RunState:
@@ -128,7 +156,8 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
     stage 1 splits layers or batches, stage 2 is DDP with one sequence per rank, and rank 0 alone writes."""
     settings.check()
     out = Path(out)
-    group = init_distributed(backend="gloo") if distributed else None  # the pipeline keeps the model on the CPU
+    device, dtype = settings.placement(distributed=bool(distributed))
+    group = init_distributed(backend="nccl" if device.type == "cuda" else "gloo") if distributed else None
     state = RunState(out, settings, resume)
     if group is not None:
         state.writer = group.rank == 0
@@ -145,8 +174,9 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
     t_start = time.perf_counter()
     attention = settings.attention_config()
 
-    log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'}")
-    teacher, tokenizer = load_teacher(settings.model)
+    log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'} on {device}, {dtype}")
+    teacher, tokenizer = load_teacher(settings.model, dtype=dtype)
+    teacher.to(device)
     n1 = 0 if settings.skip_transfer or settings.transfer_state else settings.transfer_tokens // settings.seq_len
     n2 = settings.lora_tokens // settings.seq_len
     pack = dict(source=settings.data, tokenizer=tokenizer, seq_len=settings.seq_len, progress=progress)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+from safetensors import safe_open
 from transformers import BertConfig, GPT2Config
 
 from linearize.cli import main
@@ -43,6 +45,19 @@ def test_convert_generate_and_resume(model_dir, data_file, tmp_path, capsys):
                  "--resume"]) == 0
 
 
+def test_convert_in_bfloat16(model_dir, data_file, tmp_path):
+    """--dtype bfloat16 (the default on CUDA) runs the teacher in bfloat16; trained parameters stay float32."""
+    out = tmp_path / "bf16"
+    assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
+                 "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    summary = json.loads((out / "convert.json").read_text())
+    assert summary["settings"]["dtype"] == "bfloat16" and 1.0 < summary["stage2_ppl"] < 1e4
+    with safe_open(out / "model.safetensors", "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["model.model.layers.0.self_attn.q_proj.weight"] == "BF16"
+    assert dtypes["model.model.layers.0.self_attn.feature_map_q.weight"] == "F32"
+
+
 def test_lora_only_baseline_runs(model_dir, data_file, tmp_path):
     out = tmp_path / "lora-only"
     argv = ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL, "--skip-transfer"]
@@ -68,6 +83,11 @@ def test_bad_inputs_give_one_clear_line(model_dir, data_file, tmp_path, capsys):
     one_error_line(capsys, ["convert", *m, *d, "--seq-len", "16"], "shorter than the attention window")
     one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")],
                    "not found")
+    one_error_line(capsys, ["convert", *m, *d, "--dtype", "float8"], "--dtype 'float8' is not supported")
+    one_error_line(capsys, ["convert", *m, *d, "--device", "gpu0"], "is not a device")
+    one_error_line(capsys, ["convert", *m, *d, "--device", "mps"], "only cpu and cuda")
+    if not torch.cuda.is_available():
+        one_error_line(capsys, ["convert", *m, *d, "--device", "cuda"], "use --device cpu")
     assert not (tmp_path / "out").exists()  # failed starts leave nothing that would block a corrected re-run
 
 

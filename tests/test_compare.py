@@ -53,6 +53,12 @@ def test_compare_keep_softmax_values(inputs, tmp_path):
     assert main(argv) == 0
     res = json.loads((out / "compare.json").read_text())
     assert [r["keep_softmax"] for r in res["variants"].values()] == [[], [res["variants"]["lolcats-k1"]["keep_softmax"][0]]]
+    # stage 1 is trained once: K = 1 loads K = 0's transfer result instead of training its own
+    k1 = json.loads((out / "lolcats-k1" / "convert.json").read_text())
+    assert "transfer" not in k1 and k1["settings"]["transfer_state"].startswith(str(out / "lolcats-k0"))
+    k0 = json.loads((out / "lolcats-k0" / "convert.json").read_text())
+    assert k1["stage1_ppl"] != k1["teacher_ppl"] and k1["layer_mse"] == k0["layer_mse"]
+    assert "reuse the stage 1" in (out / "compare.md").read_text()
 
 
 def test_compare_rejects_unknown_family(inputs, tmp_path, capsys):

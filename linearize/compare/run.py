@@ -6,6 +6,8 @@
     decode       tokens/s of greedy decoding after a `decode_context`-token prefill (bench.measure, in-process;
                  `linearize bench` runs each point in a fresh process for publishable numbers)
 
+Variants of one family with several --keep-softmax values share stage 1: it is trained in the first of them and
+loaded by the others (`--transfer-state`), whose convert time then counts stage 2 only.
 Writes OUT/compare.json and OUT/compare.md.
 """
 
@@ -72,15 +74,22 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
     cs.check()
     out = Path(out)
     runs = {}
+    stage1 = {}  # attention -> the transfer result of its first variant: the --keep-softmax variants share stage 1
     for name, attention, k in cs.variants():
-        log(f"== {name}: linearize convert --attention {attention} --keep-softmax {k} --out {out / name}")
+        shared = stage1.get(attention)
+        log(f"== {name}: linearize convert --attention {attention} --keep-softmax {k} --out {out / name}"
+            + (f" --transfer-state {shared}" if shared else ""))
         t0 = time.perf_counter()
         window = base.window if ATTENTION_PRESETS[attention].window else None  # --window: hybrid families only
-        res = convert(replace(base, attention=attention, keep_softmax=k, window=window), out / name, resume=True,
-                      progress=progress, log=log)
+        settings = replace(base, attention=attention, keep_softmax=k, window=window,
+                           transfer_state=shared or base.transfer_state)
+        res = convert(settings, out / name, resume=True, progress=progress, log=log)
+        if shared is None and "transfer" in res:
+            stage1[attention] = str(out / name / "checkpoints" / "transfer" / "tensors.safetensors")
         runs[name] = {"attention": attention, "keep_softmax": res.get("keep_softmax", []),
                       "teacher_ppl": res["teacher_ppl"], "student_ppl": res.get("stage2_ppl", res["stage1_ppl"]),
-                      "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1))}
+                      "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1)),
+                      "stage1_from": shared}
     teacher, tokenizer = load_teacher(base.model)
     heldout = pack_sequences(base.data, tokenizer, base.seq_len, base.eval_tokens // base.seq_len, split="heldout")
     result = {"settings": {"convert": asdict(base), "compare": asdict(cs)}, "teacher": {}, "variants": runs}
@@ -113,7 +122,11 @@ def markdown_table(result: dict) -> str:
     cs = result["settings"]["compare"]
     head = (f"passkey at {cs['passkey_length']} tokens ({cs['passkey_trials']} trials); decode after a "
             f"{cs['decode_context']}-token prefill (median of {cs['decode_tokens']} steps); KL on "
-            f"{cs['kl_sequences']} held-out rows\n\n")
+            f"{cs['kl_sequences']} held-out rows\n")
+    if shared := sorted({r["attention"] for r in result["variants"].values() if r.get("stage1_from")}):
+        head += (f"{', '.join(shared)}: the --keep-softmax variants reuse the stage 1 of the first one; their "
+                 "convert time is stage 2 only\n")
+    head += "\n"
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     return head + "\n".join(lines) + "\n"

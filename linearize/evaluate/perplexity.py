@@ -12,7 +12,7 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int = 1, desc: str = 
     model.eval()
     total, count = 0.0, 0
     for i in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = sequences[i : i + batch_size]
+        batch = sequences[i : i + batch_size].to(next(model.parameters()).device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()

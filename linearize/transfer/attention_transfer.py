@@ -82,9 +82,10 @@ def layer_transfer_errors(teacher, students: list[LinearAttention], sequences: t
     hooks = _TransferHooks(teacher, students)
     totals = [0.0] * len(students)
     try:
+        device = next(teacher.parameters()).device
         for row in sequences:
             with torch.no_grad():
-                teacher.get_decoder()(row[None])
+                teacher.get_decoder()(row[None].to(device))
             totals = [t + l for t, l in zip(totals, hooks.losses)]
     finally:
         hooks.remove()
