@@ -52,6 +52,7 @@ def test_measure_reports_speed_and_memory(pair):
     r = measure(pair[1], context=64, decode_tokens=3)
     assert r["context"] == 64 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
     assert r["cache_bytes"] == r["cache_bytes_after_decode"] > 0 and r["model_rss_bytes"] > 0
+    assert 0 < r["linear_layers_ms"] < r["decode_ms_per_token"] * 5  # the weight-streaming part of a step
     assert "decode_ms_per_token" not in measure(pair[1], context=64, decode_tokens=0)
 
 

@@ -36,11 +36,27 @@ def reset_peak():
 
 
 @torch.no_grad()
+def linear_layers_ms(model, repeats: int = 8) -> float:
+    """Median time of one token (batch 1) through every nn.Linear of the model, lm_head included: the cost of
+    streaming the weights, a floor under any decode step that teacher and student share."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears]
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for m, x in zip(linears, xs):
+            torch.nn.functional.linear(x, m.weight)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1000
+
+
+@torch.no_grad()
 def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
     """Prefill `context` random tokens, then `decode_tokens` timed greedy steps after DECODE_WARMUP_STEPS untimed
     ones (0 = prefill only).
     Returns {context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes, decode_ms_per_token
-    (median), decode_tokens_per_s, decode_peak_bytes (incl. the cache), model_rss_bytes, threads}."""
+    (median), decode_tokens_per_s, decode_peak_bytes (incl. the cache), linear_layers_ms (the
+    weight-streaming floor of one step), model_rss_bytes, threads}."""
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(vocab, (1, context), generator=torch.Generator().manual_seed(seed))
     dec = Decoder(model)
@@ -66,7 +82,7 @@ def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1000
         out.update(decode_ms_per_token=ms, decode_tokens_per_s=1000 / ms, decode_peak_bytes=rss_bytes("VmHWM") - base,
-                   cache_bytes_after_decode=dec.cache_bytes())
+                   cache_bytes_after_decode=dec.cache_bytes(), linear_layers_ms=linear_layers_ms(model))
     return out
 
 
@@ -85,6 +101,7 @@ def main(argv=None):
     from ..evaluate.models import load_student, load_teacher_of
 
     hf_logging.set_verbosity_error()
+    torch.set_flush_denormal(True)  # as the `linearize` command does: subnormal floats are very slow on CPU
     try:
         model = load_student(args.path)[0] if args.which == "student" else load_teacher_of(args.path, args.teacher)[0]
     except LinearizeError as e:

@@ -5,7 +5,7 @@ Writes DIR/bench.json after every point:
 
     model, teacher, machine {cpus, torch, threads}, settings
     points      [{which, context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes,
-                  decode_ms_per_token, decode_tokens_per_s, decode_peak_bytes, model_rss_bytes}
+                  decode_ms_per_token, decode_tokens_per_s, decode_peak_bytes, linear_layers_ms, model_rss_bytes}
                  or {which, context, error}]  (see measure.py)
     targets     the issue's targets, each {value, target, met} (None where a point is missing)
 """
