@@ -1,7 +1,8 @@
 """One prefill/step interface for both sides of a comparison, so the bench and the passkey test treat them alike.
 
     teacher: Hugging Face KV cache (DynamicCache, SDPA attention) -- memory grows with the context
-    student: chunked prefill in blocks (generate.prefill), then recurrent steps on a linear-attention DecodingState -- constant memory
+    student: chunked prefill in blocks (generate.prefill), then recurrent steps on a linear-attention
+             DecodingState -- constant memory
 """
 
 import torch

@@ -141,9 +141,11 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> 
     return (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
 
 
-def _prepend(old, new):
-    """Concatenate along time (dim 2), `old` first; None stays None."""
-    return new if old is None or new is None else torch.cat([old, new], dim=2)
+def _append(buf, x):
+    """Concatenate along time (dim 2); None stays None."""
+    if x is None:
+        return None
+    return x if buf is None else torch.cat([buf, x], dim=2)
 
 
 def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
@@ -154,7 +156,7 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     keys (with w placeholder queries whose outputs are dropped) and its memory is the starting memory."""
     w = 0 if state is None else state.win_k.shape[2]
     if w:
-        k, v, fk, log_gate, beta = (_prepend(old, new) for old, new in zip(
+        k, v, fk, log_gate, beta = (_append(old, new) for old, new in zip(
             (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta), (k, v, fk, log_gate, beta)))
     Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
     W = T if window is None else window
@@ -190,13 +192,6 @@ def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, 
         win_k=z(batch, num_kv_heads, 0, head_dim), win_v=z(batch, num_kv_heads, 0, head_dim),
         win_fk=z(batch, num_kv_heads, 0, feature_dim),
     )
-
-
-def _append(buf, x):
-    """Concatenate along time (dim 2); None stays None."""
-    if x is None:
-        return None
-    return x if buf is None else torch.cat([buf, x], dim=2)
 
 
 def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
@@ -235,4 +230,6 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
         if linear:
             lin = (fq_t.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)
         out.append(_combine(num_sm, lin, mix, Hkv, delta=delta))
-    return out[0] if T == 1 else torch.cat(out, dim=2) if out else torch.zeros_like(q)
+    if T == 1:
+        return out[0]
+    return torch.cat(out, dim=2) if out else torch.zeros_like(q)
