@@ -29,4 +29,9 @@ mkdir -p runs/issue4/keep && ln -sfn ../families/lolcats runs/issue4/keep/lolcat
 wait_free
 linearize compare --attention lolcats --keep-softmax 0,1,2,4 --out runs/issue4/keep $BUDGET 2>&1 \
   | tee runs/issue4/keep.log
+
+# 4. one more point of the trade-off: K = 8 (again on the lolcats stage 1)
+mkdir -p runs/issue4/keep8 && ln -sfn ../families/lolcats runs/issue4/keep8/lolcats-k0
+wait_free
+linearize compare --attention lolcats --keep-softmax 0,8 --out runs/issue4/keep8 $BUDGET 2>&1 | tee runs/issue4/keep8.log
 date -u
