@@ -10,6 +10,14 @@ from dataclasses import fields
 from .errors import LinearizeError
 
 
+def layer_list(text: str) -> list[int]:
+    """'3,7,11' -> [3, 7, 11] (argparse type)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
 def _add_convert(sub):
     from .layers.linear_attention import ATTENTION_PRESETS
     from .pipeline import ConvertSettings
@@ -36,6 +44,8 @@ def _add_convert(sub):
     p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
     p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
+    p.add_argument("--softmax-layers", type=layer_list, default=[], metavar="L1,L2,...",
+                   help="keep exact softmax attention in exactly these layers (instead of --keep-softmax K)")
     p.add_argument("--skip-transfer", action="store_true", help="LoRA only (baseline: shows what transfer buys)")
     p.add_argument("--transfer-state", help="stage 1 result from `linearize blocks stitch` (.safetensors): load it "
                                             "instead of running stage 1")

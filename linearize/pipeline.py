@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class ConvertSettings:
     skip_transfer: bool = False
     transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
+    softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPES
@@ -64,6 +65,8 @@ class ConvertSettings:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_tokens < self.seq_len:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
+        if self.keep_softmax and self.softmax_layers:
+            raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise LinearizeError(f"--dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
         LoraSettings(rank=self.lora_rank, init=self.lora_init)
@@ -140,9 +143,15 @@ def _save_final(model, tokenizer, out: Path):
     tmp.rmdir()
 
 
-def choose_softmax_layers(layer_mse: list[float], students, k: int) -> list[int]:
-    """The k linearized layers with the largest transfer error (LoLCATs' per-layer MSE), sorted by index."""
+def choose_softmax_layers(layer_mse: list[float], students, k: int, layers: list[int] = ()) -> list[int]:
+    """The k linearized layers with the largest transfer error (LoLCATs' per-layer MSE), sorted by index; or
+    `layers` as given, once checked to be linearized layers."""
     candidates = linearized_layers(students)
+    if layers:
+        if wrong := sorted(set(layers) - set(candidates)):
+            raise LinearizeError(f"--softmax-layers {wrong} are not linearized layers of this model; choose from "
+                                 f"{candidates[0]}..{candidates[-1]} ({len(candidates)} layers)")
+        return sorted(set(layers))
     if k > len(candidates):
         raise LinearizeError(f"--keep-softmax {k} exceeds the {len(candidates)} linearized layers; use at most "
                              f"{len(candidates)}")
@@ -208,12 +217,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
                          transfer_history=r1.history)
         else:
             load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
-    if settings.keep_softmax and "keep_softmax" not in res:
-        if "layer_mse" not in res:  # no transfer ran: rank layers by the untrained students' error
+    if (settings.keep_softmax or settings.softmax_layers) and "keep_softmax" not in res:
+        if "layer_mse" not in res:  # no transfer ran here: rank layers by the loaded (or untrained) students' error
             state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:2]))
-        state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax))
+        state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax,
+                                                        settings.softmax_layers))
     if res.get("keep_softmax"):
-        log(f"exact softmax attention kept in layers {res['keep_softmax']} (largest transfer error)")
+        why = "as given" if settings.softmax_layers else "largest transfer error"
+        log(f"exact softmax attention kept in layers {res['keep_softmax']} ({why})")
     model = LinearizedForCausalLM.from_teacher(teacher, attention, students, keep_softmax=res.get("keep_softmax", []))
     if "stage1_ppl" not in res:
         state.record(stage1_ppl=perplexity(model, heldout, desc="student perplexity (stage 1)", progress=progress))

@@ -80,3 +80,27 @@ def test_convert_keep_softmax_end_to_end(model_dir, tmp_path):
     model, _ = linearize.load(out)
     assert model.config.keep_softmax == kept
     assert [not a.config.linear for a in model.attention_modules()] == [i in kept for i in range(4)]
+
+
+def test_choose_softmax_layers_as_given():
+    students = make_student_attention(four_layer_teacher(), LinearAttentionConfig(window=4))
+    assert choose_softmax_layers([0.1, 0.5, 0.05, 0.3], students, 0, [2, 0]) == [0, 2]  # not the largest errors
+    with pytest.raises(linearize.LinearizeError, match=r"--softmax-layers \[4\] are not linearized layers"):
+        choose_softmax_layers([0.1] * 4, students, 0, [1, 4])
+
+
+def test_convert_softmax_layers_end_to_end(model_dir, tmp_path, capsys):
+    data = write_word_jsonl(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    argv = ["convert", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len", "32",
+            "--tokens", "128", "--lora-tokens", "64", "--eval-tokens", "64", "--window", "8", "--no-progress"]
+    assert main(argv + ["--softmax-layers", "0,2"]) == 0
+    assert json.loads((out / "convert.json").read_text())["keep_softmax"] == [0, 2]
+    model, _ = linearize.load(out)
+    assert [not a.config.linear for a in model.attention_modules()] == [True, False, True, False]
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "x"), "--softmax-layers", "1", "--keep-softmax", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: usage line + one error line
+        main(argv + ["--out", str(tmp_path / "y"), "--softmax-layers", "1,x"])
+    assert e.value.code == 2 and "comma-separated layer numbers" in capsys.readouterr().err

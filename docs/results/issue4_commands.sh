@@ -34,4 +34,10 @@ linearize compare --attention lolcats --keep-softmax 0,1,2,4 --out runs/issue4/k
 mkdir -p runs/issue4/keep8 && ln -sfn ../families/lolcats runs/issue4/keep8/lolcats-k0
 wait_free
 linearize compare --attention lolcats --keep-softmax 0,8 --out runs/issue4/keep8 $BUDGET 2>&1 | tee runs/issue4/keep8.log
+
+# 5. 8 softmax layers spread evenly (every 4th) instead of ranked by transfer error, same stage 1
+wait_free
+linearize compare --attention lolcats --softmax-layers 1,5,9,13,17,21,25,29 \
+  --transfer-state runs/issue4/families/lolcats/checkpoints/transfer/tensors.safetensors --out runs/issue4/even8 \
+  $BUDGET 2>&1 | tee runs/issue4/even8.log
 date -u

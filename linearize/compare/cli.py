@@ -15,6 +15,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add(sub):
+    from ..cli import layer_list
     from ..evaluate.cli import token_count
     from ..pipeline import ConvertSettings
     from .run import PARTS, CompareSettings
@@ -28,6 +29,10 @@ def add(sub):
                    help=f"comma-separated families (default: {','.join(c.attentions)})")
     p.add_argument("--keep-softmax", type=_ints, default=c.keep_softmax, metavar="K[,K...]",
                    help="softmax layers to keep; several values compare the trade-off (default: 0)")
+    p.add_argument("--softmax-layers", type=layer_list, default=[], metavar="L1,L2,...",
+                   help="keep exact softmax in exactly these layers (instead of --keep-softmax)")
+    p.add_argument("--transfer-state", help="stage 1 result to load instead of training one (.safetensors: a "
+                                            "run's checkpoints/transfer/tensors.safetensors or `blocks stitch`)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     p.add_argument("--model", help="teacher (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="training text (default: bundled ShareGPT)")
@@ -53,8 +58,9 @@ def run(args):
     from ..pipeline import ConvertSettings
     from .run import COLUMNS, CompareSettings, compare, table_rows
 
-    base = ConvertSettings(model=args.model, data=args.data, window=args.window, seq_len=args.seq_len, transfer_tokens=args.tokens,
-                           lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens)
+    base = ConvertSettings(model=args.model, data=args.data, window=args.window, seq_len=args.seq_len,
+                           transfer_tokens=args.tokens, lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens,
+                           softmax_layers=args.softmax_layers, transfer_state=args.transfer_state)
     cs = CompareSettings(attentions=args.attention, keep_softmax=args.keep_softmax, kl_sequences=args.kl_sequences,
                          passkey_length=args.passkey_length, passkey_trials=args.passkey_trials,
                          decode_context=args.decode_context, decode_tokens=args.decode_tokens, skip=args.skip)

@@ -77,7 +77,9 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
     stage1 = {}  # attention -> the transfer result of its first variant: the --keep-softmax variants share stage 1
     for name, attention, k in cs.variants():
         shared = stage1.get(attention)
-        log(f"== {name}: linearize convert --attention {attention} --keep-softmax {k} --out {out / name}"
+        kept = (f"--softmax-layers {','.join(map(str, base.softmax_layers))}" if base.softmax_layers
+                else f"--keep-softmax {k}")
+        log(f"== {name}: linearize convert --attention {attention} {kept} --out {out / name}"
             + (f" --transfer-state {shared}" if shared else ""))
         t0 = time.perf_counter()
         window = base.window if ATTENTION_PRESETS[attention].window else None  # --window: hybrid families only
