@@ -68,6 +68,17 @@ def tiny_converted(tmp_path_factory, tiny_tokenizer):
     return student_dir, teacher_dir
 
 
+def decode_stepwise(model, ids, prompt: int):
+    """Feed a linearized model ids[:, :prompt] as one prompt, then the rest one token at a time.
+    Returns (logits (B, T, V), the DecodingState it ends with): what the full forward must equal."""
+    import torch
+
+    state = model.new_decoding_state()
+    steps = [model(input_ids=ids[:, :prompt], linear_state=state).logits]
+    steps += [model(input_ids=ids[:, t : t + 1], linear_state=state).logits for t in range(prompt, ids.shape[1])]
+    return torch.cat(steps, dim=1), state
+
+
 def write_word_jsonl(path, lines: int = 1500):
     """A .jsonl of `lines` random 12-word documents over a small vocabulary (fits tiny_tokenizer); returns path."""
     import json

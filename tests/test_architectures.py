@@ -12,6 +12,8 @@ from linearize.layers.linear_attention import FULL_SOFTMAX, LinearAttentionConfi
 from linearize.load.architectures import ARCHITECTURES, architecture_of
 from linearize.models.linearized import LinearizedForCausalLM
 
+from conftest import decode_stepwise
+
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
 CONFIGS = {
@@ -48,12 +50,10 @@ def test_linear_part_off_reproduces_teacher_logits(name):
         expected = teacher(x).logits
         model = LinearizedForCausalLM.from_teacher(teacher, FULL_SOFTMAX)
         got = model(input_ids=x).logits
-        state = model.new_decoding_state()  # the exact-softmax student decodes from a KV cache
-        steps = [model(input_ids=x[:, :11], linear_state=state).logits]
-        steps += [model(input_ids=x[:, t : t + 1], linear_state=state).logits for t in range(11, T)]
+        stepwise, _ = decode_stepwise(model, x, 11)  # the exact-softmax student decodes from a KV cache
     assert len(model.attention_modules()) == teacher.config.num_hidden_layers
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_gemma3_local_layers_keep_the_teacher_window_and_global_layers_are_linearized():
@@ -75,10 +75,8 @@ def test_conversion_decodes_like_full_forward_and_round_trips(name, attention, t
     x = ids()[:1]
     with torch.no_grad():
         full = model(input_ids=x).logits
-        state = model.new_decoding_state()
-        steps = [model(input_ids=x[:, :9], linear_state=state).logits]
-        steps += [model(input_ids=x[:, t : t + 1], linear_state=state).logits for t in range(9, T)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+        stepwise, _ = decode_stepwise(model, x, 9)
+    torch.testing.assert_close(stepwise, full, rtol=1e-4, atol=1e-4)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded, LinearizedForCausalLM)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from linearize.ops.hybrid_attention import attention_chunked, attention_quadratic, attention_recurrent, empty_state
 from linearize.ops.linear_memory import memory_chunked, memory_naive, memory_step
 
+from conftest import decode_stepwise
+
 CASES = [  # (B, H, Hkv, T, d, window, chunk)
     (2, 4, 2, 37, 8, 5, 8),  # GQA, odd length, window not a multiple of chunk
     (1, 2, 2, 10, 8, 16, 4),  # shorter than the window
@@ -174,11 +176,9 @@ def test_preset_forms_agree_and_decode(name, tiny_teacher):
         for a in model.attention_modules():
             a.form = "quadratic"
         quadratic = model(input_ids=x).logits
-        state = model.new_decoding_state()
-        steps = [model(input_ids=x[:, :7], linear_state=state).logits]
-        steps += [model(input_ids=x[:, t : t + 1], linear_state=state).logits for t in range(7, 29)]
+        stepwise, _ = decode_stepwise(model, x, 7)
     torch.testing.assert_close(chunked, quadratic, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat(steps, dim=1), chunked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepwise, chunked, rtol=1e-4, atol=1e-5)
 
 
 def test_key_gate_adds_no_parameters_and_delta_adds_one_per_kv_head(tiny_teacher):

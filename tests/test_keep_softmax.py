@@ -12,7 +12,7 @@ from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
 from linearize.pipeline import choose_softmax_layers
 
-from conftest import tiny_llama_config, write_word_jsonl
+from conftest import decode_stepwise, tiny_llama_config, write_word_jsonl
 
 
 def four_layer_teacher():
@@ -29,10 +29,8 @@ def test_decoding_with_softmax_layers_equals_full_forward(window, tmp_path):
     x = torch.randint(0, 320, (1, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids=x).logits
-        state = model.new_decoding_state()
-        steps = [model(input_ids=x[:, :10], linear_state=state).logits]
-        steps += [model(input_ids=x[:, t : t + 1], linear_state=state).logits for t in range(10, 37)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+        stepwise, state = decode_stepwise(model, x, 10)
+    torch.testing.assert_close(stepwise, full, rtol=1e-4, atol=1e-5)
     assert state[1].win_k.shape[2] == 37 and state[1].kv is None  # softmax layers: a growing KV cache
     model.save_pretrained(tmp_path)
     loaded, _ = linearize.load(tmp_path)

@@ -8,6 +8,8 @@ import linearize
 from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM
 
+from conftest import decode_stepwise
+
 
 def convert(teacher, **kw):
     return LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(**{"window": 8, "chunk_size": 8, **kw}))
@@ -38,10 +40,8 @@ def test_step_by_step_decoding_equals_full_forward(tiny_teacher, window):
     ids = torch.randint(0, 320, (1, 40))
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        state = model.new_decoding_state()
-        parts = [model(input_ids=ids[:, :13], linear_state=state).logits]
-        parts += [model(input_ids=ids[:, t : t + 1], linear_state=state).logits for t in range(13, 40)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+        stepwise, state = decode_stepwise(model, ids, 13)
+    torch.testing.assert_close(stepwise, full, rtol=1e-4, atol=1e-5)
     assert state.seen == 40
 
 
