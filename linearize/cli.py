@@ -10,12 +10,12 @@ from dataclasses import fields
 from .errors import LinearizeError
 
 
-def layer_list(text: str) -> list[int]:
-    """'3,7,11' -> [3, 7, 11] (argparse type)."""
+def comma_ints(text: str) -> list[int]:
+    """'3,7,11' -> [3, 7, 11] (argparse type: layer numbers, --keep-softmax values)."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _add_convert(sub):
@@ -44,7 +44,7 @@ def _add_convert(sub):
     p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
     p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
-    p.add_argument("--softmax-layers", type=layer_list, default=[], metavar="L1,L2,...",
+    p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",
                    help="keep exact softmax attention in exactly these layers (instead of --keep-softmax K)")
     p.add_argument("--skip-transfer", action="store_true", help="LoRA only (baseline: shows what transfer buys)")
     p.add_argument("--transfer-state", help="stage 1 result from `linearize blocks stitch` (.safetensors): load it "

@@ -101,4 +101,4 @@ def test_convert_softmax_layers_end_to_end(model_dir, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse: usage line + one error line
         main(argv + ["--out", str(tmp_path / "y"), "--softmax-layers", "1,x"])
-    assert e.value.code == 2 and "comma-separated layer numbers" in capsys.readouterr().err
+    assert e.value.code == 2 and "comma-separated integers" in capsys.readouterr().err

@@ -5,17 +5,8 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        return tuple(int(x) for x in _names(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add(sub):
-    from ..cli import layer_list
+    from ..cli import comma_ints
     from ..evaluate.cli import token_count
     from ..pipeline import ConvertSettings
     from .run import PARTS, CompareSettings
@@ -27,9 +18,9 @@ def add(sub):
                                    "decode speed side by side. Finished runs are reused. Writes OUT/compare.json.")
     p.add_argument("--attention", type=_names, default=c.attentions,
                    help=f"comma-separated families (default: {','.join(c.attentions)})")
-    p.add_argument("--keep-softmax", type=_ints, default=c.keep_softmax, metavar="K[,K...]",
+    p.add_argument("--keep-softmax", type=comma_ints, default=c.keep_softmax, metavar="K[,K...]",
                    help="softmax layers to keep; several values compare the trade-off (default: 0)")
-    p.add_argument("--softmax-layers", type=layer_list, default=[], metavar="L1,L2,...",
+    p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",
                    help="keep exact softmax in exactly these layers (instead of --keep-softmax)")
     p.add_argument("--transfer-state", help="stage 1 result to load instead of training one (.safetensors: a "
                                             "run's checkpoints/transfer/tensors.safetensors or `blocks stitch`)")
