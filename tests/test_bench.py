@@ -8,7 +8,8 @@ import torch
 import linearize
 from linearize.bench.decoding import Decoder
 from linearize.bench.measure import measure
-from linearize.bench.run import targets
+from linearize.bench.run import BenchSettings, targets
+from linearize.errors import LinearizeError
 from linearize.cli import main
 from linearize.evaluate.models import load_student, load_teacher_of
 
@@ -79,6 +80,9 @@ def test_bench_command_writes_bench_json(tiny_converted):
     assert [(p["which"], p["context"]) for p in res["points"]] == [("student", 48)]
     assert all("error" not in p and p["decode_tokens_per_s"] > 0 for p in res["points"])
     assert res["targets"]["student_cache_constant"]["met"]
+    assert res["settings"]["linears"] == "decode" and res["points"][0]["linears"] == "decode"
+    with pytest.raises(LinearizeError, match="unknown --linears"):
+        BenchSettings(linears="packed").check()
 
 
 def test_bench_rejects_a_folder_without_a_model(tmp_path, capsys):

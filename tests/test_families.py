@@ -88,6 +88,34 @@ def test_family_prefill_in_blocks_matches_reference(B, H, Hkv, T, d, window, chu
     torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("family", ["sum", "none", *sorted(FAMILIES)])  # "none": exact sliding-window softmax
+@pytest.mark.parametrize("window", [None, 0, 5, 64])
+def test_decode_and_prefill_blocks_interleaved(family, window):
+    """Decoding writes the window in place as a ring (its oldest slot moves on); a prefill block after that must
+    read the window in time order, and decoding after the block must go on from the block's state."""
+    if (family == "none" and window == 0) or (family != "none" and window is None):
+        pytest.skip("no attention to speak of")
+    args, kw = inputs(1, 4, 2, 40, 8, **FAMILIES.get(family, dict(gate=False, delta=False)))
+    if family == "none":
+        args = (*args[:3], None, None, args[5])
+    ref = attention_quadratic(*args, window, 8**-0.5, **kw)
+    cut = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
+    q, k, v, fq, fk, mix = args
+    state, ys = None, []
+    for s, form in ((slice(0, 7), "chunked"), (slice(7, 16), "recurrent"), (slice(16, 27), "chunked"),
+                    (slice(27, 40), "recurrent")):
+        parts = [cut(x, s) for x in (q, k, v, fq, fk)]
+        kws = {n: cut(x, s) for n, x in kw.items()}
+        if form == "chunked":
+            y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state, **kws)
+        else:
+            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, **kws)
+            if window == 5:  # a full window: the ring has turned by the number of tokens decoded, mod 5
+                assert state.start == {16: 9 % 5, 40: 13 % 5}[s.stop]
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("window", [None, 7, 30])
 def test_no_linear_part_prefill_in_blocks(window):
     """Exact softmax layers (kept by --keep-softmax, or a teacher's local layers) also continue block by block."""

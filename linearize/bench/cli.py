@@ -3,7 +3,7 @@
 
 def add(sub):
     from ..evaluate.cli import int_list, token_count
-    from .run import BenchSettings
+    from .run import LINEARS, BenchSettings
 
     d = BenchSettings()
     p = sub.add_parser("bench", help="speed and memory, teacher vs student, prefill and decode -> bench.json",
@@ -20,6 +20,9 @@ def add(sub):
     p.add_argument("--teacher-max-context", type=token_count, default=d.teacher_max_context,
                    help="skip the teacher above this context (default: 16k)")
     p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per point (default: %(default)s)")
+    p.add_argument("--linears", choices=LINEARS, default=d.linears,
+                   help="linear layers of both models: decode (one-token products split over the CPU threads, "
+                        "linearize/ops/decode_linear.py) or stock nn.Linear (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -28,7 +31,7 @@ def run(args):
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
-                             timeout=args.timeout)
+                             timeout=args.timeout, linears=args.linears)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {args.path}/bench.json")

@@ -1,6 +1,7 @@
 """One benchmark point in a fresh process: load one model, prefill `context` random tokens, then decode.
 
     python -m linearize.bench.measure DIR --which student --context 4096 --decode-tokens 32 [--teacher M]
+                                          [--linears decode|stock]
 
 prints one JSON line (keys below). Memory is the process's peak resident set (Linux VmHWM), reset before each
 phase and counted above the resident set after loading the model, so each number is what that phase added.
@@ -37,15 +38,16 @@ def reset_peak():
 
 @torch.no_grad()
 def linear_layers_ms(model, repeats: int = 8) -> float:
-    """Median time of one token (batch 1) through every nn.Linear of the model, lm_head included: the cost of
-    streaming the weights, a floor under any decode step that teacher and student share."""
+    """Median time of one token (batch 1) through every nn.Linear of the model (its own forward, so DecodeLinear
+    when --linears decode), lm_head included: the cost of streaming the weights, a floor under any decode step
+    that teacher and student share."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears]
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         for m, x in zip(linears, xs):
-            torch.nn.functional.linear(x, m.weight)
+            m(x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) * 1000
 
@@ -93,12 +95,14 @@ def main(argv=None):
     p.add_argument("--teacher")
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--linears", choices=("decode", "stock"), default="decode")
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
 
     from ..errors import LinearizeError
     from ..evaluate.models import load_student, load_teacher_of
+    from ..ops.decode_linear import use_decode_linears
 
     hf_logging.set_verbosity_error()
     torch.set_flush_denormal(True)  # as the `linearize` command does: subnormal floats are very slow on CPU
@@ -106,7 +110,9 @@ def main(argv=None):
         model = load_student(args.path)[0] if args.which == "student" else load_teacher_of(args.path, args.teacher)[0]
     except LinearizeError as e:
         sys.exit(f"linearize: error: {e}")
-    print(json.dumps({"which": args.which, **measure(model, args.context, args.decode_tokens)}))
+    if args.linears == "decode":
+        use_decode_linears(model)
+    print(json.dumps({"which": args.which, "linears": args.linears, **measure(model, args.context, args.decode_tokens)}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`linearize bench DIR`: teacher (HF, SDPA, KV cache) vs student (chunked prefill, recurrent decode) on this machine.
 
 Each (model, context) point runs in its own process (bench/measure.py), so peak memory is that point's alone.
+Both models run the same nn.Linear kernel (settings.linears), so the ratios measure the attention.
 Writes DIR/bench.json after every point:
 
     model, teacher, machine {cpus, torch, threads}, settings
@@ -22,6 +23,7 @@ from ..errors import LinearizeError
 from ..evaluate.models import teacher_spec
 
 K = 1024
+LINEARS = ("decode", "stock")
 
 
 @dataclass
@@ -31,16 +33,20 @@ class BenchSettings:
     decode_tokens: int = 32
     teacher_max_context: int = 16 * K  # teacher prefill at 32k takes many minutes on 2 cores
     timeout: int = 900  # seconds per point
+    linears: str = "decode"  # both models' nn.Linear: "decode" (ops/decode_linear.py) | "stock"
 
     def check(self):
         if min(*self.contexts, *self.decode_contexts, self.decode_tokens, self.teacher_max_context, self.timeout) < 1:
             raise LinearizeError("contexts, --decode-tokens, --teacher-max-context and --timeout must be >= 1")
+        if self.linears not in LINEARS:
+            raise LinearizeError(f"unknown --linears {self.linears!r}; choose one of {LINEARS}")
 
 
-def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int) -> dict:
+def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
+              linears: str = "decode") -> dict:
     """One measurement in a fresh Python process; errors and timeouts come back as {"error": ...}."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
-           "--decode-tokens", str(decode_tokens)] + (["--teacher", teacher] if teacher else [])
+           "--decode-tokens", str(decode_tokens), "--linears", linears] + (["--teacher", teacher] if teacher else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -94,7 +100,7 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
             if which == "teacher" and context > settings.teacher_max_context:
                 continue
             log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}) ...")
-            res["points"].append(run_point(path, which, context, n_decode, spec, settings.timeout))
+            res["points"].append(run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears))
             if "error" in res["points"][-1]:
                 log(f"bench: {which} at {context}: {res['points'][-1]['error']}")
             res["targets"] = targets(res["points"], settings.decode_contexts)

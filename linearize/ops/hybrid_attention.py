@@ -37,7 +37,8 @@ class LinearAttentionState:
     """Everything decoding needs; constant in context length unless the window is unbounded (W = None).
     kv: (B, Hkv, F, d+1) sum-rule memory of [v, 1] (delta rule: (B, Hkv, F, d)), None without a linear part;
     win_k, win_v: (B, Hkv, <=W, d), win_fk: (B, Hkv, <=W, F), win_log_gate / win_beta: (B, Hkv, <=W) or None:
-    the most recent keys, still in the softmax window."""
+    the most recent keys, still in the softmax window. Once the window is full its buffers are a ring: decoding
+    overwrites the oldest key in place, and `start` is the slot of the oldest key (window() gives time order)."""
 
     kv: torch.Tensor | None
     win_k: torch.Tensor
@@ -45,10 +46,19 @@ class LinearAttentionState:
     win_fk: torch.Tensor | None
     win_log_gate: torch.Tensor | None = None
     win_beta: torch.Tensor | None = None
+    start: int = 0
+
+    def buffers(self) -> tuple:
+        return self.win_k, self.win_v, self.win_fk, self.win_log_gate, self.win_beta
+
+    def window(self) -> tuple:
+        """(win_k, win_v, win_fk, win_log_gate, win_beta) in time order, oldest first."""
+        if self.start == 0:
+            return self.buffers()
+        return tuple(None if x is None else x.roll(-self.start, dims=2) for x in self.buffers())
 
     def nbytes(self) -> int:
-        parts = (self.kv, self.win_k, self.win_v, self.win_fk, self.win_log_gate, self.win_beta)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.kv, *self.buffers()) if t is not None)
 
 
 def _ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -68,11 +78,11 @@ def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False):
     if lin is None:
         y = num_sm[..., :-1] / num_sm[..., -1:]  # the window max contributes exp(0) = 1: no epsilon needed
     else:
-        w = mix.view(num_kv_heads, -1, 1, 1).to(lin.dtype)
+        w = mix.view(num_kv_heads, -1, 1, 1).to(lin.dtype)  # lerp(lin, sm, w) = w * sm + (1 - w) * lin
         if delta:
-            y = lin if num_sm is None else w * (num_sm[..., :-1] / num_sm[..., -1:]) + (1 - w) * lin
+            y = lin if num_sm is None else torch.lerp(lin, num_sm[..., :-1] / num_sm[..., -1:], w)
         else:
-            num = lin if num_sm is None else w * num_sm + (1 - w) * lin
+            num = lin if num_sm is None else torch.lerp(lin, num_sm, w)
             y = num[..., :-1] / (num[..., -1:] + EPS)
     B, Hkv, G, T, d = y.shape
     return y.reshape(B, Hkv * G, T, d)
@@ -156,8 +166,7 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     keys (with w placeholder queries whose outputs are dropped) and its memory is the starting memory."""
     w = 0 if state is None else state.win_k.shape[2]
     if w:
-        k, v, fk, log_gate, beta = (_append(old, new) for old, new in zip(
-            (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta), (k, v, fk, log_gate, beta)))
+        k, v, fk, log_gate, beta = (_append(old, new) for old, new in zip(state.window(), (k, v, fk, log_gate, beta)))
     Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
     W = T if window is None else window
     lin, memory = None, None
@@ -178,9 +187,8 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
-    tail = lambda x: None if x is None else x[:, :, old:]  # noqa: E731
-    new_state = LinearAttentionState(kv=memory, win_k=k[:, :, old:], win_v=v[:, :, old:], win_fk=tail(fk),
-                                     win_log_gate=tail(log_gate), win_beta=tail(beta))
+    tail = lambda x: None if x is None else x[:, :, old:].clone()  # noqa: E731  (own copies: decoding writes them)
+    new_state = LinearAttentionState(memory, tail(k), tail(v), tail(fk), tail(log_gate), tail(beta))
     return y, new_state
 
 
@@ -194,42 +202,45 @@ def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, 
     )
 
 
+def _push_window(state: LinearAttentionState, window, k, v, fk, log_gate, beta):
+    """One new key enters the window (B, Hkv, 1, .). Once it is full, the oldest key leaves it for the linear memory
+    (when there is one) and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
+    new = (k, v, fk, log_gate, beta)
+    if window is None or state.win_k.shape[2] < window:
+        state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(_append, state.buffers(), new)
+        return
+    i = state.start
+    if state.kv is not None:
+        old_v, old_fk, old_lg, old_beta = (None if x is None else x[:, :, i : i + 1] for x in state.buffers()[1:])
+        delta = beta is not None
+        state.kv = memory_step(old_fk, old_v if delta else _ones_column(old_v), old_lg, old_beta, state.kv)
+    for buf, x in zip(state.buffers(), new):
+        if buf is not None:
+            buf[:, :, i : i + 1] = x
+    state.start = (i + 1) % window
+
+
 def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
                         log_gate=None, beta=None):
     """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes as attention_chunked
     (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
-    plain batched matmul (no broadcast copies of the state): decoding is latency-bound."""
+    plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     B, H, T, d = q.shape
+    if T != 1:
+        step = lambda x, t: None if x is None else x[:, :, t : t + 1]  # noqa: E731
+        ys = [attention_recurrent(*(step(x, t) for x in (q, k, v, fq, fk)), mix, window, scale, state,
+                                  step(log_gate, t), step(beta, t)) for t in range(T)]
+        return torch.cat(ys, dim=2) if ys else torch.zeros_like(q)
     Hkv = k.shape[1]
-    linear = fq is not None and window is not None
     delta = beta is not None
-    out = []
-    for t in range(T):
-        step = (lambda x: x) if T == 1 else (lambda x: None if x is None else x[:, :, t : t + 1])  # noqa: E731
-        q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = map(step, (q, k, v, fq, fk, log_gate, beta))
-        num_sm = lin = None
-        if window == 0:
-            state.kv = memory_step(fk_t, v_t if delta else _ones_column(v_t), lg_t, b_t, state.kv)
-        else:
-            if window is not None and state.win_k.shape[2] == window:  # the oldest key enters the linear memory
-                if linear:
-                    first = lambda x: None if x is None else x[:, :, :1]  # noqa: E731
-                    v0 = first(state.win_v) if delta else _ones_column(first(state.win_v))
-                    state.kv = memory_step(first(state.win_fk), v0, first(state.win_log_gate),
-                                           first(state.win_beta), state.kv)
-                rest = lambda x: None if x is None else x[:, :, 1:]  # noqa: E731
-                state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(
-                    rest, (state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta))
-            state.win_k, state.win_v = _append(state.win_k, k_t), _append(state.win_v, v_t)
-            if linear:
-                state.win_fk, state.win_log_gate = _append(state.win_fk, fk_t), _append(state.win_log_gate, lg_t)
-                state.win_beta = _append(state.win_beta, b_t)
-            s = (q_t.reshape(B, Hkv, -1, d) @ state.win_k.transpose(-1, -2)) * scale  # (B, Hkv, G, w)
-            e = torch.exp(s - s.amax(-1, keepdim=True))
-            num_sm = (e @ _ones_column(state.win_v)).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-        if linear:
-            lin = (fq_t.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)
-        out.append(_combine(num_sm, lin, mix, Hkv, delta=delta))
-    if T == 1:
-        return out[0]
-    return torch.cat(out, dim=2) if out else torch.zeros_like(q)
+    num_sm = lin = None
+    if window == 0:
+        state.kv = memory_step(fk, v if delta else _ones_column(v), log_gate, beta, state.kv)
+    else:
+        _push_window(state, window, k, v, fk, log_gate, beta)
+        s = (q.reshape(B, Hkv, -1, d) @ state.win_k.transpose(-1, -2)) * scale  # (B, Hkv, G, w)
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        num_sm = (e @ _ones_column(state.win_v)).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+    if fq is not None and window is not None:
+        lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)
+    return _combine(num_sm, lin, mix, Hkv, delta=delta)
