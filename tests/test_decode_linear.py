@@ -26,6 +26,15 @@ def test_decode_linear_matches_nn_linear(parts, bias, shape):
     torch.testing.assert_close(y, F.linear(x, ref.weight, ref.bias), rtol=1e-12, atol=1e-12)
 
 
+def test_a_weight_shared_by_two_layers_is_re_laid_once():
+    a, b = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    b.weight = a.weight
+    model = use_decode_linears(torch.nn.Sequential(a, torch.nn.ReLU(), b), parts=2)
+    assert a.weight is b.weight and a.weight.stride() == (1, 8) and not a.weight.is_contiguous()
+    x = torch.randn(1, 8)
+    torch.testing.assert_close(model(x), F.linear(torch.relu(F.linear(x, a.weight)), a.weight))
+
+
 def test_a_width_the_parts_do_not_divide_keeps_one_part():
     layer = use_decode_linears(torch.nn.Linear(10, 4), parts=4)
     assert layer.parts == 1

@@ -38,9 +38,17 @@ def use_decode_linears(model: nn.Module, parts: int | None = None) -> nn.Module:
     thread count; layers whose input width it does not divide keep one). For inference (generate, bench): train and
     save with plain nn.Linear. Calling it twice changes nothing. Returns model."""
     parts = parts or torch.get_num_threads()
+    done = set()
     for m in model.modules():
         if type(m) is nn.Linear and m.weight.device.type == "cpu":
-            m.weight.data = m.weight.data.t().contiguous().t()
+            if id(m.weight) not in done:  # a weight two layers share is re-laid once
+                m.weight.data = m.weight.data.t().contiguous().t()
             m.__class__ = DecodeLinear
             m.parts = parts if m.in_features % parts == 0 else 1
+            done.add(id(m.weight))
+    # The rest are copied too (small: norms, biases, feature maps), so that no tensor points into a memory-mapped
+    # safetensors file any more: its pages would otherwise stay resident beside the new copies of the weights.
+    for t in [*model.parameters(), *model.buffers()] if done else []:
+        if id(t) not in done and t.device.type == "cpu":
+            t.data = t.data.clone()
     return model

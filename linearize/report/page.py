@@ -72,8 +72,9 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
                  r["target"], {True: "met", False: "missed", None: "not measured"}[r["met"]]]
                 for name, r in bench["targets"].items()]
         m = bench.get("machine", {})
-        parts.append(f"<h2>Speed targets ({m.get('cpus')} CPUs, {m.get('threads')} threads)</h2>"
-                     + _table(["target", "measured", "goal", ""], rows))
+        linears = bench.get("settings", {}).get("linears", "stock")
+        parts.append(f"<h2>Speed targets ({m.get('cpus')} CPUs, {m.get('threads')} threads, {linears} linear layers "
+                     f"in both models)</h2>" + _table(["target", "measured", "goal", ""], rows))
     return "\n".join(parts)
 
 
