@@ -16,6 +16,7 @@ import time
 import torch
 
 from .decoding import Decoder
+from .run import LINEARS
 
 WARMUP_TOKENS = 16
 DECODE_WARMUP_STEPS = 4
@@ -95,7 +96,7 @@ def main(argv=None):
     p.add_argument("--teacher")
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--linears", choices=("decode", "stock"), default="decode")
+    p.add_argument("--linears", choices=LINEARS, default="decode")
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
