@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.ops.hybrid_attention import attention_chunked, attention_quadratic, attention_recurrent, empty_state
+from linearize.ops.hybrid_attention import (attention_chunked, attention_quadratic, attention_recurrent, empty_state,
+                                             time_slice)
 from linearize.ops.linear_memory import memory_chunked, memory_naive, memory_step
 
 from conftest import decode_stepwise
@@ -55,13 +56,13 @@ def test_family_prefill_then_decode(B, H, Hkv, T, d, window, chunk, family):
     args, kw = inputs(B, H, Hkv, T, d, **FAMILIES[family])
     ref = attention_quadratic(*args, window, d**-0.5, **kw)
     P = max(1, T // 2)
-    cut = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
     q, k, v, fq, fk, mix = args
-    head = [cut(x, slice(0, P)) for x in (q, k, v, fq, fk)]
-    tail = [cut(x, slice(P, None)) for x in (q, k, v, fq, fk)]
+    head = [time_slice(x, slice(0, P)) for x in (q, k, v, fq, fk)]
+    tail = [time_slice(x, slice(P, None)) for x in (q, k, v, fq, fk)]
     y1, state = attention_chunked(*head, mix, window, d**-0.5, chunk=chunk, return_state=True,
-                                  **{n: cut(x, slice(0, P)) for n, x in kw.items()})
-    y2 = attention_recurrent(*tail, mix, window, d**-0.5, state, **{n: cut(x, slice(P, None)) for n, x in kw.items()})
+                                  **{n: time_slice(x, slice(0, P)) for n, x in kw.items()})
+    y2 = attention_recurrent(*tail, mix, window, d**-0.5, state,
+                             **{n: time_slice(x, slice(P, None)) for n, x in kw.items()})
     torch.testing.assert_close(torch.cat([y1, y2], dim=2), ref, rtol=1e-10, atol=1e-10)
 
 
@@ -77,12 +78,11 @@ def test_family_prefill_in_blocks_matches_reference(B, H, Hkv, T, d, window, chu
     """attention_chunked(state=...) continues where the last block stopped: block-wise prefill == one pass."""
     args, kw = inputs(B, H, Hkv, T, d, **FAMILIES.get(family, dict(gate=False, delta=False)))
     ref = attention_quadratic(*args, window, d**-0.5, **kw)
-    cut = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
     q, k, v, fq, fk, mix = args
     state, ys = None, []
     for s in _blocks(T):
-        y, state = attention_chunked(*(cut(x, s) for x in (q, k, v, fq, fk)), mix, window, d**-0.5, chunk=chunk,
-                                     return_state=True, state=state, **{n: cut(x, s) for n, x in kw.items()})
+        y, state = attention_chunked(*(time_slice(x, s) for x in (q, k, v, fq, fk)), mix, window, d**-0.5, chunk=chunk,
+                                     return_state=True, state=state, **{n: time_slice(x, s) for n, x in kw.items()})
         ys.append(y)
         assert state.win_k.shape[2] == min(s.stop, window)  # only the window is kept, never the prompt
     torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
@@ -99,13 +99,12 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
     if family == "none":
         args = (*args[:3], None, None, args[5])
     ref = attention_quadratic(*args, window, 8**-0.5, **kw)
-    cut = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
     q, k, v, fq, fk, mix = args
     state, ys = None, []
     for s, form in ((slice(0, 7), "chunked"), (slice(7, 16), "recurrent"), (slice(16, 27), "chunked"),
                     (slice(27, 40), "recurrent")):
-        parts = [cut(x, s) for x in (q, k, v, fq, fk)]
-        kws = {n: cut(x, s) for n, x in kw.items()}
+        parts = [time_slice(x, s) for x in (q, k, v, fq, fk)]
+        kws = {n: time_slice(x, s) for n, x in kw.items()}
         if form == "chunked":
             y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state, **kws)
         else:
@@ -140,7 +139,7 @@ def test_memory_forms_agree_from_a_nonzero_state(gate, delta):
     o_chk, S_chk = memory_chunked(fq, fk, v, chunk=16, state=S0, **kw)
     S, outs = S0, []
     for t in range(45):
-        step = lambda x: None if x is None else x[:, :, t : t + 1]  # noqa: E731
+        step = lambda x: time_slice(x, slice(t, t + 1))  # noqa: E731
         S = memory_step(step(fk), step(v), step(kw["log_gate"]), step(kw["beta"]), S)
         outs.append(fq[:, :, :, t : t + 1] @ S.unsqueeze(2))
     for o, s in ((o_chk, S_chk), (torch.cat(outs, dim=3), S)):

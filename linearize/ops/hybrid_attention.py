@@ -151,6 +151,11 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> 
     return (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
 
 
+def time_slice(x, s: slice):
+    """x[:, :, s]: a span of time steps of (B, H, T, ...); None stays None."""
+    return None if x is None else x[:, :, s]
+
+
 def _append(buf, x):
     """Concatenate along time (dim 2); None stays None."""
     if x is None:
@@ -187,8 +192,8 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
-    tail = lambda x: None if x is None else x[:, :, old:].clone()  # noqa: E731  (own copies: decoding writes them)
-    new_state = LinearAttentionState(memory, tail(k), tail(v), tail(fk), tail(log_gate), tail(beta))
+    kept = (time_slice(x, slice(old, None)) for x in (k, v, fk, log_gate, beta))
+    new_state = LinearAttentionState(memory, *(None if x is None else x.clone() for x in kept))  # decoding writes them
     return y, new_state
 
 
@@ -211,7 +216,7 @@ def _push_window(state: LinearAttentionState, window, k, v, fk, log_gate, beta):
         return
     i = state.start
     if state.kv is not None:
-        old_v, old_fk, old_lg, old_beta = (None if x is None else x[:, :, i : i + 1] for x in state.buffers()[1:])
+        old_v, old_fk, old_lg, old_beta = (time_slice(x, slice(i, i + 1)) for x in state.buffers()[1:])
         delta = beta is not None
         state.kv = memory_step(old_fk, old_v if delta else _ones_column(old_v), old_lg, old_beta, state.kv)
     for buf, x in zip(state.buffers(), new):
@@ -227,9 +232,11 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     B, H, T, d = q.shape
     if T != 1:
-        step = lambda x, t: None if x is None else x[:, :, t : t + 1]  # noqa: E731
-        ys = [attention_recurrent(*(step(x, t) for x in (q, k, v, fq, fk)), mix, window, scale, state,
-                                  step(log_gate, t), step(beta, t)) for t in range(T)]
+        ys = []
+        for t in range(T):
+            q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = (time_slice(x, slice(t, t + 1))
+                                                    for x in (q, k, v, fq, fk, log_gate, beta))
+            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t))
         return torch.cat(ys, dim=2) if ys else torch.zeros_like(q)
     Hkv = k.shape[1]
     delta = beta is not None
