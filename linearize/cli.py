@@ -32,6 +32,8 @@ def _add_convert(sub):
     p.add_argument("--out", default="runs/smollm2", help="output folder (default: %(default)s)")
     p.add_argument("--attention", default=d.attention, choices=sorted(ATTENTION_PRESETS), help="attention family")
     p.add_argument("--window", type=int, help="softmax sliding window (0 = pure linear; default from --attention)")
+    p.add_argument("--sinks", type=int, help="attention sinks: the first S tokens stay in exact softmax and out of the "
+                                             "linear memory (default from --attention)")
     p.add_argument("--feature-map", help="hedgehog | t2r | elu (default from --attention)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,

@@ -35,6 +35,7 @@ class ConvertSettings:
     data: str | None = None  # None: bundled ShareGPT
     attention: str = "lolcats"
     window: int | None = None  # override the preset's window
+    sinks: int | None = None  # override the preset's attention sinks
     feature_map: str | None = None  # override the preset's feature map
     seq_len: int = 1024
     transfer_tokens: int = 131_072
@@ -53,7 +54,7 @@ class ConvertSettings:
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPES
 
     def attention_config(self):
-        return attention_preset(self.attention, window=self.window, feature_map=self.feature_map)
+        return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map)
 
     def check(self):
         attention = self.attention_config()
@@ -186,8 +187,12 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
     log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'} on {device}, {dtype}")
     teacher, tokenizer = load_teacher(settings.model, dtype=dtype)
     teacher.to(device)
-    n1 = 0 if settings.skip_transfer or settings.transfer_state else settings.transfer_tokens // settings.seq_len
-    n2 = settings.lora_tokens // settings.seq_len
+    trainable = attention.linear  # no linear part (e.g. --attention streaming): the teacher as it is, nothing to train
+    if not trainable:
+        log(f"--attention {settings.attention} has no linear part: nothing to train, both stages are skipped")
+    n1 = 0 if settings.skip_transfer or settings.transfer_state or not trainable else \
+        settings.transfer_tokens // settings.seq_len
+    n2 = settings.lora_tokens // settings.seq_len if trainable else 0
     pack = dict(source=settings.data, tokenizer=tokenizer, seq_len=settings.seq_len, progress=progress)
     heldout = pack_sequences(num_sequences=settings.eval_tokens // settings.seq_len, split="heldout", **pack)
     train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, settings.seq_len, dtype=torch.long)

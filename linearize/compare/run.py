@@ -21,12 +21,13 @@ from ..layers.linear_attention import ATTENTION_PRESETS
 from ..pipeline import ConvertSettings, convert
 
 PARTS = ("kl", "passkey", "decode")
-COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "passkey", "decode tok/s", "convert s")
+COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "passkey", "decode tok/s", "state MiB", "convert s")
 
 
 @dataclass
 class CompareSettings:
-    attentions: tuple[str, ...] = ("lolcats", "hedgehog", "t2r", "liger", "liger-swa", "gated-delta")
+    # "streaming" is the training-free baseline (the teacher over 4 sinks + its window): every table shows it
+    attentions: tuple[str, ...] = ("streaming", "lolcats", "hedgehog", "t2r", "liger", "liger-swa", "gated-delta")
     keep_softmax: tuple[int, ...] = (0,)
     kl_sequences: int = 4
     passkey_length: int = 2048
@@ -60,7 +61,8 @@ def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
     if "passkey" not in cs.skip:
         row["passkey"] = passkey_accuracy(model, tokenizer, [cs.passkey_length], cs.passkey_trials)["accuracy"][0]
     if "decode" not in cs.skip:
-        row["decode_tokens_per_s"] = measure(model, cs.decode_context, cs.decode_tokens)["decode_tokens_per_s"]
+        point = measure(model, cs.decode_context, cs.decode_tokens)
+        row["decode_tokens_per_s"], row["state_bytes"] = point["decode_tokens_per_s"], point["cache_bytes"]
     return row
 
 
@@ -82,8 +84,9 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
         log(f"== {name}: linearize convert --attention {attention} {kept} --out {out / name}"
             + (f" --transfer-state {shared}" if shared else ""))
         t0 = time.perf_counter()
-        window = base.window if ATTENTION_PRESETS[attention].window else None  # --window: hybrid families only
-        settings = replace(base, attention=attention, keep_softmax=k, window=window,
+        hybrid = bool(ATTENTION_PRESETS[attention].window)  # --window / --sinks: the families with a window only
+        settings = replace(base, attention=attention, keep_softmax=k, window=base.window if hybrid else None,
+                           sinks=base.sinks if hybrid else None,
                            transfer_state=shared or base.transfer_state)
         res = convert(settings, out / name, resume=True, progress=progress, log=log)
         if shared is None and "transfer" in res:
@@ -111,12 +114,14 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
 def table_rows(result: dict) -> list[list[str]]:
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     t = result["teacher"]
+    mib = lambda r: r.get("state_bytes") and r["state_bytes"] / 2**20  # noqa: E731
     rows = [["teacher (softmax)", f(t["ppl"], ".3f"), "", "", f(t.get("passkey"), ".0%"),
-             f(t.get("decode_tokens_per_s"), ".1f"), ""]]
+             f(t.get("decode_tokens_per_s"), ".1f"), f(mib(t), ".2f"), ""]]
     for name, r in result["variants"].items():
         kept = f" (softmax in {r['keep_softmax']})" if r["keep_softmax"] else ""
         rows.append([name + kept, f(r["teacher_ppl"], ".3f"), f(r["student_ppl"], ".3f"), f(r.get("kl"), ".4f"),
-                     f(r.get("passkey"), ".0%"), f(r.get("decode_tokens_per_s"), ".1f"), f(r["convert_seconds"], ".0f")])
+                     f(r.get("passkey"), ".0%"), f(r.get("decode_tokens_per_s"), ".1f"), f(mib(r), ".2f"),
+                     f(r["convert_seconds"], ".0f")])
     return rows
 
 

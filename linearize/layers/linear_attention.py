@@ -27,6 +27,8 @@ class LinearAttentionConfig:
     """One attention mechanism, many configurations.
     feature_map: "hedgehog" | "t2r" | "elu"; feature_dim: projection width (default head_dim);
     window: softmax sliding window (0 = pure linear; None = unbounded, i.e. full softmax attention);
+    sinks: the first `sinks` tokens of a sequence stay in exact softmax for ever (attention sinks, as in
+      StreamingLLM) and never enter the linear memory; 0 = none;
     chunk_size: block length of the chunked form;
     gate: "none" | "key": a per-token forget gate on the linear memory, built from the pretrained key projection
       with no new parameters (Liger): log g_t = logsigmoid(mean over head_dim of k_t) / gate_norm (pre-RoPE k);
@@ -37,6 +39,7 @@ class LinearAttentionConfig:
     feature_map: str = "hedgehog"
     feature_dim: int | None = None
     window: int | None = 64
+    sinks: int = 0
     chunk_size: int = 64
     gate: str = "none"
     gate_norm: float = 16.0
@@ -52,6 +55,9 @@ class LinearAttentionConfig:
             raise LinearizeError(f"gate must be one of {GATES} and rule one of {RULES} (got {self.gate!r}, {self.rule!r})")
         if not self.linear and self.window == 0:
             raise LinearizeError("linear=False needs a softmax window (window > 0, or None for full attention)")
+        if self.sinks < 0 or (self.sinks and self.window is None):
+            raise LinearizeError(f"sinks must be >= 0, and need a bounded window (got sinks={self.sinks}, "
+                                 f"window={self.window})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +77,8 @@ ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
     "liger-swa": LinearAttentionConfig(feature_map="hedgehog", window=64, gate="key"),  # + sliding window
     "gated-delta": LinearAttentionConfig(feature_map="hedgehog", window=0, gate="key", rule="delta"),
     "gated-delta-swa": LinearAttentionConfig(feature_map="hedgehog", window=64, gate="key", rule="delta"),
+    # the training-free baseline (StreamingLLM): the teacher's own softmax over 4 sinks + the last 64 tokens
+    "streaming": LinearAttentionConfig(window=64, sinks=4, linear=False),
 }
 
 
@@ -119,7 +127,8 @@ class LinearAttention(nn.Module):
             self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim)
             self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
         linear_and_window = config.linear and config.window is not None
-        self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if linear_and_window and config.window > 0 else None
+        exact_part = config.window > 0 or config.sinks > 0 if linear_and_window else False
+        self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if exact_part else None
         self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
 
     TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit")
@@ -162,7 +171,7 @@ class LinearAttention(nn.Module):
                 fq, fk = F.normalize(fq, dim=-1), F.normalize(fk, dim=-1)
                 beta = torch.sigmoid(self.beta_logit).to(k.dtype)[None, :, None].expand(k.shape[:3])
         args = (q, k, v, fq, fk, self.mix(q), self.config.window, self.scaling)
-        kw = dict(log_gate=log_gate, beta=beta)
+        kw = dict(log_gate=log_gate, beta=beta, sinks=self.config.sinks)
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
             if state[self.layer_idx] is not None and q.shape[2] == 1:
                 return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)

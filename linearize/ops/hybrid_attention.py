@@ -4,14 +4,17 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
 (j <= i - W) are read from a linear memory (linear_memory.py) that a key enters when it leaves the window:
 
     sum rule (default):  y_i = sum_j a_ij [v_j, 1] -> divided by its last column (one shared normaliser),
-        a_ij = w_h * exp(s_ij - m_i)                     if i - W < j <= i   (s_ij = q_i . k_j * scale)
-        a_ij = (1 - w_h) * decay_ij * phi(q_i) . phi(k_j) if j <= i - W
-        decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate)
-    delta rule (beta given): y_i = w_h * softmax-window output + (1 - w_h) * phi(q_i) S_{i-W}, with S the
-        (gated) delta-rule memory of keys j <= i - W (no normaliser: the delta rule stores values directly).
+        a_ij = w_h * exp(s_ij - m_i)                     if j in E_i = {i - W < j <= i} + {j < S, j <= i}
+        a_ij = (1 - w_h) * decay_ij * phi(q_i) . phi(k_j) if S <= j <= i - W                 (s_ij = q_i . k_j * scale)
+        decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate); m_i = max over E_i
+    delta rule (beta given): y_i = w_h * softmax output over E_i + (1 - w_h) * phi(q_i) S_{i-W}, with S the
+        (gated) delta-rule memory of keys S <= j <= i - W (no normaliser: the delta rule stores values directly).
 
 w_h in (0, 1) is a per-head mixing factor. W = 0: pure linear; W = None: full causal softmax, no linear part.
-fq = fk = None: no linear part at all (exact sliding-window softmax; with W >= T exact softmax attention).
+S = `sinks`: the first S tokens of the sequence stay in exact softmax for ever (attention sinks, StreamingLLM);
+they never enter the linear memory. S = 0: a window and a memory only.
+fq = fk = None: no linear part at all (exact sliding-window softmax, + sinks: StreamingLLM; with W >= T exact
+softmax attention).
 
 Shapes: q (B, H, T, d) and k, v (B, Hkv, T, d) after RoPE; fq = phi(q) (B, H, T, F), fk = phi(k) (B, Hkv, T, F);
 mix (H,); log_gate, beta (B, Hkv, T) or None. Grouped-query attention: H = G * Hkv, query head h uses key head
@@ -38,7 +41,9 @@ class LinearAttentionState:
     kv: (B, Hkv, F, d+1) sum-rule memory of [v, 1] (delta rule: (B, Hkv, F, d)), None without a linear part;
     win_k, win_v: (B, Hkv, <=W, d), win_fk: (B, Hkv, <=W, F), win_log_gate / win_beta: (B, Hkv, <=W) or None:
     the most recent keys, still in the softmax window. Once the window is full its buffers are a ring: decoding
-    overwrites the oldest key in place, and `start` is the slot of the oldest key (window() gives time order)."""
+    overwrites the oldest key in place, and `start` is the slot of the oldest key (window() gives time order).
+    sink_k, sink_v: (B, Hkv, <=S, d): the sink tokens (the first S of the sequence) that have left the window
+    (None until one has); seen: tokens consumed so far (the position of the next one)."""
 
     kv: torch.Tensor | None
     win_k: torch.Tensor
@@ -47,6 +52,9 @@ class LinearAttentionState:
     win_log_gate: torch.Tensor | None = None
     win_beta: torch.Tensor | None = None
     start: int = 0
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
+    seen: int = 0
 
     def buffers(self) -> tuple:
         return self.win_k, self.win_v, self.win_fk, self.win_log_gate, self.win_beta
@@ -58,7 +66,8 @@ class LinearAttentionState:
         return tuple(None if x is None else x.roll(-self.start, dims=2) for x in self.buffers())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.kv, *self.buffers()) if t is not None)
+        tensors = (self.kv, *self.buffers(), self.sink_k, self.sink_v)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -110,30 +119,35 @@ def _linear_part(fq, fk, v, log_gate, beta, window, Hkv, memory, **kw):
                   _delay(beta, window), **kw)
 
 
-def attention_quadratic(q, k, v, fq, fk, mix, window, scale: float, log_gate=None, beta=None) -> torch.Tensor:
+def _exact_num(scores, values, m):
+    """sum_j exp(scores_ij - m_i) [v_j, 1]: scores (B, Hkv, G, T, N), values (B, Hkv, N, d), m (B, Hkv, G, T, 1)."""
+    return torch.exp(scores - m) @ _ones_column(values).unsqueeze(2)
+
+
+def attention_quadratic(q, k, v, fq, fk, mix, window, scale: float, log_gate=None, beta=None, sinks: int = 0):
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
     B, H, T, d = q.shape
     Hkv = k.shape[1]
     W = T if window is None else window
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
     lin = None
     if fq is not None and window is not None:
+        fk = fk.masked_fill(j.T < sinks, 0.0)  # a zero key leaves the memory unchanged: sinks never enter it
         lin = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_naive)[0]
     num_sm = None
-    if W > 0:
+    if W > 0 or sinks > 0:
         G = H // Hkv
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(T, device=q.device)[None, :]
         s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * scale
-        s = s.masked_fill(~((j <= i) & (j > i - W)), float("-inf"))
-        e = torch.exp(s - s.amax(-1, keepdim=True))
-        num_sm = _group(e @ _ones_column(v).repeat_interleave(G, dim=1), Hkv)
+        s = _group(s.masked_fill(~((j <= i) & ((j > i - W) | (j < sinks))), float("-inf")), Hkv)
+        num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
     return _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
 
 
-def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> torch.Tensor:
-    """sum over the W most recent keys of exp(s_ij - m_i) v1_j, with m_i the max score in the window.
-    q (B, Hkv, G, T, d), k (B, Hkv, 1, T, d), v1 (B, Hkv, 1, T, D) -> (B, Hkv, G, T, D).
-    Each block of `chunk` queries sees a span of chunk + W - 1 keys."""
+def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None):
+    """sum over the W most recent keys of exp(s_ij - m_i) v1_j, with m_i the max score in the window (or `floor`
+    (B, Hkv, G, T, 1) where that is larger). q (B, Hkv, G, T, d), k (B, Hkv, 1, T, d), v1 (B, Hkv, 1, T, D) ->
+    (numerator (B, Hkv, G, T, D), m (B, Hkv, G, T, 1)). Each block of `chunk` queries sees chunk + W - 1 keys."""
     B, Hkv, G, T, d = q.shape
     n = -(-T // chunk)
     span = chunk + window - 1
@@ -147,8 +161,11 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int) -> 
     key_pos = torch.arange(n, device=q.device)[:, None, None] * chunk + b - (window - 1)  # (n, 1, span)
     valid = (b >= a) & (b <= a + window - 1) & (key_pos >= 0)  # (n, chunk, span)
     s = s.masked_fill(~valid, float("-inf"))
-    e = torch.exp(s - s.amax(-1, keepdim=True))
-    return (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
+    m = s.amax(-1, keepdim=True)
+    if floor is not None:
+        m = torch.maximum(m, _pad_time(floor, 0, n * chunk - T).view(B, Hkv, G, n, chunk, 1))
+    num = (torch.exp(s - m) @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
+    return num, m.reshape(B, Hkv, G, n * chunk, 1)[:, :, :, :T]
 
 
 def time_slice(x, s: slice):
@@ -163,37 +180,69 @@ def _append(buf, x):
     return x if buf is None else torch.cat([buf, x], dim=2)
 
 
+def _sinks_outside_window(state, k, v, n_sink: int, window: int):
+    """The sink keys that this stream's queries read outside their window: the ones the state holds (every query
+    sees them) and the first n_sink keys of the stream, which query t sees once they left its window (s <= t - W).
+    Returns (k (B, Hkv, N, d), v (B, Hkv, N, d), visible (T, N) bool), or None when there are none."""
+    T = k.shape[2]
+    t = torch.arange(T, device=k.device)[:, None]
+    held = 0 if state is None or state.sink_k is None else state.sink_k.shape[2]
+    n_new = n_sink if window < T else 0  # with W >= T no key of the stream leaves the window
+    if not held and not n_new:
+        return None
+    sk = _append(state.sink_k if held else None, k[:, :, :n_new])
+    sv = _append(state.sink_v if held else None, v[:, :, :n_new])
+    visible = torch.cat([t.new_ones(T, held, dtype=torch.bool),
+                         torch.arange(n_new, device=k.device)[None, :] <= t - window], dim=1)
+    return sk, sv, visible
+
+
 def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
-                      log_gate=None, beta=None, state: LinearAttentionState | None = None):
+                      log_gate=None, beta=None, state: LinearAttentionState | None = None, sinks: int = 0):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns y (B, H, T, d), and with
     return_state the LinearAttentionState after the last token (for decoding).
     state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this block's
-    keys (with w placeholder queries whose outputs are dropped) and its memory is the starting memory."""
+    keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting ones."""
     w = 0 if state is None else state.win_k.shape[2]
+    seen = 0 if state is None else state.seen
     if w:
         k, v, fk, log_gate, beta = (_append(old, new) for old, new in zip(state.window(), (k, v, fk, log_gate, beta)))
     Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
     W = T if window is None else window
+    n_sink = 0 if window is None else min(max(sinks - (seen - w), 0), T)  # stream keys 0..n_sink-1 are sinks
     lin, memory = None, None
     if fq is not None and window is not None:
         fq_all = _pad_time(fq, w, 0)
-        lin, memory = _linear_part(fq_all, fk, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk,
+        fk_mem = fk.masked_fill(torch.arange(T, device=fk.device)[:, None] < n_sink, 0.0) if n_sink else fk
+        lin, memory = _linear_part(fq_all, fk_mem, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk,
                                    state=None if state is None else state.kv)
-    if lin is None and W >= T:  # exact causal softmax attention: PyTorch's fused kernel, O(T) memory
+    sink_set = None if window is None else _sinks_outside_window(state, k, v, n_sink, W)
+    if lin is None and W >= T and sink_set is None:  # exact causal softmax attention: PyTorch's fused kernel
         causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w, scale=scale,
                                            enable_gqa=True)
     else:
-        num_sm = None
+        qg = _group(_pad_time(q, w, 0), Hkv)
+        num_sm = m = s_sink = None
+        if sink_set is not None:
+            sk, sv, visible = sink_set
+            s_sink = ((qg @ sk.unsqueeze(2).transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+            m = s_sink.amax(-1, keepdim=True)
         if W > 0:
-            num_sm = _sliding_window_chunked(_group(_pad_time(q, w, 0), Hkv), k.unsqueeze(2),
-                                             _ones_column(v).unsqueeze(2), W, scale, chunk)
+            num_sm, m = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale, chunk, m)
+        if s_sink is not None:
+            num_sink = _exact_num(s_sink, sv, m)
+            num_sm = num_sink if num_sm is None else num_sm + num_sink
         y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)[:, :, w:]
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
     kept = (time_slice(x, slice(old, None)) for x in (k, v, fk, log_gate, beta))
-    new_state = LinearAttentionState(memory, *(None if x is None else x.clone() for x in kept))  # decoding writes them
+    sink_k, sink_v = (None, None) if state is None else (state.sink_k, state.sink_v)
+    if left := min(old, n_sink):  # sinks that left the window in this block
+        sink_k, sink_v = _append(sink_k, k[:, :, :left].clone()), _append(sink_v, v[:, :, :left].clone())
+    new_state = LinearAttentionState(memory, *(None if x is None else x.clone() for x in kept),  # decoding writes them
+                                     sink_k=sink_k, sink_v=sink_v, seen=seen + q.shape[2])
     return y, new_state
 
 
@@ -207,18 +256,26 @@ def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, 
     )
 
 
-def _push_window(state: LinearAttentionState, window, k, v, fk, log_gate, beta):
-    """One new key enters the window (B, Hkv, 1, .). Once it is full, the oldest key leaves it for the linear memory
-    (when there is one) and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
+def _push_window(state: LinearAttentionState, window, sinks, k, v, fk, log_gate, beta):
+    """One new key enters the window (B, Hkv, 1, .). Once it is full, the oldest key leaves it (with W = 0: the new
+    key itself) for the sinks if it is one of the first `sinks` tokens, else for the linear memory (when there is
+    one), and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
     new = (k, v, fk, log_gate, beta)
+    position = state.seen
+    state.seen += 1
     if window is None or state.win_k.shape[2] < window:
         state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(_append, state.buffers(), new)
         return
     i = state.start
-    if state.kv is not None:
-        old_v, old_fk, old_lg, old_beta = (time_slice(x, slice(i, i + 1)) for x in state.buffers()[1:])
+    leaving = new if window == 0 else tuple(time_slice(x, slice(i, i + 1)) for x in state.buffers())
+    if position - window < sinks:
+        state.sink_k, state.sink_v = _append(state.sink_k, leaving[0].clone()), _append(state.sink_v, leaving[1].clone())
+    elif state.kv is not None:
+        old_v, old_fk, old_lg, old_beta = leaving[1:]
         delta = beta is not None
         state.kv = memory_step(old_fk, old_v if delta else _ones_column(old_v), old_lg, old_beta, state.kv)
+    if window == 0:
+        return
     for buf, x in zip(state.buffers(), new):
         if buf is not None:
             buf[:, :, i : i + 1] = x
@@ -226,7 +283,7 @@ def _push_window(state: LinearAttentionState, window, k, v, fk, log_gate, beta):
 
 
 def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
-                        log_gate=None, beta=None):
+                        log_gate=None, beta=None, sinks: int = 0):
     """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes as attention_chunked
     (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
@@ -236,18 +293,21 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
         for t in range(T):
             q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = (time_slice(x, slice(t, t + 1))
                                                     for x in (q, k, v, fq, fk, log_gate, beta))
-            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t))
+            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t, sinks))
         return torch.cat(ys, dim=2) if ys else torch.zeros_like(q)
     Hkv = k.shape[1]
     delta = beta is not None
+    _push_window(state, window, sinks, k, v, fk, log_gate, beta)
+    exact = ([(state.win_k, state.win_v)] if window != 0 else []) + (
+        [(state.sink_k, state.sink_v)] if state.sink_k is not None else [])
     num_sm = lin = None
-    if window == 0:
-        state.kv = memory_step(fk, v if delta else _ones_column(v), log_gate, beta, state.kv)
-    else:
-        _push_window(state, window, k, v, fk, log_gate, beta)
-        s = (q.reshape(B, Hkv, -1, d) @ state.win_k.transpose(-1, -2)) * scale  # (B, Hkv, G, w)
-        e = torch.exp(s - s.amax(-1, keepdim=True))
-        num_sm = (e @ _ones_column(state.win_v)).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+    if exact:
+        qg = q.reshape(B, Hkv, -1, d)
+        scores = [(qg @ keys.transpose(-1, -2)) * scale for keys, _ in exact]  # (B, Hkv, G, n)
+        m = scores[0].amax(-1, keepdim=True)
+        for s in scores[1:]:
+            m = torch.maximum(m, s.amax(-1, keepdim=True))
+        num_sm = sum(torch.exp(s - m) @ _ones_column(values) for s, (_, values) in zip(scores, exact)).unsqueeze(3)
     if fq is not None and window is not None:
-        lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)
+        lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     return _combine(num_sm, lin, mix, Hkv, delta=delta)
