@@ -22,12 +22,22 @@ FAMILIES = {"gated": dict(gate=True, delta=False), "delta": dict(gate=False, del
             "gated-delta": dict(gate=True, delta=True)}
 
 
+def phi(delta: bool):
+    """The key feature map of inputs(): fk = phi(k) (d -> 2d positive features; unit norm for the delta rule).
+    A decoding state keeps its window keys, not their features: the ops recompute them with this map."""
+    def key_features(k):
+        d = k.shape[-1]
+        fk = torch.softmax(k @ torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(7)).to(k.dtype), -1)
+        return F.normalize(fk, dim=-1) if delta else fk
+    return key_features
+
+
 def inputs(B, H, Hkv, T, d, gate, delta, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, T, d, generator=g, dtype=dtype) for h in (H, Hkv, Hkv))
-    fq, fk = torch.rand(B, H, T, 2 * d, generator=g, dtype=dtype), torch.rand(B, Hkv, T, 2 * d, generator=g, dtype=dtype)
+    fq, fk = torch.rand(B, H, T, 2 * d, generator=g, dtype=dtype), phi(delta)(k)
     if delta:
-        fq, fk = F.normalize(fq, dim=-1), F.normalize(fk, dim=-1)
+        fq = F.normalize(fq, dim=-1)
     log_gate = F.logsigmoid(torch.randn(B, Hkv, T, generator=g, dtype=dtype)) if gate else None
     beta = torch.rand(B, Hkv, T, generator=g, dtype=dtype) if delta else None
     mix = torch.rand(H, generator=g, dtype=dtype)
@@ -43,7 +53,7 @@ def test_family_forms_agree(B, H, Hkv, T, d, window, chunk, family, dtype):
     ref = attention_quadratic(*args, window, scale, **kw)
     chunked = attention_chunked(*args, window, scale, chunk=chunk, **kw)
     state = empty_state(B, Hkv, d, args[3].shape[-1], dtype, "cpu", delta=FAMILIES[family]["delta"])
-    recurrent = attention_recurrent(*args, window, scale, state, **kw)
+    recurrent = attention_recurrent(*args, window, scale, state, key_features=phi(FAMILIES[family]["delta"]), **kw)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert ref.shape == (B, H, T, d)
     torch.testing.assert_close(chunked, ref, rtol=tol, atol=tol)
@@ -61,7 +71,7 @@ def test_family_prefill_then_decode(B, H, Hkv, T, d, window, chunk, family):
     tail = [time_slice(x, slice(P, None)) for x in (q, k, v, fq, fk)]
     y1, state = attention_chunked(*head, mix, window, d**-0.5, chunk=chunk, return_state=True,
                                   **{n: time_slice(x, slice(0, P)) for n, x in kw.items()})
-    y2 = attention_recurrent(*tail, mix, window, d**-0.5, state,
+    y2 = attention_recurrent(*tail, mix, window, d**-0.5, state, key_features=phi(FAMILIES[family]["delta"]),
                              **{n: time_slice(x, slice(P, None)) for n, x in kw.items()})
     torch.testing.assert_close(torch.cat([y1, y2], dim=2), ref, rtol=1e-10, atol=1e-10)
 
@@ -82,7 +92,8 @@ def test_family_prefill_in_blocks_matches_reference(B, H, Hkv, T, d, window, chu
     state, ys = None, []
     for s in _blocks(T):
         y, state = attention_chunked(*(time_slice(x, s) for x in (q, k, v, fq, fk)), mix, window, d**-0.5, chunk=chunk,
-                                     return_state=True, state=state, **{n: time_slice(x, s) for n, x in kw.items()})
+                                     return_state=True, state=state, key_features=phi(kw["beta"] is not None),
+                                     **{n: time_slice(x, s) for n, x in kw.items()})
         ys.append(y)
         assert state.win_k.shape[2] == min(s.stop, window)  # only the window is kept, never the prompt
     torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
@@ -106,9 +117,11 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
         parts = [time_slice(x, s) for x in (q, k, v, fq, fk)]
         kws = {n: time_slice(x, s) for n, x in kw.items()}
         if form == "chunked":
-            y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state, **kws)
+            y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state,
+                                         key_features=phi(kw["beta"] is not None), **kws)
         else:
-            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, **kws)
+            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, key_features=phi(kw["beta"] is not None),
+                                    **kws)
             if window == 5:  # a full window: the ring has turned by the number of tokens decoded, mod 5
                 assert state.start == {16: 9 % 5, 40: 13 % 5}[s.stop]
         ys.append(y)
@@ -176,7 +189,7 @@ def test_no_linear_part_is_exact_softmax(window):
     expected = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
     args = (q, k, v, None, None, mix, window, 8**-0.5)
     state = empty_state(1, 2, 8, 16, torch.float64, "cpu")
-    state.kv = state.win_fk = None
+    state.kv = None
     for y in (attention_quadratic(*args), attention_chunked(*args, chunk=8), attention_recurrent(*args, state=state)):
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     if window is None:

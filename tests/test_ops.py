@@ -24,18 +24,18 @@ def random_inputs(B, H, Hkv, T, d, feature_map="hedgehog", dtype=torch.float32, 
         for p in list(fmq.parameters()) + list(fmk.parameters()):
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
     mix = torch.rand(H, generator=g, dtype=dtype)
-    return q, k, v, fmq(q), fmk(k), mix
+    return q, k, v, fmq(q), fmk(k), mix, fmk
 
 
 @pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,chunk", CASES)
 def test_chunked_and_recurrent_match_quadratic(B, H, Hkv, T, d, window, chunk, feature_map):
-    q, k, v, fq, fk, mix = random_inputs(B, H, Hkv, T, d, feature_map)
+    q, k, v, fq, fk, mix, phi = random_inputs(B, H, Hkv, T, d, feature_map)
     scale = d**-0.5
     ref = attention_quadratic(q, k, v, fq, fk, mix, window, scale)
     chunked = attention_chunked(q, k, v, fq, fk, mix, window, scale, chunk=chunk)
     state = empty_state(B, Hkv, d, fq.shape[-1], q.dtype, q.device)
-    recurrent = attention_recurrent(q, k, v, fq, fk, mix, window, scale, state)
+    recurrent = attention_recurrent(q, k, v, fq, fk, mix, window, scale, state, key_features=phi)
     assert ref.shape == (B, H, T, d)
     torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recurrent, ref, rtol=1e-5, atol=1e-5)
@@ -43,7 +43,7 @@ def test_chunked_and_recurrent_match_quadratic(B, H, Hkv, T, d, window, chunk, f
 
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,chunk", CASES)
 def test_chunked_prefill_then_recurrent_decode_matches_quadratic(B, H, Hkv, T, d, window, chunk):
-    q, k, v, fq, fk, mix = random_inputs(B, H, Hkv, T, d, dtype=torch.float64)
+    q, k, v, fq, fk, mix, phi = random_inputs(B, H, Hkv, T, d, dtype=torch.float64)
     scale = d**-0.5
     ref = attention_quadratic(q, k, v, fq, fk, mix, window, scale)
     P = max(1, T // 2)
@@ -51,14 +51,14 @@ def test_chunked_prefill_then_recurrent_decode_matches_quadratic(B, H, Hkv, T, d
     tail = lambda x: x[:, :, P:]  # noqa: E731
     y1, state = attention_chunked(*map(head, (q, k, v, fq, fk)), mix, window, scale, chunk=chunk, return_state=True)
     assert state.win_k.shape[2] == min(P, window)
-    y2 = attention_recurrent(*map(tail, (q, k, v, fq, fk)), mix, window, scale, state)
+    y2 = attention_recurrent(*map(tail, (q, k, v, fq, fk)), mix, window, scale, state, key_features=phi)
     torch.testing.assert_close(torch.cat([y1, y2], dim=2), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_window_mixing_matters_and_sliding_window_is_exact_softmax():
     """With all weight on the window and window >= T, the hybrid is plain causal softmax attention."""
     B, H, Hkv, T, d = 1, 4, 2, 20, 8
-    q, k, v, fq, fk, _ = random_inputs(B, H, Hkv, T, d, dtype=torch.float64)
+    q, k, v, fq, fk, _, _ = random_inputs(B, H, Hkv, T, d, dtype=torch.float64)
     ones = torch.ones(H, dtype=torch.float64)
     y = attention_chunked(q, k, v, fq, fk, ones, T, d**-0.5, chunk=8)
     kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
@@ -69,7 +69,7 @@ def test_window_mixing_matters_and_sliding_window_is_exact_softmax():
 
 
 def test_chunked_gradients_match_quadratic():
-    q, k, v, _, _, mix = random_inputs(1, 4, 2, 23, 8, dtype=torch.float64)
+    q, k, v, _, _, mix, _ = random_inputs(1, 4, 2, 23, 8, dtype=torch.float64)
     fmq, fmk = make_feature_map("hedgehog", 4, 8).double(), make_feature_map("hedgehog", 2, 8).double()
     grads = []
     for form in (attention_quadratic, lambda *a: attention_chunked(*a, chunk=8)):

@@ -16,7 +16,7 @@ from linearize.ops.hybrid_attention import (attention_chunked, attention_quadrat
                                              time_slice)
 
 from conftest import decode_stepwise
-from test_families import FAMILIES, _blocks, inputs
+from test_families import FAMILIES, _blocks, inputs, phi
 
 ALL = {"sum": dict(gate=False, delta=False), **FAMILIES}
 CASES = [  # (B, H, Hkv, T, d, window, chunk, sinks)
@@ -85,7 +85,8 @@ def test_forms_agree_with_sinks(B, H, Hkv, T, d, window, chunk, sinks, family):
     ref = attention_quadratic(*args, window, scale, sinks=sinks, **kw)
     chunked = attention_chunked(*args, window, scale, chunk=chunk, sinks=sinks, **kw)
     state = empty_state(B, Hkv, d, args[3].shape[-1], torch.float64, "cpu", delta=ALL[family]["delta"])
-    recurrent = attention_recurrent(*args, window, scale, state, sinks=sinks, **kw)
+    recurrent = attention_recurrent(*args, window, scale, state, sinks=sinks, key_features=phi(ALL[family]["delta"]),
+                                    **kw)
     torch.testing.assert_close(chunked, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(recurrent, ref, rtol=1e-10, atol=1e-10)
     assert state.sink_k is None or state.sink_k.shape[2] == min(sinks, max(T - window, 0))
@@ -110,9 +111,10 @@ def test_sinks_survive_prefill_blocks_and_ring_decoding(family, window, sinks):
         kws = {n: time_slice(x, s) for n, x in kw.items()}
         if form == "chunked":
             y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state,
-                                         sinks=sinks, **kws)
+                                         sinks=sinks, key_features=phi(kw["beta"] is not None), **kws)
         else:
-            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, sinks=sinks, **kws)
+            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, sinks=sinks,
+                                    key_features=phi(kw["beta"] is not None), **kws)
         ys.append(y)
         assert state.seen == s.stop
         assert state.sink_k is None or state.sink_k.shape[2] <= sinks

@@ -155,6 +155,11 @@ class LinearAttention(nn.Module):
         q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v, log_gate
 
+    def key_features(self, k: torch.Tensor) -> torch.Tensor:
+        """phi(k): (B, Hkv, T, d) -> (B, Hkv, T, F) (unit norm for the delta rule)."""
+        fk = self.feature_map_k(k)
+        return fk if self.beta_logit is None else F.normalize(fk, dim=-1)
+
     def mix(self, like: torch.Tensor) -> torch.Tensor:
         """(H,) weight of the softmax window vs the linear term (unused when window = 0)."""
         if self.mix_logit is None:
@@ -166,13 +171,14 @@ class LinearAttention(nn.Module):
         prefill (a prompt, or its next block) or decode (one token)."""
         fq = fk = beta = None
         if self.config.linear:
-            fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+            fq, fk = self.feature_map_q(q), self.key_features(k)
             if self.beta_logit is not None:  # delta rule: unit-norm features, per-head write strength
-                fq, fk = F.normalize(fq, dim=-1), F.normalize(fk, dim=-1)
+                fq = F.normalize(fq, dim=-1)
                 beta = torch.sigmoid(self.beta_logit).to(k.dtype)[None, :, None].expand(k.shape[:3])
         args = (q, k, v, fq, fk, self.mix(q), self.config.window, self.scaling)
         kw = dict(log_gate=log_gate, beta=beta, sinks=self.config.sinks)
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
+            kw["key_features"] = self.key_features  # the state keeps window keys, not their features
             if state[self.layer_idx] is not None and q.shape[2] == 1:
                 return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
             y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size, return_state=True,

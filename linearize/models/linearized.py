@@ -122,8 +122,8 @@ class LinearizedForCausalLM(PreTrainedModel):
         kwargs.pop("cache", None)
         if linear_state is not None:
             if position_ids is None:  # continue the positions the state has seen
-                T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-                position_ids = torch.arange(linear_state.seen, linear_state.seen + T).unsqueeze(0)
+                x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+                position_ids = torch.arange(linear_state.seen, linear_state.seen + x.shape[1], device=x.device)[None]
             linear_state.seen += position_ids.shape[-1]
             kwargs["linear_state"] = linear_state
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -39,8 +39,8 @@ EPS = 1e-6
 class LinearAttentionState:
     """Everything decoding needs; constant in context length unless the window is unbounded (W = None).
     kv: (B, Hkv, F, d+1) sum-rule memory of [v, 1] (delta rule: (B, Hkv, F, d)), None without a linear part;
-    win_k, win_v: (B, Hkv, <=W, d), win_fk: (B, Hkv, <=W, F), win_log_gate / win_beta: (B, Hkv, <=W) or None:
-    the most recent keys, still in the softmax window. Once the window is full its buffers are a ring: decoding
+    win_k, win_v: (B, Hkv, <=W, d), win_log_gate / win_beta: (B, Hkv, <=W) or None: the most recent keys, still
+    in the softmax window (their features phi(k) are recomputed by `key_features` when they leave it). Once the window is full its buffers are a ring: decoding
     overwrites the oldest key in place, and `start` is the slot of the oldest key (window() gives time order).
     sink_k, sink_v: (B, Hkv, <=S, d): the sink tokens (the first S of the sequence) that have left the window
     (None until one has); seen: tokens consumed so far (the position of the next one)."""
@@ -48,7 +48,6 @@ class LinearAttentionState:
     kv: torch.Tensor | None
     win_k: torch.Tensor
     win_v: torch.Tensor
-    win_fk: torch.Tensor | None
     win_log_gate: torch.Tensor | None = None
     win_beta: torch.Tensor | None = None
     start: int = 0
@@ -57,10 +56,10 @@ class LinearAttentionState:
     seen: int = 0
 
     def buffers(self) -> tuple:
-        return self.win_k, self.win_v, self.win_fk, self.win_log_gate, self.win_beta
+        return self.win_k, self.win_v, self.win_log_gate, self.win_beta
 
     def window(self) -> tuple:
-        """(win_k, win_v, win_fk, win_log_gate, win_beta) in time order, oldest first."""
+        """(win_k, win_v, win_log_gate, win_beta) in time order, oldest first."""
         if self.start == 0:
             return self.buffers()
         return tuple(None if x is None else x.roll(-self.start, dims=2) for x in self.buffers())
@@ -198,15 +197,19 @@ def _sinks_outside_window(state, k, v, n_sink: int, window: int):
 
 
 def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
-                      log_gate=None, beta=None, state: LinearAttentionState | None = None, sinks: int = 0):
+                      log_gate=None, beta=None, state: LinearAttentionState | None = None, sinks: int = 0,
+                      key_features=None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns y (B, H, T, d), and with
     return_state the LinearAttentionState after the last token (for decoding).
     state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this block's
-    keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting ones."""
+    keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting ones;
+    key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk (for the state's window keys)."""
     w = 0 if state is None else state.win_k.shape[2]
     seen = 0 if state is None else state.seen
     if w:
-        k, v, fk, log_gate, beta = (_append(old, new) for old, new in zip(state.window(), (k, v, fk, log_gate, beta)))
+        old_k, old_v, old_log_gate, old_beta = state.window()
+        fk = None if fk is None else _append(key_features(old_k), fk)
+        k, v, log_gate, beta = map(_append, (old_k, old_v, old_log_gate, old_beta), (k, v, log_gate, beta))
     Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
     W = T if window is None else window
     n_sink = 0 if window is None else min(max(sinks - (seen - w), 0), T)  # stream keys 0..n_sink-1 are sinks
@@ -237,7 +240,7 @@ def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 6
     if not return_state:
         return y
     old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
-    kept = (time_slice(x, slice(old, None)) for x in (k, v, fk, log_gate, beta))
+    kept = (time_slice(x, slice(old, None)) for x in (k, v, log_gate, beta))
     sink_k, sink_v = (None, None) if state is None else (state.sink_k, state.sink_v)
     if left := min(old, n_sink):  # sinks that left the window in this block
         sink_k, sink_v = _append(sink_k, k[:, :, :left].clone()), _append(sink_v, v[:, :, :left].clone())
@@ -252,26 +255,25 @@ def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, 
     return LinearAttentionState(
         kv=z(batch, num_kv_heads, feature_dim, head_dim + (0 if delta else 1)),
         win_k=z(batch, num_kv_heads, 0, head_dim), win_v=z(batch, num_kv_heads, 0, head_dim),
-        win_fk=z(batch, num_kv_heads, 0, feature_dim),
     )
 
 
-def _push_window(state: LinearAttentionState, window, sinks, k, v, fk, log_gate, beta):
+def _push_window(state: LinearAttentionState, window, sinks, k, v, fk, log_gate, beta, key_features):
     """One new key enters the window (B, Hkv, 1, .). Once it is full, the oldest key leaves it (with W = 0: the new
     key itself) for the sinks if it is one of the first `sinks` tokens, else for the linear memory (when there is
     one), and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
-    new = (k, v, fk, log_gate, beta)
+    new = (k, v, log_gate, beta)
     position = state.seen
     state.seen += 1
     if window is None or state.win_k.shape[2] < window:
-        state.win_k, state.win_v, state.win_fk, state.win_log_gate, state.win_beta = map(_append, state.buffers(), new)
+        state.win_k, state.win_v, state.win_log_gate, state.win_beta = map(_append, state.buffers(), new)
         return
     i = state.start
-    leaving = new if window == 0 else tuple(time_slice(x, slice(i, i + 1)) for x in state.buffers())
+    old_k, old_v, old_lg, old_beta = new if window == 0 else (time_slice(x, slice(i, i + 1)) for x in state.buffers())
     if position - window < sinks:
-        state.sink_k, state.sink_v = _append(state.sink_k, leaving[0].clone()), _append(state.sink_v, leaving[1].clone())
+        state.sink_k, state.sink_v = _append(state.sink_k, old_k.clone()), _append(state.sink_v, old_v.clone())
     elif state.kv is not None:
-        old_v, old_fk, old_lg, old_beta = leaving[1:]
+        old_fk = fk if window == 0 else key_features(old_k)
         delta = beta is not None
         state.kv = memory_step(old_fk, old_v if delta else _ones_column(old_v), old_lg, old_beta, state.kv)
     if window == 0:
@@ -283,9 +285,9 @@ def _push_window(state: LinearAttentionState, window, sinks, k, v, fk, log_gate,
 
 
 def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
-                        log_gate=None, beta=None, sinks: int = 0):
-    """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes as attention_chunked
-    (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
+                        log_gate=None, beta=None, sinks: int = 0, key_features=None):
+    """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes and key_features as
+    attention_chunked (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     B, H, T, d = q.shape
     if T != 1:
@@ -293,11 +295,12 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
         for t in range(T):
             q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = (time_slice(x, slice(t, t + 1))
                                                     for x in (q, k, v, fq, fk, log_gate, beta))
-            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t, sinks))
+            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t, sinks,
+                                          key_features))
         return torch.cat(ys, dim=2) if ys else torch.zeros_like(q)
     Hkv = k.shape[1]
     delta = beta is not None
-    _push_window(state, window, sinks, k, v, fk, log_gate, beta)
+    _push_window(state, window, sinks, k, v, fk, log_gate, beta, key_features)
     exact = ([(state.win_k, state.win_v)] if window != 0 else []) + (
         [(state.sink_k, state.sink_v)] if state.sink_k is not None else [])
     num_sm = lin = None
@@ -307,7 +310,8 @@ def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: Linea
         m = scores[0].amax(-1, keepdim=True)
         for s in scores[1:]:
             m = torch.maximum(m, s.amax(-1, keepdim=True))
-        num_sm = sum(torch.exp(s - m) @ _ones_column(values) for s, (_, values) in zip(scores, exact)).unsqueeze(3)
+        parts = [torch.exp(s - m) @ _ones_column(values) for s, (_, values) in zip(scores, exact)]
+        num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     if fq is not None and window is not None:
         lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     return _combine(num_sm, lin, mix, Hkv, delta=delta)

@@ -1,0 +1,187 @@
+"""The training-free StreamingLLM baseline against converted models with the same window and sinks (issue 15).
+
+    python scripts/baseline_table.py --out runs/baseline [--device cuda] [--windows 64,128,256] [--sinks 4]
+                                     [--parallel 3] [--convert-args "..."] [--eval-args "..."]
+    python scripts/baseline_table.py --out runs/baseline --speed        # decode tokens/s at 16k, this machine
+
+Rows, each `linearize convert` then `linearize eval` (ppl / KL / top-1 on the three texts, passkey 1k-4k):
+    streaming W S      the teacher itself over S sinks + its last W tokens (`--attention streaming`: no training)
+    lolcats W S        the default family with the same window and sinks, at the default budget
+    streaming W' S     the baseline with the same decoding-state bytes as `lolcats W S` (W' > W: the converted
+                       model also holds a linear memory and the feature-mapped keys of its window)
+    lolcats 64 0       the default conversion without sinks, for reference
+Writes OUT/baseline.json (rows: attention, window, sinks, state_bytes, ppl_ratio, top1, kl, passkey, ...) and
+OUT/baseline.md. `--speed` adds decode_tokens_per_s_16k to every row: speed does not depend on the weights, so it
+is measured here on an untrained model of each row's shape (`convert --tokens 0 --lora-tokens 0`).
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+K = 1024
+
+
+def sh(args: list[str], log: Path) -> float:
+    """Run `python -m linearize.cli ARGS`, output appended to `log`; returns seconds. Raises on failure."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"$ linearize {shlex.join(args)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "linearize.cli", *args], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"linearize {args[0]} failed (exit {proc.returncode}); see {log}")
+    return round(time.time() - t0, 1)
+
+
+def state_bytes(run: Path, context: int, device: str) -> int:
+    """Bytes of the decoding state after a `context`-token prompt (random tokens)."""
+    import torch
+
+    import linearize
+    from linearize.bench.decoding import Decoder
+
+    model, _ = linearize.load(run)
+    model.to(device)
+    ids = torch.randint(model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    dec = Decoder(model)
+    dec.prefill(ids.to(device))
+    return dec.cache_bytes()
+
+
+def row_name(attention: str, window: int, sinks: int) -> str:
+    return f"{attention}-w{window}-s{sinks}"
+
+
+def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
+    name = row_name(attention, window, sinks)
+    run, log = out / name, out / f"{name}.log"
+    convert = ["convert", "--attention", attention, "--window", str(window), "--sinks", str(sinks), "--out", str(run),
+               "--device", args.device, "--no-progress", *shlex.split(args.convert_args)]
+    if (run / "convert.json").is_file():
+        convert.append("--resume")
+    seconds = {"convert": sh(convert, log)}
+    if not (run / "eval.json").is_file() or "passkey" not in json.loads((run / "eval.json").read_text()):
+        seconds["eval"] = sh(["eval", str(run), "--device", args.device, "--skip", "mmlu,layers", "--no-progress",
+                              "--passkey-lengths", args.passkey_lengths, "--passkey-trials", str(args.passkey_trials),
+                              *shlex.split(args.eval_args)], log)
+    ev = json.loads((run / "eval.json").read_text())
+    conv = json.loads((run / "convert.json").read_text())
+    texts = ev["texts"]
+    pk = ev["passkey"]
+    return {
+        "name": name, "attention": attention, "window": window, "sinks": sinks,
+        "state_bytes": state_bytes(run, 4 * K, args.device),
+        "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},
+        "top1": {t: v["top1"] for t, v in texts.items()},
+        "kl": {t: v["kl"] for t, v in texts.items()},
+        "ppl": {t: {"teacher": v["teacher_ppl"], "student": v["student_ppl"]} for t, v in texts.items()},
+        "passkey": dict(zip(map(str, pk["lengths"]), pk["student"])),
+        "teacher_passkey": dict(zip(map(str, pk["lengths"]), pk["teacher"])),
+        "heldout_ppl": {"teacher": conv["teacher_ppl"], "student": conv.get("stage2_ppl", conv["stage1_ppl"])},
+        "convert_seconds": conv.get("total_seconds"), "seconds": seconds,
+    }
+
+
+def streaming_window_for(state: int, sinks: int, config) -> int:
+    """The streaming window whose state (keys and values of sinks + window, every layer) is `state` bytes."""
+    per_token = config["num_hidden_layers"] * config["num_key_value_heads"] * 2 * config["head_dim"] * 4  # fp32
+    return state // per_token - sinks
+
+
+def markdown(rows: list[dict]) -> str:
+    texts = list(rows[0]["ppl_ratio"])
+    lengths = list(rows[0]["passkey"])
+    head = ["row", "state MiB", *[f"{t} ppl ratio" for t in texts], *[f"{t} top-1" for t in texts],
+            *[f"passkey {int(n) // K}k" for n in lengths], "decode tok/s 16k"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tps = r.get("decode_tokens_per_s_16k")
+        lines.append("| " + " | ".join([r["name"], f"{r['state_bytes'] / 2**20:.2f}",
+                                        *[f"{r['ppl_ratio'][t]:.3f}" for t in texts],
+                                        *[f"{r['top1'][t]:.1%}" for t in texts],
+                                        *[f"{r['passkey'][n]:.0%}" for n in lengths],
+                                        "-" if tps is None else f"{tps:.1f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, result: dict):
+    tmp = out / "baseline.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "baseline.json")
+    (out / "baseline.md").write_text(markdown(result["rows"]))
+
+
+def measure_speed(out: Path, result: dict, context: int):
+    """decode tokens/s after a `context` prefill for every row (untrained model of the row's shape) and the teacher."""
+    speed = out / "speed"
+    speed.mkdir(exist_ok=True)
+
+    def point(run: Path, which: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "linearize.bench.measure", str(run), "--which", which, "--context",
+                               str(context), "--decode-tokens", "32"], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    for r in result["rows"]:
+        run = speed / r["name"]
+        if not (run / "config.json").is_file():
+            sh(["convert", "--attention", r["attention"], "--window", str(r["window"]), "--sinks", str(r["sinks"]),
+                "--tokens", "0", "--lora-tokens", "0", "--eval-tokens", str(K), "--out", str(run), "--device", "cpu",
+                "--no-progress"], out / "speed.log")
+        p = point(run, "student")
+        r["decode_tokens_per_s_16k"], r["decode_state_bytes_cpu"] = p["decode_tokens_per_s"], p["cache_bytes"]
+        print(f"{r['name']}: {p['decode_tokens_per_s']:.1f} tok/s at {context}", flush=True)
+        write(out, result)
+    p = point(speed / result["rows"][0]["name"], "teacher")
+    result["teacher_decode_tokens_per_s_16k"] = p["decode_tokens_per_s"]
+    result["speed_context"] = context
+    write(out, result)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/baseline")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--windows", default="64,128,256")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--parallel", type=int, default=1, help="rows converted at once (a GPU has room for several)")
+    p.add_argument("--convert-args", default="", help="extra arguments for every `linearize convert`")
+    p.add_argument("--eval-args", default="", help="extra arguments for every `linearize eval`")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096")
+    p.add_argument("--passkey-trials", type=int, default=10)
+    p.add_argument("--speed", action="store_true", help="add decode tokens/s at --speed-context to baseline.json")
+    p.add_argument("--speed-context", type=int, default=16 * K)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        measure_speed(out, json.loads((out / "baseline.json").read_text()), args.speed_context)
+        return
+    windows = [int(w) for w in args.windows.split(",")]
+    S = args.sinks
+    first = [("streaming", W, S) for W in windows] + [("lolcats", W, S) for W in windows] + [("lolcats", 64, 0)]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda spec: run_row(out, *spec, args), first))
+    result = {"settings": vars(args), "rows": rows}
+    write(out, result)
+    config = json.loads((out / row_name(*first[0]) / "config.json").read_text())["teacher"]
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    equal = [("streaming", streaming_window_for(r["state_bytes"], S, config), S)
+             for r in rows if r["attention"] == "lolcats" and r["sinks"] == S]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows += list(pool.map(lambda spec: run_row(out, *spec, args), equal))
+    for r, (_, W_eq, _) in zip([r for r in rows if r["attention"] == "lolcats" and r["sinks"] == S], equal):
+        r["equal_state_streaming_window"] = W_eq
+    write(out, result)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
