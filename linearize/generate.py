@@ -2,9 +2,17 @@
 
 import torch
 
+from .device import model_device
 from .models.linearized import LinearizedForCausalLM
 
 PREFILL_BLOCK = 2048  # prompt tokens per forward pass: bounds prefill memory, whatever the prompt length
+
+
+def step_forward(model: LinearizedForCausalLM, ids: torch.Tensor, state, **kwargs):
+    """model(ids) continuing from `state`, with the positions made on the ids' device (the model would make
+    them on the CPU)."""
+    positions = torch.arange(state.seen, state.seen + ids.shape[1], device=ids.device)[None]
+    return model(input_ids=ids, linear_state=state, position_ids=positions, **kwargs)
 
 
 @torch.no_grad()
@@ -13,8 +21,9 @@ def prefill(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, 
     state the last one left (chunked form), so activations never exceed one block.
     Returns (next-token logits (1, V), decoding state)."""
     state = state if state is not None else model.new_decoding_state()
+    prompt_ids = prompt_ids.to(model_device(model))
     for start in range(0, prompt_ids.shape[1], block):
-        logits = model(input_ids=prompt_ids[:, start : start + block], linear_state=state, logits_to_keep=1).logits
+        logits = step_forward(model, prompt_ids[:, start : start + block], state, logits_to_keep=1).logits
     return logits[:, -1], state
 
 
@@ -25,6 +34,7 @@ def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new
     """prompt_ids (1, T) -> (1, T + n) with n <= max_new_tokens. temperature 0 = greedy.
     on_token(id) is called for each new token (for streaming). Returns (ids, decoding state)."""
     model.eval()
+    prompt_ids = prompt_ids.to(model_device(model))
     logits, state = prefill(model, prompt_ids, state)
     out = [prompt_ids]
     for i in range(max_new_tokens):
@@ -41,7 +51,7 @@ def generate_ids(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, max_new
             on_token(token.item())
         if i == max_new_tokens - 1 or (eos_token_id is not None and token.item() == eos_token_id):
             break
-        logits = model(input_ids=token, linear_state=state).logits[:, -1]
+        logits = step_forward(model, token, state).logits[:, -1]
     return torch.cat(out, dim=1), state
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint, load_tensors, write_json_atomic
 from .data import pack_sequences
+from .device import DTYPES, placement
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LoraSettings, finetune_lora
@@ -24,9 +25,6 @@ from .load.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
 from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
 from .transfer.distributed import distributed_transfer, init_distributed
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -73,25 +71,10 @@ class ConvertSettings:
         LoraSettings(rank=self.lora_rank, init=self.lora_init)
 
     def placement(self, distributed: bool = False) -> tuple[torch.device, torch.dtype]:
-        """Where the teacher runs and in what precision: a GPU in bfloat16 when torch sees one (pure linear
-        attention then runs on the flash-linear-attention kernels), else the CPU in float32. Under torchrun on
-        GPUs each rank takes cuda:LOCAL_RANK. Trained parameters (feature maps, LoRA) stay float32."""
-        name = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise LinearizeError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):
-            raise LinearizeError(f"--device {self.device!r}: only cpu and cuda are supported")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise LinearizeError(f"--device {self.device} but torch sees no CUDA device (a CPU build of torch, "
-                                     "or no GPU visible); use --device cpu")
-            if distributed:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if self.dtype == "auto":
-            return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-        return device, DTYPES[self.dtype]
+        """Where the teacher runs and in what precision (device.placement): a GPU in bfloat16 when torch sees one
+        (pure linear attention then runs on the flash-linear-attention kernels), else the CPU in float32.
+        Trained parameters (feature maps, LoRA) stay float32."""
+        return placement(self.device, self.dtype, distributed)
 
 
 class RunState:

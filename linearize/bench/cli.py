@@ -8,21 +8,27 @@ def add(sub):
     d = BenchSettings()
     p = sub.add_parser("bench", help="speed and memory, teacher vs student, prefill and decode -> bench.json",
                        description="Benchmark teacher (HF KV cache, SDPA) vs student (chunked prefill, recurrent "
-                                   "decode). Every point runs in a fresh process. The defaults take about 15 minutes "
-                                   "on a 2-core CPU with SmolLM2-135M. Writes DIR/bench.json.")
+                                   "decode). On the CPU every point runs in a fresh process; the defaults take about "
+                                   "15 minutes on a 2-core CPU with SmolLM2-135M. On CUDA both models are loaded once "
+                                   "(bf16) and every point runs in one process. Writes DIR/bench.json.")
     p.add_argument("path", help="converted model folder")
     p.add_argument("--teacher", help="teacher model (default: the one in DIR/convert.json, else bundled SmolLM2)")
-    p.add_argument("--contexts", type=int_list, default=d.contexts, help="prefill lengths (default: 512,1k,...,32k)")
+    p.add_argument("--contexts", type=int_list, default=d.contexts, help="prefill lengths (default: 512,1k,...,32k; on CUDA 4k,8k,...,128k)")
     p.add_argument("--decode-contexts", type=int_list, default=d.decode_contexts,
-                   help="decode after a prefill of these lengths (default: 1k,2k,...,32k)")
+                   help="decode after a prefill of these lengths (default: 1k,2k,...,32k; on CUDA 4k,...,128k)")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
                    help="decode steps timed per point (median; default: %(default)s)")
     p.add_argument("--teacher-max-context", type=token_count, default=d.teacher_max_context,
-                   help="skip the teacher above this context (default: 16k)")
-    p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per point (default: %(default)s)")
+                   help="skip the teacher above this context (default: 16k; on CUDA 128k)")
+    p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per point in a fresh process (default: %(default)s)")
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
-                        "linearize/ops/decode_linear.py) or stock nn.Linear (default: %(default)s)")
+                        "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default=d.dtype, help="both models: auto (bfloat16 on CUDA, float32 on CPU) | float32 | "
+                                                    "bfloat16 | float16")
+    p.add_argument("--in-process", action="store_true", default=None,
+                   help="load both models once and run every point in this process (always so on CUDA)")
     p.set_defaults(run=run)
 
 
@@ -31,7 +37,8 @@ def run(args):
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
-                             timeout=args.timeout, linears=args.linears)
+                             timeout=args.timeout, linears=args.linears, device=args.device, dtype=args.dtype,
+                             in_process=args.in_process)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {args.path}/bench.json")
@@ -46,7 +53,9 @@ def print_tables(res: dict):
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"teacher vs student, {res['machine']['threads']} threads")
+    machine = res["machine"]
+    where = machine.get("device_name") or f"{machine['threads']} threads"
+    t = Table(title=f"teacher vs student, {where}")
     for col in ("context", "model", "prefill tok/s", "prefill peak MiB", "decode ms/tok", "decode tok/s",
                 "decode peak MiB", "cache MiB"):
         t.add_column(col, justify="right")

@@ -7,21 +7,25 @@
 
 import torch
 
-from ..generate import prefill
+from ..device import model_device
+from ..generate import prefill, step_forward
 from ..models.linearized import LinearizedForCausalLM
 
 
 class Decoder:
     """dec = Decoder(model); logits = dec.prefill(ids (1, T)); logits = dec.step(token (1, 1)).
-    Both return next-token logits (1, V); cache_bytes() is the size of what decoding keeps per sequence."""
+    Both return next-token logits (1, V) on the model's device, where they also take their inputs from;
+    cache_bytes() is the size of what decoding keeps per sequence."""
 
     def __init__(self, model):
         self.model = model.eval()
         self.linear = isinstance(model, LinearizedForCausalLM)
+        self.device = model_device(model)
         self.cache = None
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device)
         if self.linear:
             logits, self.cache = prefill(self.model, ids)
             return logits
@@ -32,8 +36,9 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
+        token = token.to(self.device)
         if self.linear:
-            out = self.model(input_ids=token, linear_state=self.cache)
+            out = step_forward(self.model, token, self.cache)
         else:
             out = self.model(input_ids=token, cache=self.cache, use_cache=True)
         return out.logits[:, -1]

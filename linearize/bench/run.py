@@ -1,10 +1,12 @@
 """`linearize bench DIR`: teacher (HF, SDPA, KV cache) vs student (chunked prefill, recurrent decode) on this machine.
 
-Each (model, context) point runs in its own process (bench/measure.py), so peak memory is that point's alone.
-Both models run the same nn.Linear kernel (settings.linears), so the ratios measure the attention.
+On the CPU each (model, context) point runs in its own process (bench/measure.py), so peak memory (resident set)
+is that point's alone. On CUDA (or with --in-process) both models are loaded once and every point runs in this
+process: clocks are read after torch.cuda.synchronize() and memory is the peak of allocated tensor memory per
+phase. Both models run the same nn.Linear kernel (settings.linears), so the ratios measure the attention.
 Writes DIR/bench.json after every point:
 
-    model, teacher, machine {cpus, torch, threads}, settings
+    model, teacher, machine {cpus, torch, threads, device, dtype; on CUDA also device_name, cuda}, settings
     points      [{which, context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes,
                   decode_ms_per_token, decode_tokens_per_s, decode_peak_bytes, linear_layers_ms, model_rss_bytes}
                  or {which, context, error}]  (see measure.py)
@@ -15,10 +17,11 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import write_json_atomic
+from ..device import device_name, placement
 from ..errors import LinearizeError
 from ..evaluate.models import teacher_spec
 
@@ -26,27 +29,49 @@ K = 1024
 LINEARS = ("decode", "stock")
 
 
+CPU_DEFAULTS = dict(contexts=(512, 1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K),  # prefill
+                    decode_contexts=(1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K),  # decode after a prefill this long
+                    teacher_max_context=16 * K,  # teacher prefill at 32k takes many minutes on 2 cores
+                    linears="decode")
+CUDA_CONTEXTS = (4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K)
+CUDA_DEFAULTS = dict(contexts=CUDA_CONTEXTS, decode_contexts=CUDA_CONTEXTS, teacher_max_context=128 * K,
+                     linears="stock")
+
+
 @dataclass
 class BenchSettings:
-    contexts: tuple[int, ...] = (512, 1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K)  # prefill
-    decode_contexts: tuple[int, ...] = (1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K)  # decode after a prefill this long
+    """None: the default of the device (CPU_DEFAULTS or CUDA_DEFAULTS), filled in by resolved()."""
+
+    contexts: tuple[int, ...] | None = None  # prefill
+    decode_contexts: tuple[int, ...] | None = None  # decode after a prefill this long
     decode_tokens: int = 32
-    teacher_max_context: int = 16 * K  # teacher prefill at 32k takes many minutes on 2 cores
-    timeout: int = 900  # seconds per point
-    linears: str = "decode"  # both models' nn.Linear: "decode" (ops/decode_linear.py) | "stock"
+    teacher_max_context: int | None = None
+    timeout: int = 900  # seconds per point (fresh-process points only)
+    linears: str | None = None  # both models' nn.Linear: "decode" (ops/decode_linear.py, CPU) | "stock"
+    device: str = "auto"  # "auto" (CUDA when torch sees one) | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
+
+    def resolved(self, device_type: str) -> "BenchSettings":
+        """A copy with every None replaced by the default for a `device_type` ("cpu" | "cuda") machine."""
+        defaults = {**(CUDA_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS), "in_process": device_type == "cuda"}
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self):
-        if min(*self.contexts, *self.decode_contexts, self.decode_tokens, self.teacher_max_context, self.timeout) < 1:
+        sizes = (*(self.contexts or ()), *(self.decode_contexts or ()), self.decode_tokens,
+                 self.teacher_max_context or 1, self.timeout)
+        if min(sizes) < 1:
             raise LinearizeError("contexts, --decode-tokens, --teacher-max-context and --timeout must be >= 1")
-        if self.linears not in LINEARS:
+        if self.linears not in (None, *LINEARS):
             raise LinearizeError(f"unknown --linears {self.linears!r}; choose one of {LINEARS}")
 
 
 def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
-              linears: str = "decode") -> dict:
-    """One measurement in a fresh Python process; errors and timeouts come back as {"error": ...}."""
+              linears: str = "decode", dtype: str = "float32") -> dict:
+    """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
-           "--decode-tokens", str(decode_tokens), "--linears", linears] + (["--teacher", teacher] if teacher else [])
+           "--decode-tokens", str(decode_tokens), "--linears", linears, "--dtype", dtype]
+    cmd += ["--teacher", teacher] if teacher else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -83,26 +108,65 @@ def targets(points: list[dict], decode_contexts, at: int = 16 * K) -> dict:
     }
 
 
+class InProcess:
+    """Both models loaded once on `device`; point() measures one in this process (errors come back as
+    {"error": ...}, a CUDA out-of-memory included, with the cache emptied after it)."""
+
+    def __init__(self, path, teacher: str | None, device, dtype, linears: str):
+        from .measure import load_model
+
+        self.device = device
+        self.models = {which: load_model(path, which, teacher, device, dtype, linears) for which in ("student", "teacher")}
+
+    def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
+        import torch
+
+        from .measure import measure
+
+        try:
+            return {"which": which, "linears": linears, **measure(self.models[which], context, decode_tokens)}
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            return {"which": which, "context": context, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str | None = None, log=print) -> dict:
     import torch
 
     settings = settings or BenchSettings()
+    device, dtype = placement(settings.device, settings.dtype)
+    settings = settings.resolved(device.type)
     settings.check()
+    if device.type == "cuda" and settings.linears == "decode":
+        raise LinearizeError("--linears decode is a CPU kernel; on CUDA both models use stock nn.Linear (--linears stock)")
+    if device.type == "cuda" and not settings.in_process:
+        raise LinearizeError("on CUDA the bench runs in one process (fresh processes only matter for CPU memory)")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LinearizeError(f"{path} is not a converted model folder (no config.json); run `linearize convert` first")
     spec = teacher_spec(path, teacher)
-    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [],
-           "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    dtype_name = str(dtype).removeprefix("torch.")
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": str(device), "dtype": dtype_name}
+    if device.type == "cuda":
+        machine.update(device_name=device_name(device), cuda=torch.version.cuda)
+    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [], "machine": machine}
+    here = InProcess(path, spec, device, dtype, settings.linears) if settings.in_process else None
     for context in sorted(set(settings.contexts) | set(settings.decode_contexts)):
         n_decode = settings.decode_tokens if context in settings.decode_contexts else 0
         for which in ("student", "teacher"):
             if which == "teacher" and context > settings.teacher_max_context:
                 continue
             log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}) ...")
-            res["points"].append(run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears))
-            if "error" in res["points"][-1]:
-                log(f"bench: {which} at {context}: {res['points'][-1]['error']}")
+            if here is not None:
+                point = here.point(which, context, n_decode, settings.linears)
+            else:
+                point = run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears, dtype_name)
+            res["points"].append(point)
+            if "error" in point:
+                log(f"bench: {which} at {context}: {point['error']}")
             res["targets"] = targets(res["points"], settings.decode_contexts)
             write_json_atomic(res, path / "bench.json")
     return res

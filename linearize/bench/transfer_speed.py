@@ -1,41 +1,46 @@
 """`linearize bench-transfer`: attention-transfer throughput vs the teacher's forward pass, in one process.
 
 Both are measured on the same random token batches (content does not change the cost), after one warm-up
-step each; the result goes to a JSON file."""
+step each, on --device (clocks read after the device has finished: CUDA runs asynchronously); the result goes
+to a JSON file."""
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from ..device import device_name, now, placement
 from ..layers.linear_attention import attention_preset
 from ..load.teacher import load_teacher
 from ..models.linearized import make_student_attention
 from ..transfer.attention_transfer import attention_transfer
 
 
-def measure(model: str | None, seq_len: int, steps: int, attention: str, threads: int | None = None) -> dict:
+def measure(model: str | None, seq_len: int, steps: int, attention: str, threads: int | None = None,
+            device: str = "cpu", dtype: str = "auto") -> dict:
     if threads:
         torch.set_num_threads(threads)
-    teacher, _ = load_teacher(model)
+    where, precision = placement(device, dtype)
+    teacher, _ = load_teacher(model, dtype=precision)
+    teacher.to(where)
     g = torch.Generator().manual_seed(0)
-    batches = torch.randint(0, teacher.config.vocab_size, (steps + 1, seq_len), generator=g)
+    batches = torch.randint(0, teacher.config.vocab_size, (steps + 1, seq_len), generator=g).to(where)
     with torch.no_grad():
         teacher(batches[:1])  # warm-up
-        t0 = time.perf_counter()
+        t0 = now(where)
         for row in batches[1:]:
             teacher(row[None])
-        teacher_s = time.perf_counter() - t0
+        teacher_s = now(where) - t0
     students = make_student_attention(teacher, attention_preset(attention))
     attention_transfer(teacher, students, batches[:1], progress=False)  # warm-up step
-    t0 = time.perf_counter()
+    t0 = now(where)
     attention_transfer(teacher, students, batches[1:], progress=False)
-    transfer_s = time.perf_counter() - t0
+    transfer_s = now(where) - t0
     tokens = steps * seq_len
     result = {
         "model": model or "bundled SmolLM2-135M-Instruct", "attention": attention, "seq_len": seq_len,
-        "steps": steps, "threads": torch.get_num_threads(),
+        "steps": steps, "threads": torch.get_num_threads(), "device": str(where), "device_name": device_name(where),
+        "dtype": str(precision).removeprefix("torch."),
         "teacher_forward_tokens_per_s": round(tokens / teacher_s, 1),
         "transfer_tokens_per_s": round(tokens / transfer_s, 1),
     }
@@ -50,11 +55,14 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--attention", default="lolcats")
     p.add_argument("--out", default="bench_transfer.json", help="JSON result file (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="teacher precision: auto (bfloat16 on CUDA, float32 on CPU) | "
+                                                   "float32 | bfloat16 | float16")
     p.set_defaults(run=_run)
 
 
 def _run(args):
-    result = measure(args.model, args.seq_len, args.steps, args.attention)
+    result = measure(args.model, args.seq_len, args.steps, args.attention, device=args.device, dtype=args.dtype)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"transfer runs at {result['ratio']:.2f}x the teacher's forward tokens/s (written to {args.out})")

@@ -6,15 +6,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..device import model_device
+
 
 @torch.no_grad()
 def compare(teacher, student, sequences: torch.Tensor, progress: bool = True, desc: str = "teacher vs student") -> dict:
     """sequences (N, T) -> {"tokens", "teacher_ppl", "student_ppl", "kl", "top1"} over the N * (T - 1)
-    next-token predictions. kl: mean KL(teacher || student) in nats; top1: fraction where the argmaxes agree."""
+    next-token predictions (both models on the same device). kl: mean KL(teacher || student) in nats; top1: fraction where the argmaxes agree."""
     teacher.eval(), student.eval()
     nll_t = nll_s = kl = agree = 0.0
     count = 0
+    device = model_device(teacher)
     for row in tqdm(sequences, desc=desc, disable=not progress, leave=False):
+        row = row.to(device)
         ids, targets = row[None, :-1], row[1:]
         logp_t = F.log_softmax(teacher(input_ids=ids).logits[0].float(), dim=-1)  # (T-1, V)
         logp_s = F.log_softmax(student(input_ids=ids).logits[0].float(), dim=-1)

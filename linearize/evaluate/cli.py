@@ -46,6 +46,10 @@ def add(sub):
     p.add_argument("--limit", type=_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
+    p.add_argument("--device", default=d.device, help="both models: auto (CUDA when present) | cpu | cuda | cuda:N "
+                                                      "(default: auto)")
+    p.add_argument("--dtype", default=d.dtype, help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | "
+                                                    "float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -56,7 +60,8 @@ def run(args):
     settings = EvalSettings(texts=tuple(t for t in args.texts.split(",") if t), seq_len=args.seq_len,
                             sequences=args.sequences, layer_sequences=args.layer_sequences,
                             passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
-                            limit=args.limit, skip=tuple(s for s in args.skip.split(",") if s))
+                            limit=args.limit, skip=tuple(s for s in args.skip.split(",") if s), device=args.device,
+                            dtype=args.dtype)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {args.path}/eval.json")

@@ -81,7 +81,7 @@ def mmlu_accuracy(models: dict, tokenizer, limit: int | None = None, subjects: l
         tasks = write_tasks(Path(folder), subjects)
         manager = TaskManager(include_path=folder, include_defaults=False)
         for name, model in models.items():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1, device="cpu",
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1, device=str(model.device),
                       max_length=max_length)
             res = lm_eval.simple_evaluate(model=lm, tasks=[GROUP], num_fewshot=NUM_FEWSHOT, limit=limit,
                                           task_manager=manager, log_samples=False, verbosity="ERROR")

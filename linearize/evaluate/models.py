@@ -19,21 +19,25 @@ def teacher_spec(path: str | Path, override: str | None = None) -> str | None:
         raise LinearizeError(f"{info} is not valid JSON ({e}); pass the teacher with --teacher") from e
 
 
-def load_student(path: str | Path):
-    """(LinearizedForCausalLM, tokenizer); the folder must hold tokenizer files."""
+def load_student(path: str | Path, device="cpu", dtype=None):
+    """(LinearizedForCausalLM on `device` in `dtype` (default float32), tokenizer); the folder must hold
+    tokenizer files."""
     import linearize
 
-    model, tokenizer = linearize.load(path)
+    model, tokenizer = linearize.load(path, dtype=dtype)
     if tokenizer is None:
         raise LinearizeError(f"{path} has no tokenizer files; re-run `linearize convert`")
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
-def load_teacher_of(path: str | Path, override: str | None = None):
-    """(teacher model with SDPA attention, its spec as given to load_teacher)."""
+def load_teacher_of(path: str | Path, override: str | None = None, device="cpu", dtype=None):
+    """(teacher model with SDPA attention on `device` in `dtype` (default float32), its spec as given to
+    load_teacher)."""
+    import torch
+
     from ..load.teacher import load_teacher
 
     spec = teacher_spec(path, override)
-    teacher, _ = load_teacher(spec)
+    teacher, _ = load_teacher(spec, dtype=dtype or torch.float32)
     teacher.set_attn_implementation("sdpa")
-    return teacher, spec
+    return teacher.to(device), spec

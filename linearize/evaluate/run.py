@@ -9,6 +9,7 @@
     mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
                                {acc, acc_stderr, subjects: {subject: acc}}
     seconds                    wall time of each part
+    device                     where both models ran: {device, name, dtype}
 """
 
 import time
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import write_json_atomic
+from ..device import device_name, placement
 from ..errors import LinearizeError
 from .models import load_student, load_teacher_of
 from .texts import EVAL_TEXTS, eval_sequences
@@ -33,6 +35,8 @@ class EvalSettings:
     passkey_trials: int = 5
     limit: int | None = 5  # MMLU questions per subject (None = all 14,042)
     skip: tuple[str, ...] = ()
+    device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -63,10 +67,12 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
 
     settings = settings or EvalSettings()
     settings.check()
+    device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path)
-    teacher_model, spec = load_teacher_of(path, teacher)
-    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {}}
+    student, tokenizer = load_student(path, device, dtype)
+    teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
+    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
+           "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}
     models = {"teacher": teacher_model, "student": student}
 
     def part(name, fn):
