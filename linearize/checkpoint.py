@@ -42,8 +42,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LinearizeError(f"{path} is not a valid safetensors file ({e}); re-create it or restore a good copy") from e
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = optimizer.state_dict()
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], list]:
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     flat = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -59,7 +59,9 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, flat: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict,
+                    meta: dict) -> None:
+    """optimizer: the optimizer or its state_dict()."""
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)

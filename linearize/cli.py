@@ -21,6 +21,7 @@ def comma_ints(text: str) -> list[int]:
 def _add_convert(sub):
     from .layers.linear_attention import ATTENTION_PRESETS
     from .pipeline import ConvertSettings
+    from .transfer.distributed import DISTRIBUTED_MODES
 
     d = ConvertSettings()
     p = sub.add_parser("convert", help="linearize a model: attention transfer then LoRA",
@@ -53,9 +54,10 @@ def _add_convert(sub):
                                             "instead of running stage 1")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--distributed", nargs="?", const="layers", choices=("layers", "data"),
-                   help="under `torchrun --nproc-per-node N -m linearize.cli convert ...`: split stage 1 over "
-                        "ranks by layers (default; same result as one process) or by data; stage 2 runs DDP")
+    p.add_argument("--distributed", nargs="?", const="layers", choices=DISTRIBUTED_MODES,
+                   help="under `torchrun --nproc-per-node N -m linearize.cli convert ...`: layers (default): stage 1 "
+                        "split over ranks by layers (same result as one process), stage 2 DDP; data: stage 1 split "
+                        "by batch, stage 2 DDP; fsdp: stage 1 data-parallel, stage 2 sharded with FSDP")
     p.add_argument("--device", default=d.device, help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default=d.dtype, help="teacher precision: auto (bfloat16 on CUDA, float32 on CPU) | "
                                                     "float32 | bfloat16 | float16")

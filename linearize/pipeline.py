@@ -145,8 +145,9 @@ def choose_softmax_layers(layer_mse: list[float], students, k: int, layers: list
 def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, progress: bool = True, log=print,
             distributed: str | None = None) -> dict:
     """Run the whole conversion; returns the results dict (also in out/convert.json).
-    distributed: "layers" | "data" under torchrun (see transfer/distributed.py): every rank runs the pipeline,
-    stage 1 splits layers or batches, stage 2 is DDP with one sequence per rank, and rank 0 alone writes."""
+    distributed: "layers" | "data" | "fsdp" under torchrun (see transfer/distributed.py): every rank runs the
+    pipeline, stage 1 splits layers or batches ("fsdp": batches), stage 2 runs one sequence per rank under DDP
+    ("fsdp": sharded by FSDP), and rank 0 alone writes."""
     settings.check()
     out = Path(out)
     device, dtype = settings.placement(distributed=bool(distributed))
@@ -197,9 +198,10 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         if "transfer" not in res:
             t0 = time.perf_counter()
             kw = dict(lr=settings.transfer_lr, checkpoint_dir=ckpt / "transfer", progress=progress)
+            mode = "data" if distributed == "fsdp" else distributed  # FSDP is for stage 2 only
             r1 = (attention_transfer(teacher, students, train1, **kw) if group is None else
-                  distributed_transfer(teacher, students, train1, group, distributed,
-                                       batch_size=group.world if distributed == "data" else 1, **kw))
+                  distributed_transfer(teacher, students, train1, group, mode,
+                                       batch_size=group.world if mode == "data" else 1, **kw))
             errors = layer_transfer_errors(teacher, students, heldout[:2])
             state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
                          transfer_history=r1.history)
@@ -222,7 +224,8 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         t0 = time.perf_counter()
         lora = LoraSettings(rank=settings.lora_rank, init=settings.lora_init)
         model, r2 = finetune_lora(model, train2, lora, lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
-                                  progress=progress, batch_size=group.world if group else 1, data_parallel=group)
+                                  progress=progress, batch_size=group.world if group else 1, data_parallel=group,
+                                  fsdp=distributed == "fsdp")
         if "lora" not in res:
             state.record(lora=_stage_summary(r2, time.perf_counter() - t0), lora_history=r2.history)
         state.record(stage2_ppl=perplexity(model, heldout, desc="student perplexity (stage 2)", progress=progress))

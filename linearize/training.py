@@ -1,13 +1,22 @@
 """The one training loop both stages share: batches -> step_fn (forward + backward) -> optimizer step,
-with a progress bar (tokens/s, loss, ETA), a loss history, and periodic crash-safe checkpoints to resume from."""
+with a progress bar (tokens/s, loss, ETA), a loss history, and periodic crash-safe checkpoints to resume from.
+
+The trained parameters may be FSDP shards (DTensors, see transfer/distributed.py RankGroup.fsdp). Checkpoints
+then still hold whole tensors in the single-process layout: saving is a collective (every rank gathers each
+tensor, rank 0 writes), and resuming loads the whole tensors on every rank and keeps each rank's shard.
+"""
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.experimental import implicit_replication
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -31,6 +40,33 @@ def cosine_with_warmup(total_steps: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard -> the whole tensor (a collective: every rank calls it, in the same order); else t."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    sd = optimizer.state_dict()
+    return {**sd, "state": {i: {k: full_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading whole tensors: keep this rank's shard of each moment of a DTensor parameter."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's value of flag on every rank."""
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train(
     name: str,
     sequences: torch.Tensor,
@@ -48,21 +84,33 @@ def train(
     """Train `params` over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
     return {"loss": float, ...}. state_fn/restore_fn give/take the tensors a checkpoint must hold.
     With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s
-    (write_checkpoints=False: resume only, never write; for the ranks other than 0 of a data-parallel run)."""
+    (write_checkpoints=False: resume only, never write; for the ranks other than 0 of a data-parallel run).
+    With FSDP-sharded params every rank must call train alike: state_fn may return shards (they are gathered),
+    restore_fn gets whole tensors (copied into a DTensor parameter they fill this rank's shard), rank 0's clock
+    decides when to checkpoint, and an interrupt keeps the last periodic checkpoint (no save: the ranks stop at
+    different points, so a gather could hang)."""
     total_steps = len(sequences) // batch_size
+    sharded = any(isinstance(p, DTensor) for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start, history = 0, []
     if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir, optimizer)) is not None:
         tensors, meta = found
-        restore_fn(tensors)
+        with implicit_replication() if sharded else nullcontext():
+            restore_fn(tensors)
+        if sharded:
+            _shard_optimizer_state(optimizer)
         start, history = meta["step"], meta["history"]
     factor = cosine_with_warmup(total_steps, max(1, total_steps // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
     tokens_per_step = batch_size * sequences.shape[1]
 
     def save(step):
-        if checkpoint_dir is not None and write_checkpoints:
-            save_checkpoint(checkpoint_dir, state_fn(), optimizer, {"step": step, "history": history})
+        if checkpoint_dir is None or not (write_checkpoints or sharded):
+            return
+        tensors = {k: full_tensor(v) for k, v in state_fn().items()}
+        optimizer_state = _full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
+        if write_checkpoints:
+            save_checkpoint(checkpoint_dir, tensors, optimizer_state, {"step": step, "history": history})
 
     bar = tqdm(total=total_steps * tokens_per_step, initial=start * tokens_per_step, desc=name, unit="tok",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
@@ -81,11 +129,15 @@ def train(
                             "tokens_per_s": (done - start) * tokens_per_step / elapsed, **metrics})
             bar.update(tokens_per_step)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-            if time.perf_counter() - last_save > checkpoint_every_s and done < total_steps:
+            due = time.perf_counter() - last_save > checkpoint_every_s and done < total_steps
+            if sharded:
+                due = _rank0_says(due)  # the gather needs every rank
+            if due:
                 save(done)
                 last_save = time.perf_counter()
     except KeyboardInterrupt:
-        save(done)  # finished steps survive an interrupt
+        if not sharded:
+            save(done)  # finished steps survive an interrupt
         raise
     finally:
         bar.close()

@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 2 -m linearize.cli convert --distributed` (CPU, gloo) end to end: rank 0 alone
-writes, and layer-parallel stage 1 gives the single-process result."""
+writes, layer-parallel stage 1 gives the single-process result, and `--distributed fsdp` (FSDP stage 2) gives
+the `--distributed data` (DDP stage 2) result."""
 
 import json
 import os
@@ -8,19 +9,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from linearize.cli import main
 from test_cli import SMALL, one_error_line
 
 
-def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):  # noqa: F811
-    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+def torchrun_convert(args: list[str], out: Path, *distributed: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "linearize.cli", *args, "--out", str(tmp_path / "dist"), "--distributed"]
+           "-m", "linearize.cli", *args, "--out", str(out), "--distributed", *distributed]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model saved to") == 1  # one summary, from rank 0
+
+
+def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):  # noqa: F811
+    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+    torchrun_convert(args, tmp_path / "dist")
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
 
     dist, single = (json.loads((tmp_path / d / "progress.json").read_text())["results"] for d in ("dist", "single"))
@@ -32,6 +38,25 @@ def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):
     assert (tmp_path / "dist" / "model.safetensors").is_file()
 
 
-def test_distributed_without_torchrun_is_one_line(model_dir, data_file, tmp_path, capsys):  # noqa: F811
+def test_torchrun_convert_fsdp_equals_data(model_dir, data_file, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+    for mode in ("fsdp", "data"):
+        torchrun_convert(args, tmp_path / mode, mode)
+    fsdp, data = (json.loads((tmp_path / d / "progress.json").read_text())["results"] for d in ("fsdp", "data"))
+    assert fsdp["layer_mse"] == data["layer_mse"]  # stage 1 runs data-parallel in both
+    assert fsdp["stage2_ppl"] == pytest.approx(data["stage2_ppl"], rel=1e-5)
+    for name in ("model.safetensors", "checkpoints/lora/tensors.safetensors", "checkpoints/lora/optimizer.safetensors"):
+        a, b = (load_file(str(tmp_path / mode / name)) for mode in ("fsdp", "data"))
+        assert a.keys() == b.keys(), name  # the gathered checkpoint and model: the one-process layout
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "lora").iterdir()) == [
+        "meta.json", "optimizer.safetensors", "tensors.safetensors"]
+
+
+@pytest.mark.parametrize("mode", [[], ["fsdp"]])
+def test_distributed_without_torchrun_is_one_line(model_dir, data_file, tmp_path, capsys, mode):  # noqa: F811
     one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out",
-                            str(tmp_path / "o"), *SMALL, "--distributed"], "torchrun")
+                            str(tmp_path / "o"), *SMALL, "--distributed", *mode], "torchrun")

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import LinearizeError
+from ..load.architectures import architecture_of
 from ..training import TrainResult, train
 
 LORA_INITS = ("default", "pissa")
@@ -68,15 +69,25 @@ def finetune_lora(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     data_parallel=None,
+    fsdp: bool = False,
+    checkpoint_every_s: float = 120.0,
 ):
     """LoRA-finetune `model` on sequences (N, T); returns (merged plain model, TrainResult).
     data_parallel: a transfer.distributed.RankGroup; each rank then runs its shard of every batch (batch_size is
-    the global batch) under torch DDP, and only rank 0 writes checkpoints."""
+    the global batch) under torch DDP, or with fsdp=True sharded by FSDP (RankGroup.fsdp, one unit per decoder
+    layer; every rank gets the whole merged model back). Only rank 0 writes checkpoints."""
+    if fsdp and data_parallel is None:
+        raise LinearizeError("fsdp=True shards over the ranks of data_parallel; pass data_parallel=init_distributed()")
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = add_lora(model, settings)
     peft_model.train()
-    forward = peft_model if data_parallel is None else data_parallel.ddp(peft_model)
+    forward, gather = peft_model, None
+    if data_parallel is not None and fsdp:
+        teacher = model.model  # the LinearizedForCausalLM's teacher skeleton
+        gather = data_parallel.fsdp(peft_model, list(architecture_of(teacher.config).decoder_layers(teacher)))
+    elif data_parallel is not None:
+        forward = data_parallel.ddp(peft_model)
     device = next(peft_model.parameters()).device
 
     def step(batch):
@@ -96,7 +107,10 @@ def finetune_lora(
                                 state_fn=lambda: _trainable_state(peft_model),
                                 restore_fn=lambda t: _load_trainable_state(peft_model, t),
                                 lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
+                                checkpoint_every_s=checkpoint_every_s,
                                 write_checkpoints=data_parallel is None or data_parallel.rank == 0)
+    if gather is not None:
+        peft_model = gather()  # the whole trained model on every rank, unsharded, to merge as one process would
     merged = peft_model.merge_and_unload().eval()
     for p in merged.parameters():
         p.requires_grad_(False)

@@ -10,23 +10,35 @@ Stage 1 (attention transfer) splits one of two ways; both reproduce a single-pro
   so every rank holds all of them, and rank 0 writes the merged checkpoint to checkpoint_dir.
 - "data": each rank runs 1/world of every batch and the gradients are all-reduced (averaged) before the
   optimizer step: equal to one process with the same global batch. Rank 0 alone writes checkpoints.
-Stage 2 (LoRA) is data parallel through torch DDP (finetune_lora(..., data_parallel=group)).
+Stage 2 (LoRA) is data parallel: each rank runs 1/world of every batch (finetune_lora(..., data_parallel=group)),
+with either
+- DDP (modes "layers" and "data"): every rank holds the whole model; gradients are all-reduced; or
+- FSDP (mode "fsdp", finetune_lora(..., fsdp=True)): torch's fully_shard (FSDP2) per decoder layer and on the
+  root, so every rank holds 1/world of each weight (frozen base and LoRA adapters alike) and all-gathers one
+  layer at a time. Checkpoints gather the whole trainable state (rank 0 writes it in the single-process layout),
+  and after training every rank gathers the whole model to merge the adapters. Stage 1 in mode "fsdp" runs
+  as "data" (every rank holds the whole teacher).
 """
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import LinearizeError
 from ..layers.linear_attention import LinearAttention
-from ..training import TrainResult
+from ..training import TrainResult, full_tensor
 from .attention_transfer import attention_transfer, load_transfer_state, transfer_state
 
 TRANSFER_MODES = ("layers", "data")
+DISTRIBUTED_MODES = ("layers", "data", "fsdp")  # `convert --distributed`; "fsdp" runs stage 1 as "data"
 
 
 @dataclass
@@ -66,6 +78,31 @@ class RankGroup:
         """Wrap for data-parallel training (gradients of trainable parameters averaged in backward)."""
         device_ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def fsdp(self, module: torch.nn.Module, blocks: list[torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+        """Shard `module` in place with FSDP2 (fully_shard on each of `blocks`, the decoder layers, then on the
+        root): its parameters become DTensors holding this rank's 1/world of each tensor, a block's weights are
+        all-gathered while it runs, and gradients are reduce-scattered (averaged). Returns `gather`, a collective
+        that gives every rank a plain, unsharded copy of the module as trained so far."""
+        def meta(t):  # same class and shape, no storage
+            empty = torch.empty_like(t, device="meta")
+            return torch.nn.Parameter(empty, t.requires_grad) if isinstance(t, torch.nn.Parameter) else empty
+
+        # the module's structure (the same classes, tied weights included), to refill from the shards later
+        skeleton = copy.deepcopy(module, {id(t): meta(t) for t in (*module.parameters(), *module.buffers())})
+        mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (self.world,))
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+
+        @torch.no_grad()
+        def gather() -> torch.nn.Module:
+            memo = {id(m): torch.nn.Parameter(full_tensor(p.detach()), p.requires_grad)
+                    for m, p in zip(skeleton.parameters(), module.parameters())}
+            memo.update({id(m): b for m, b in zip(skeleton.buffers(), module.buffers())})
+            return copy.deepcopy(skeleton, memo)
+
+        return gather
 
     def barrier(self):
         dist.barrier()
