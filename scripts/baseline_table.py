@@ -8,8 +8,8 @@ Rows, each `linearize convert` then `linearize eval` (ppl / KL / top-1 on the th
     streaming W S      the teacher itself over S sinks + its last W tokens (`--attention streaming`: no training)
     lolcats W S        the default family with the same window and sinks, at the default budget
     streaming W' S     the baseline with the same decoding-state bytes as `lolcats W S` (W' > W: the converted
-                       model also holds a linear memory and the feature-mapped keys of its window)
-    lolcats 64 0       the default conversion without sinks, for reference
+                       model also holds a linear memory)
+    lolcats 64 0       with --reference: the conversion without sinks
 Writes OUT/baseline.json (rows: attention, window, sinks, state_bytes, ppl_ratio, top1, kl, passkey, ...) and
 OUT/baseline.md. `--speed` adds decode_tokens_per_s_16k to every row: speed does not depend on the weights, so it
 is measured here on an untrained model of each row's shape (`convert --tokens 0 --lora-tokens 0`).
@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 K = 1024
@@ -88,10 +88,23 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
     }
 
 
-def streaming_window_for(state: int, sinks: int, config) -> int:
-    """The streaming window whose state (keys and values of sinks + window, every layer) is `state` bytes."""
-    per_token = config["num_hidden_layers"] * config["num_key_value_heads"] * 2 * config["head_dim"] * 4  # fp32
-    return state // per_token - sinks
+def equal_state_window(attention: str, window: int, sinks: int, context: int = 2 * K) -> int:
+    """The streaming window whose decoding state (keys and values of sinks + window, every layer) takes as many
+    bytes as `attention` with this window and sinks. The state's size depends on the shapes only: it is measured
+    on an untrained model of the bundled teacher, on the CPU."""
+    import torch
+
+    from linearize.bench.decoding import Decoder
+    from linearize.layers.linear_attention import attention_preset
+    from linearize.load.teacher import load_teacher
+    from linearize.models.linearized import LinearizedForCausalLM
+
+    teacher, _ = load_teacher(None)
+    c = teacher.config
+    per_token = c.num_hidden_layers * c.num_key_value_heads * 2 * (c.hidden_size // c.num_attention_heads) * 4
+    dec = Decoder(LinearizedForCausalLM.from_teacher(teacher, attention_preset(attention, window=window, sinks=sinks)))
+    dec.prefill(torch.randint(c.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)))
+    return dec.cache_bytes() // per_token - sinks
 
 
 def markdown(rows: list[dict]) -> str:
@@ -114,7 +127,8 @@ def write(out: Path, result: dict):
     tmp = out / "baseline.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "baseline.json")
-    (out / "baseline.md").write_text(markdown(result["rows"]))
+    if result["rows"]:
+        (out / "baseline.md").write_text(markdown(result["rows"]))
 
 
 def measure_speed(out: Path, result: dict, context: int):
@@ -154,6 +168,7 @@ def main():
     p.add_argument("--parallel", type=int, default=1, help="rows converted at once (a GPU has room for several)")
     p.add_argument("--convert-args", default="", help="extra arguments for every `linearize convert`")
     p.add_argument("--eval-args", default="", help="extra arguments for every `linearize eval`")
+    p.add_argument("--reference", action="store_true", help="add the default conversion without sinks (lolcats 64 0)")
     p.add_argument("--passkey-lengths", default="1024,2048,4096")
     p.add_argument("--passkey-trials", type=int, default=10)
     p.add_argument("--speed", action="store_true", help="add decode tokens/s at --speed-context to baseline.json")
@@ -166,21 +181,23 @@ def main():
         return
     windows = [int(w) for w in args.windows.split(",")]
     S = args.sinks
-    first = [("streaming", W, S) for W in windows] + [("lolcats", W, S) for W in windows] + [("lolcats", 64, 0)]
+    specs = [("streaming", W, S) for W in windows] + [("lolcats", W, S) for W in windows]
+    equal = {W: equal_state_window("lolcats", W, S) for W in windows}
+    specs += [("streaming", W_eq, S) for W_eq in equal.values() if W_eq not in windows]
+    if args.reference:
+        specs.append(("lolcats", 64, 0))
+    result = {"settings": vars(args), "equal_state_streaming_window": {str(W): v for W, v in equal.items()}, "rows": []}
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda spec: run_row(out, *spec, args), first))
-    result = {"settings": vars(args), "rows": rows}
-    write(out, result)
-    config = json.loads((out / row_name(*first[0]) / "config.json").read_text())["teacher"]
-    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    equal = [("streaming", streaming_window_for(r["state_bytes"], S, config), S)
-             for r in rows if r["attention"] == "lolcats" and r["sinks"] == S]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows += list(pool.map(lambda spec: run_row(out, *spec, args), equal))
-    for r, (_, W_eq, _) in zip([r for r in rows if r["attention"] == "lolcats" and r["sinks"] == S], equal):
-        r["equal_state_streaming_window"] = W_eq
-    write(out, result)
-    print(markdown(rows))
+        futures = {pool.submit(run_row, out, *spec, args): spec for spec in specs}
+        for future in as_completed(futures):
+            try:
+                result["rows"].append(future.result())
+            except Exception as e:  # noqa: BLE001 - record the failed row, keep the others
+                result.setdefault("failed", {})[row_name(*futures[future])] = str(e)
+            result["rows"].sort(key=lambda r: (r["attention"] != "streaming", r["window"], r["sinks"]))
+            write(out, result)
+            print(f"{len(result['rows'])}/{len(specs)} rows done", flush=True)
+    print(markdown(result["rows"]) if result["rows"] else "no row finished")
 
 
 if __name__ == "__main__":

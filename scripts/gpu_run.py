@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-LIMITS = {"tests": 120, "convert": 240, "bench": 150, "transfer": 60, "eval": 90}  # seconds, each capped by --budget
+LIMITS = {"tests": 120, "convert": 300, "bench": 150, "transfer": 60, "eval": 120}  # seconds, each capped by --budget
 TINY_SLOWER = 4  # --tiny runs on a CPU: LIMITS and the default --budget times this
 TINY = {  # --tiny: small enough to run the whole sequence on a 2-core CPU in a few minutes
     "convert": ["--tokens", "2048", "--lora-tokens", "1024", "--eval-tokens", "512", "--seq-len", "256"],
@@ -150,6 +150,8 @@ def main(argv=None):
     dev = ["--device", args.device]
     record = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               **environment(sys.executable), "steps": {}}
+    if (out / "gpu.json").exists():  # a later run with other --steps adds to the same record
+        record["steps"] = json.loads((out / "gpu.json").read_text()).get("steps", {})
     log(f"{record.get('card') or 'no CUDA card'}; versions {record['versions']}; "
         f"missing modules {record['missing_modules'] or 'none'}")
     write_json_atomic(record, out / "gpu.json")
