@@ -12,7 +12,7 @@ import torch
 
 from linearize import LinearAttentionConfig
 from linearize.ops import hybrid_attention as ops
-from linearize.ops.fla_kernels import FLA_FORMS, fla_applies, linear_attention_fla
+from linearize.ops.fla_kernels import FLA_ENV, FLA_FORMS, fla_applies, linear_attention_fla
 
 HAVE_FLA_GPU = torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 
@@ -59,7 +59,8 @@ def test_adapter_matches_pytorch_form_with_stand_in_kernel(monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_kernels_only_for_pure_linear_on_cuda():
+def test_kernels_only_for_pure_linear_on_cuda(monkeypatch):
+    monkeypatch.setenv(FLA_ENV, "1")
     x = torch.zeros(1)
     assert not fla_applies(LinearAttentionConfig(window=0), x)  # CPU tensor: the PyTorch forms
     if torch.cuda.is_available():
@@ -76,4 +77,23 @@ def test_fla_kernel_matches_reference_outputs_and_gradients(form, dtype):
     got = outputs_and_grads(lambda q, k, v, fq, fk: linear_attention_fla(fq, fk, v, form), xs)
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)  # TF32 / bf16
     for name, e, g in zip(("y", "dv", "dfq", "dfk"), expected, got):
-        torch.testing.assert_close(g.float(), e, **tol, msg=f"{form} {dtype} {name}")
+        torch.testing.assert_close(g.float(), e, **tol, msg=lambda m: f"{form} {dtype} {name}: {m}")
+
+
+def test_kernel_choice_on_a_cuda_like_tensor(monkeypatch):
+    """The decision itself, checkable without a GPU: only pure linear attention (no window, sinks, gate or delta rule)
+    goes to the kernels, and only when they are usable (CUDA tensor, fla importable, LINEARIZE_FLA_KERNELS=1)."""
+    from types import SimpleNamespace
+
+    from linearize.ops import fla_kernels
+
+    cuda_like = SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv(FLA_ENV, raising=False)
+    assert not fla_kernels.fla_usable(cuda_like)  # opt-in only
+    monkeypatch.setattr(fla_kernels, "fla_usable", lambda x: True)
+    x = torch.zeros(1)
+    assert fla_applies(LinearAttentionConfig(window=0), x)
+    assert not fla_applies(LinearAttentionConfig(window=64), x)
+    assert not fla_applies(LinearAttentionConfig(window=0, sinks=4), x)
+    assert not fla_applies(LinearAttentionConfig(window=0, gate="key"), x, log_gate=x)
+    assert not fla_applies(LinearAttentionConfig(window=0, rule="delta"), x, beta=x)
