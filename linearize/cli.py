@@ -19,6 +19,7 @@ def comma_ints(text: str) -> list[int]:
 
 
 def _add_convert(sub):
+    from .finetune.lora import LORA_LOSSES, LORA_TARGETS
     from .layers.linear_attention import ATTENTION_PRESETS
     from .pipeline import ConvertSettings
     from .transfer.distributed import DISTRIBUTED_MODES
@@ -45,6 +46,14 @@ def _add_convert(sub):
     p.add_argument("--lora-lr", type=float, default=d.lora_lr)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
+    p.add_argument("--lora-loss", default=d.lora_loss, choices=LORA_LOSSES,
+                   help="stage 2 loss: ce (next token), kl (distil the teacher's logits; the teacher is the same model "
+                        "with adapters off and exact softmax on), kl+ce (default: %(default)s)")
+    p.add_argument("--lora-temperature", type=float, default=d.lora_temperature, help="of the kl loss (default: 1)")
+    p.add_argument("--lora-targets", default=d.lora_targets, choices=sorted(LORA_TARGETS),
+                   help="modules with LoRA adapters (default: %(default)s)")
+    p.add_argument("--lora-train-attention", action="store_true",
+                   help="stage 2 also trains the feature maps and mixing factors (default: frozen)")
     p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
     p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",

@@ -19,7 +19,7 @@ from .data import pack_sequences
 from .device import DTYPES, placement
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
-from .finetune.lora import LoraSettings, finetune_lora
+from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora
 from .layers.linear_attention import attention_preset
 from .load.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
@@ -43,6 +43,10 @@ class ConvertSettings:
     lora_lr: float = 1e-3
     lora_rank: int = 8
     lora_init: str = "default"
+    lora_loss: str = "ce"  # stage 2 loss: "ce" | "kl" (distil the teacher's logits) | "kl+ce"
+    lora_temperature: float = 1.0
+    lora_targets: str = "attention"  # LoRA on "attention" (q/k/v/o) or "attention+mlp"
+    lora_train_attention: bool = False  # stage 2 also trains the feature maps and mixing factors
     skip_transfer: bool = False
     transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
@@ -68,7 +72,14 @@ class ConvertSettings:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise LinearizeError(f"--dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
-        LoraSettings(rank=self.lora_rank, init=self.lora_init)
+        self.lora_settings()
+
+    def lora_settings(self) -> LoraSettings:
+        if self.lora_targets not in LORA_TARGETS:
+            raise LinearizeError(f"unknown --lora-targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+        return LoraSettings(rank=self.lora_rank, init=self.lora_init, loss=self.lora_loss,
+                            temperature=self.lora_temperature, target_modules=LORA_TARGETS[self.lora_targets],
+                            train_attention=self.lora_train_attention)
 
     def placement(self, distributed: bool = False) -> tuple[torch.device, torch.dtype]:
         """Where the teacher runs and in what precision (device.placement): a GPU in bfloat16 when torch sees one
@@ -222,12 +233,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
 
     if train2 is not None and len(train2):
         t0 = time.perf_counter()
-        lora = LoraSettings(rank=settings.lora_rank, init=settings.lora_init)
-        model, r2 = finetune_lora(model, train2, lora, lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
+        model, r2 = finetune_lora(model, train2, settings.lora_settings(), lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
                                   progress=progress, batch_size=group.world if group else 1, data_parallel=group,
                                   fsdp=distributed == "fsdp")
         if "lora" not in res:
-            state.record(lora=_stage_summary(r2, time.perf_counter() - t0), lora_history=r2.history)
+            summary = _stage_summary(r2, time.perf_counter() - t0)
+            if teacher_s := sum(h.get("teacher_s", 0.0) for h in r2.history):  # the teacher view's forward passes
+                summary["teacher_forward_tokens_per_s"] = round(r2.history[-1]["tokens"] / teacher_s, 1)
+            state.record(lora=summary, lora_history=r2.history)
         state.record(stage2_ppl=perplexity(model, heldout, desc="student perplexity (stage 2)", progress=progress))
         log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
 

@@ -1,20 +1,31 @@
-"""Stage 2, LoRA: recover quality with low-rank adapters on q/k/v/o (peft), next-token cross-entropy.
+"""Stage 2, LoRA: recover quality with low-rank adapters (peft) on q/k/v/o (optionally the MLP too).
 
-Feature maps stay frozen by default. `init="pissa"` starts the adapters from the principal singular
-directions of each weight (PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
+The loss: next-token cross-entropy ("ce"), distillation from the teacher's logits ("kl": KL(teacher || student)
+over the whole vocabulary at a temperature), or their sum ("kl+ce"). The teacher's logits come from the same model
+(teacher_view: adapters off, exact softmax in every linearized layer), so no second copy of the weights is held.
+The student's own attention parameters (feature maps, mixing factors, delta-rule strengths) stay frozen unless
+train_attention. `init="pissa"` starts the adapters from the principal singular directions of each weight
+(PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
 """
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import LinearizeError
+from ..layers.linear_attention import LinearAttention
 from ..load.architectures import architecture_of
 from ..training import TrainResult, train
 
 LORA_INITS = ("default", "pissa")
+LORA_LOSSES = ("ce", "kl", "kl+ce")
+LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                "attention+mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 @dataclass
@@ -22,12 +33,22 @@ class LoraSettings:
     rank: int = 8
     alpha: int = 16
     init: str = "default"  # "default" (B = 0) or "pissa"
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    train_feature_maps: bool = False
+    target_modules: tuple[str, ...] = LORA_TARGETS["attention"]
+    train_attention: bool = False  # also train LinearAttention.TRANSFER_PARAMETERS (feature maps, mixing, beta)
+    loss: str = "ce"  # "ce" | "kl" | "kl+ce"
+    temperature: float = 1.0  # of the distillation loss
 
     def __post_init__(self):
         if self.init not in LORA_INITS:
             raise LinearizeError(f"unknown --lora-init {self.init!r}; choose one of {LORA_INITS}")
+        if self.loss not in LORA_LOSSES:
+            raise LinearizeError(f"unknown --lora-loss {self.loss!r}; choose one of {', '.join(LORA_LOSSES)}")
+        if self.init == "pissa" and "kl" in self.loss:  # pissa moves the principal part of W into the adapters,
+            # so "adapters off" is no longer the teacher (see teacher_view)
+            raise LinearizeError("--lora-loss kl needs --lora-init default (with pissa, turning the adapters off does "
+                                 "not give back the teacher)")
+        if self.temperature <= 0:
+            raise LinearizeError(f"--lora-temperature must be > 0 (got {self.temperature})")
         if self.rank < 1:
             raise LinearizeError(f"--lora-rank must be >= 1 (got {self.rank})")
 
@@ -38,11 +59,35 @@ def add_lora(model, settings: LoraSettings):
                         target_modules=list(settings.target_modules),
                         init_lora_weights=True if settings.init == "default" else "pissa")
     peft_model = get_peft_model(model, config)
-    if settings.train_feature_maps:
-        for name, p in peft_model.named_parameters():
-            if "feature_map_" in name or "mix_logit" in name:
-                p.requires_grad_(True)
+    if settings.train_attention:
+        for m in peft_model.modules():
+            if isinstance(m, LinearAttention):
+                for p in m.trainable_transfer_parameters():
+                    p.requires_grad_(True)
     return peft_model
+
+
+@contextmanager
+def teacher_view(peft_model):
+    """Inside, the LoRA-wrapped student computes its teacher's logits: adapters off and exact causal softmax in
+    every layer that has a linear part (the projections, norms and MLPs are the teacher's own, shared)."""
+    attention = [m for m in peft_model.modules() if isinstance(m, LinearAttention)]
+    with peft_model.disable_adapter():
+        for m in attention:
+            m.exact_softmax = True
+        try:
+            yield
+        finally:
+            for m in attention:
+                m.exact_softmax = False
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between the softmaxes at `temperature`, times temperature**2
+    (so the gradient scale does not depend on it). Logits (B, T, V)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
 def _trainable_state(peft_model) -> dict[str, torch.Tensor]:
@@ -90,17 +135,33 @@ def finetune_lora(
         forward = data_parallel.ddp(peft_model)
     device = next(peft_model.parameters()).device
 
+    losses = settings.loss.split("+")
+
     def step(batch):
         if data_parallel is not None:
             batch = data_parallel.shard(batch)
         batch = batch.to(device)
-        loss = forward(input_ids=batch, labels=batch).loss
+        metrics = {}
+        if "kl" in losses:
+            t0 = time.perf_counter()
+            with torch.no_grad(), teacher_view(peft_model):
+                teacher_logits = forward(input_ids=batch).logits
+            metrics["teacher_s"] = time.perf_counter() - t0
+        out = forward(input_ids=batch, labels=batch if "ce" in losses else None)
+        parts = {}
+        if "kl" in losses:
+            parts["kl"] = distillation_loss(out.logits, teacher_logits, settings.temperature)
+        if "ce" in losses:
+            parts["ce"] = out.loss
+        loss = sum(parts.values())
         loss.backward()
-        if data_parallel is not None:  # report the global mean, as one process would
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= data_parallel.world
-        return {"loss": loss.item()}
+        for name, value in {"loss": loss, **parts}.items():
+            value = value.detach().clone()
+            if data_parallel is not None:  # report the global mean, as one process would
+                torch.distributed.all_reduce(value)
+                value /= data_parallel.world
+            metrics[name] = value.item()
+        return metrics
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     result: TrainResult = train("stage 2: LoRA", sequences, step, params,

@@ -109,6 +109,9 @@ class LinearAttention(nn.Module):
 
     # forms: "chunked" (default), "quadratic" (reference) -- selectable for tests and debugging
     form: str = "chunked"
+    # True: the teacher's own attention (exact causal softmax) in the layers that have a linear part; with the LoRA
+    # adapters disabled the model then *is* the teacher (stage 2 distils from it without a second copy, teacher_view)
+    exact_softmax: bool = False
 
     def __init__(self, teacher_attn: nn.Module, config: LinearAttentionConfig, num_heads: int, num_kv_heads: int):
         super().__init__()
@@ -169,6 +172,8 @@ class LinearAttention(nn.Module):
     def attend(self, q, k, v, log_gate=None, state: DecodingState | None = None):
         """q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
         prefill (a prompt, or its next block) or decode (one token)."""
+        if self.exact_softmax and self.config.linear and state is None:
+            return ops.attention_chunked(q, k, v, None, None, None, None, self.scaling)  # causal softmax (SDPA)
         fq = fk = beta = None
         if self.config.linear:
             fq, fk = self.feature_map_q(q), self.key_features(k)

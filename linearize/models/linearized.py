@@ -29,8 +29,8 @@ def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,
     students = []
     for i, (attn, window) in enumerate(zip(attns, windows)):
         cfg = config
-        if window is not None:
-            cfg = replace(config, window=window, linear=False)
+        if window is not None:  # the teacher's own local layer: its exact window, no sinks
+            cfg = replace(config, window=window, linear=False, sinks=0)
         elif i in keep_softmax:
             cfg = replace(FULL_SOFTMAX, chunk_size=config.chunk_size)
         student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
