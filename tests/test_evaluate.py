@@ -92,13 +92,16 @@ def test_mmlu_runs_through_lm_eval(pair):
 def test_eval_command_writes_eval_json(tiny_converted, capsys):
     student_dir = tiny_converted[0]
     rc = main(["eval", str(student_dir), "--seq-len", "64", "--sequences", "2", "--layer-sequences", "1",
-               "--passkey-lengths", "200", "--passkey-trials", "1", "--skip", "mmlu", "--no-progress"])
+               "--passkey-lengths", "200", "--passkey-trials", "1", "--generation-prompts", "3",
+               "--generation-tokens", "6", "--skip", "mmlu", "--no-progress"])
     assert rc == 0
     res = json.loads((student_dir / "eval.json").read_text())
     assert set(res["texts"]) == {"sharegpt", "shakespeare", "python-docs"}
     assert all(len(v) == 2 for v in res["layer_mse"].values())
     assert res["passkey"]["lengths"] == [200] and "mmlu" not in res
-    assert "top-1" in capsys.readouterr().out
+    assert res["generation"]["prompts"] == 3 and set(res["generation"]["repetition"]) == {"teacher", "student"}
+    out = capsys.readouterr().out
+    assert "top-1" in out and "repeated 4-grams" in out
 
 
 def test_eval_command_rejects_bad_options(tiny_converted, capsys):
@@ -107,3 +110,31 @@ def test_eval_command_rejects_bad_options(tiny_converted, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: one line "argument --limit: ..." and exit 2
         main(["eval", str(tiny_converted[0]), "--limit", "some"])
     assert e.value.code == 2 and "--limit takes" in capsys.readouterr().err
+
+
+def test_repetition_and_prefix_measures():
+    from linearize.evaluate.generation import common_prefix, repeated_ngram_rate
+
+    assert repeated_ngram_rate(list(range(20))) == 0.0
+    assert repeated_ngram_rate([7] * 20) == 1 - 1 / 17  # one distinct 4-gram out of 17
+    assert repeated_ngram_rate([1, 2, 3, 4, 1, 2, 3, 4]) == 1 - 4 / 5
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_generation_agreement_of_a_model_with_itself_and_with_a_looping_one(pair, tiny_tokenizer):
+    from linearize.evaluate.generation import generation_agreement, heldout_prompts
+
+    teacher, student, tokenizer = pair
+    prompts = heldout_prompts(None, tokenizer, 3, prompt_tokens=16)
+    assert len(prompts) == 3 and all(p.shape[0] == 1 and 0 < p.shape[1] for p in prompts)
+    same = generation_agreement(teacher, teacher, tokenizer, prompts, max_new_tokens=12, prefix=8)
+    assert same["prefix_match"] == 8 and same["prefix_equal"] == 1.0
+    assert same["repetition"]["teacher"] == same["repetition"]["student"]
+
+    import copy
+
+    looping = copy.deepcopy(teacher)  # the final norm zeroed: the same logits at every step, a model stuck in a loop
+    with torch.no_grad():
+        looping.model.norm.weight.zero_()
+    looping = generation_agreement(teacher, looping, tokenizer, prompts, max_new_tokens=12, prefix=8)
+    assert looping["repetition"]["student"] > 0.8 > looping["repetition"]["teacher"]

@@ -43,6 +43,10 @@ def add(sub):
                    help="passkey prompt lengths in tokens (default: 256,512,1k,2k,4k)")
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
                    help="trials per length (default: %(default)s)")
+    p.add_argument("--generation-prompts", type=int, default=d.generation_prompts,
+                   help="held-out prompts both models answer greedily (default: %(default)s)")
+    p.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
+                   help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
@@ -60,6 +64,7 @@ def run(args):
     settings = EvalSettings(texts=tuple(t for t in args.texts.split(",") if t), seq_len=args.seq_len,
                             sequences=args.sequences, layer_sequences=args.layer_sequences,
                             passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
+                            generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             limit=args.limit, skip=tuple(s for s in args.skip.split(",") if s), device=args.device,
                             dtype=args.dtype)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
@@ -82,6 +87,12 @@ def print_tables(res: dict):
             t.add_row(name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
                       f"{r['top1']:.1%}", f"{sum(mse) / len(mse):.2e}" if mse else "-")
         console.print(t)
+    if "generation" in res:
+        g = res["generation"]
+        console.print(f"generation ({g['prompts']} held-out prompts, {g['max_new_tokens']} greedy tokens): repeated "
+                      f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; "
+                      f"the student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} "
+                      f"tokens on average ({g['prefix_equal']:.0%} all equal)", markup=False)
     if "passkey" in res:
         pk = res["passkey"]
         t = Table(title=f"passkey retrieval ({pk['trials']} trials per length)")

@@ -6,6 +6,8 @@
                                kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
     layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
     passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
+    generation                 greedy answers to held-out prompts: repetition {teacher, student} (repeated 4-gram
+                               share), prefix_match (first 32 tokens shared with the teacher), examples
     mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
                                {acc, acc_stderr, subjects: {subject: acc}}
     seconds                    wall time of each part
@@ -22,7 +24,7 @@ from ..errors import LinearizeError
 from .models import load_student, load_teacher_of
 from .texts import EVAL_TEXTS, eval_sequences
 
-PARTS = ("ppl", "layers", "passkey", "mmlu")
+PARTS = ("ppl", "layers", "passkey", "generation", "mmlu")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class EvalSettings:
     layer_sequences: int = 2  # rows per text for the per-layer error
     passkey_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     passkey_trials: int = 5
+    generation_prompts: int = 50  # held-out prompts answered greedily by both models (evaluate/generation.py)
+    generation_tokens: int = 64
     limit: int | None = 5  # MMLU questions per subject (None = all 14,042)
     skip: tuple[str, ...] = ()
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
@@ -43,7 +47,8 @@ class EvalSettings:
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
         if unknown := set(self.texts) - set(EVAL_TEXTS):
             raise LinearizeError(f"unknown text(s) {sorted(unknown)}; choose from {', '.join(EVAL_TEXTS)}")
-        if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths) < 1:
+        if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths,
+               self.generation_prompts, self.generation_tokens) < 1:
             raise LinearizeError("sizes and counts must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
@@ -62,6 +67,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
     from ..transfer.attention_transfer import layer_transfer_errors
     from .agreement import compare
+    from .generation import generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
     from .passkey import passkey_accuracy
 
@@ -115,6 +121,12 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         max_length = getattr(teacher_model.config, "max_position_embeddings", 2048)
         res["mmlu"] = mmlu_accuracy(models, tokenizer, settings.limit, max_length=max_length)
 
-    for name, fn in (("ppl", ppl), ("layers", layers), ("passkey", passkey), ("mmlu", mmlu)):
+    def generation():
+        prompts = heldout_prompts(_training_data(path), tokenizer, settings.generation_prompts)
+        res["generation"] = generation_agreement(teacher_model, student, tokenizer, prompts,
+                                                 settings.generation_tokens)
+
+    for name, fn in (("ppl", ppl), ("layers", layers), ("passkey", passkey), ("generation", generation),
+                     ("mmlu", mmlu)):
         part(name, fn)
     return res
