@@ -112,10 +112,10 @@ def _add_generate(sub):
 def _run_generate(args):
     import linearize
 
-    model, tokenizer = linearize.load(args.path)
-    if tokenizer is None:
-        raise LinearizeError(f"{args.path} has no tokenizer files; re-run `linearize convert`")
     from .ops.decode_linear import use_decode_linears
+    from .run_folder import load_student
+
+    model, tokenizer = load_student(args.path)
 
     use_decode_linears(model)  # one-token products on every CPU thread (CUDA layers are left alone)
     linearize.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw,

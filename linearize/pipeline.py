@@ -5,24 +5,22 @@ The output folder holds the finished model (config.json, model.safetensors, toke
 report) and `checkpoints/` (what --resume continues from).
 """
 
-import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_tensors, write_json_atomic
+from .checkpoint import load_checkpoint
 from .data import pack_sequences
 from .device import DTYPES, placement
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LoraSettings, finetune_lora
 from .layers.linear_attention import attention_preset
-from .load.teacher import load_teacher
+from .loading.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
+from .run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, read_json, save_model, write_json
 from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
 from .transfer.distributed import distributed_transfer, init_distributed
 
@@ -78,16 +76,16 @@ class ConvertSettings:
 
 
 class RunState:
-    """progress.json in the output folder: settings plus the results of each finished step."""
+    """progress.json in the output folder (run_folder.py): settings plus the results of each finished step."""
 
     writer = True  # False on the ranks other than 0 of a distributed run: results stay in memory
 
     def __init__(self, out: Path, settings: ConvertSettings, resume: bool):
-        self.path = out / "progress.json"
+        self.path = out / PROGRESS
         if self.path.exists() and not resume:
             raise LinearizeError(f"{out} already holds a run; add --resume to continue it or choose another --out")
         if resume and self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            self.data = read_json(self.path, fix=f"delete it to start again, or choose another --out")
             defaults = asdict(ConvertSettings())  # settings added later read as their defaults in older runs
             changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k, defaults[k]) != v]
             if changed:
@@ -108,23 +106,12 @@ class RunState:
         if not self.writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.data, self.path)
+        write_json(self.data, self.path)
 
 
 def _stage_summary(result, seconds: float) -> dict:
     return {"tokens": result.tokens, "steps": result.steps, "seconds": round(seconds, 1),
             "tokens_per_s": round(result.tokens / seconds, 1) if seconds else None}
-
-
-def _save_final(model, tokenizer, out: Path):
-    """save_pretrained into a temporary folder, then rename each file into `out`."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def choose_softmax_layers(layer_mse: list[float], students, k: int, layers: list[int] = ()) -> list[int]:
@@ -193,7 +180,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         except KeyError as e:
             raise LinearizeError(f"--transfer-state {settings.transfer_state} does not fit these attention settings "
                                  f"({e}); use the --attention/--window/--feature-map of `linearize blocks train`")
-    ckpt = out / "checkpoints"
+    ckpt = out / CHECKPOINTS
     if n1:
         if "transfer" not in res:
             t0 = time.perf_counter()
@@ -232,14 +219,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
 
     if state.writer:
-        _save_final(model, tokenizer, out)
-        write_json_atomic({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
-                           "layer_mse": res.get("layer_mse", [])}, out / "curves.json")
+        save_model(model, tokenizer, out)
+        write_json({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
+                           "layer_mse": res.get("layer_mse", [])}, out / CURVES)
     state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
                  heldout_tokens=int(heldout.numel()))
     summary = {k: v for k, v in res.items() if not k.endswith("_history")}
     if state.writer:
-        write_json_atomic({"settings": asdict(settings), **summary}, out / "convert.json")
+        write_json({"settings": asdict(settings), **summary}, out / CONVERT)
     if group is not None:
         group.close()
     return res

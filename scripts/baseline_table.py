@@ -96,7 +96,7 @@ def equal_state_window(attention: str, window: int, sinks: int, context: int = 2
 
     from linearize.bench.decoding import Decoder
     from linearize.layers.linear_attention import attention_preset
-    from linearize.load.teacher import load_teacher
+    from linearize.loading.teacher import load_teacher
     from linearize.models.linearized import LinearizedForCausalLM
 
     teacher, _ = load_teacher(None)

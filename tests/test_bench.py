@@ -11,7 +11,7 @@ from linearize.bench.measure import measure
 from linearize.bench.run import BenchSettings, targets
 from linearize.errors import LinearizeError
 from linearize.cli import main
-from linearize.evaluate.models import load_student, load_teacher_of
+from linearize.run_folder import load_student, load_teacher_of
 
 
 @pytest.fixture(scope="module")

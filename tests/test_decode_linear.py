@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.bench.decoding import Decoder
-from linearize.evaluate.models import load_student, load_teacher_of
+from linearize.run_folder import load_student, load_teacher_of
 from linearize.ops.decode_linear import DecodeLinear, use_decode_linears
 
 

@@ -11,7 +11,7 @@ from linearize.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS, BenchSettings, benc
 from linearize.cli import main
 from linearize.device import placement
 from linearize.errors import LinearizeError
-from linearize.evaluate.models import load_student
+from linearize.run_folder import load_student
 from linearize.generate import prefill
 from linearize.pipeline import ConvertSettings
 

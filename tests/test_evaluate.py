@@ -9,7 +9,7 @@ from linearize.cli import main
 from linearize.errors import LinearizeError
 from linearize.evaluate.agreement import compare
 from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
-from linearize.evaluate.models import load_student, load_teacher_of, teacher_spec
+from linearize.run_folder import load_student, load_teacher_of, teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
 

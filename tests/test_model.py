@@ -96,6 +96,12 @@ def test_save_load_roundtrip_and_transformers_auto_class(tiny_teacher, tiny_toke
     assert tok is not None and tok.eos_token == "<eos>"
 
 
+def test_load_is_not_shadowed_by_a_sub_package():
+    import linearize.loading.teacher  # noqa: F401  (importing a sub-package sets an attribute on linearize)
+
+    assert callable(linearize.load)
+
+
 def test_load_rejects_corrupt_weights_and_plain_models(tiny_teacher, tmp_path):
     model = convert(tiny_teacher)
     model.save_pretrained(tmp_path / "ok")

@@ -1,5 +1,7 @@
 """`linearize bench DIR`: parser, run and the terminal table."""
 
+from pathlib import Path
+
 
 def add(sub):
     from ..evaluate.cli import int_list, token_count
@@ -33,6 +35,7 @@ def add(sub):
 
 
 def run(args):
+    from ..run_folder import BENCH
     from .run import BenchSettings, bench
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
@@ -41,7 +44,7 @@ def run(args):
                              in_process=args.in_process)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
-    print(f"results written to {args.path}/bench.json")
+    print(f"results written to {Path(args.path) / BENCH}")
 
 
 def _fmt(value, spec):

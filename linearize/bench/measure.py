@@ -125,7 +125,7 @@ def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
 
 def load_model(path, which: str, teacher: str | None, device, dtype, linears: str):
     """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied."""
-    from ..evaluate.models import load_student, load_teacher_of
+    from ..run_folder import load_student, load_teacher_of
     from ..ops.decode_linear import use_decode_linears
 
     if which == "student":

@@ -5,14 +5,14 @@ step each, on --device (clocks read after the device has finished: CUDA runs asy
 to a JSON file."""
 
 import json
-from pathlib import Path
 
 import torch
 
 from ..device import device_name, now, placement
 from ..layers.linear_attention import attention_preset
-from ..load.teacher import load_teacher
+from ..loading.teacher import load_teacher
 from ..models.linearized import make_student_attention
+from ..run_folder import write_json
 from ..transfer.attention_transfer import attention_transfer
 
 
@@ -63,6 +63,6 @@ def add_parser(sub):
 
 def _run(args):
     result = measure(args.model, args.seq_len, args.steps, args.attention, device=args.device, dtype=args.dtype)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(result, args.out)
     print(json.dumps(result, indent=2))
     print(f"transfer runs at {result['ratio']:.2f}x the teacher's forward tokens/s (written to {args.out})")

@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..checkpoint import write_json_atomic
 from ..errors import LinearizeError
 from ..layers.linear_attention import ATTENTION_PRESETS
 from ..pipeline import ConvertSettings, convert
+from ..run_folder import COMPARE, COMPARE_TABLE, load, transfer_tensors, write_json, write_text
 
 PARTS = ("kl", "passkey", "decode")
 COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "passkey", "decode tok/s", "state MiB", "convert s")
@@ -68,10 +68,8 @@ def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
 
 def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progress: bool = True, log=print) -> dict:
     """Convert and measure every variant; returns the compare.json dict."""
-    import linearize
-
     from ..data import pack_sequences
-    from ..load.teacher import load_teacher
+    from ..loading.teacher import load_teacher
 
     cs.check()
     out = Path(out)
@@ -90,7 +88,7 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
                            transfer_state=shared or base.transfer_state)
         res = convert(settings, out / name, resume=True, progress=progress, log=log)
         if shared is None and "transfer" in res:
-            stage1[attention] = str(out / name / "checkpoints" / "transfer" / "tensors.safetensors")
+            stage1[attention] = str(transfer_tensors(out / name))
         runs[name] = {"attention": attention, "keep_softmax": res.get("keep_softmax", []),
                       "teacher_ppl": res["teacher_ppl"], "student_ppl": res.get("stage2_ppl", res["stage1_ppl"]),
                       "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1)),
@@ -103,11 +101,11 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
                          **_measure(teacher, tokenizer, None, heldout, cs)}
     for name in runs:
         log(f"measuring {name}")
-        model, _ = linearize.load(out / name)
+        model, _ = load(out / name)
         runs[name].update(_measure(model, tokenizer, teacher, heldout, cs))
         del model
-    write_json_atomic(result, out / "compare.json")
-    (out / "compare.md").write_text(markdown_table(result))
+    write_json(result, out / COMPARE)
+    write_text(markdown_table(result), out / COMPARE_TABLE)
     return result
 
 

@@ -1,6 +1,7 @@
 """`linearize eval DIR [--teacher M]`: parser, run and the terminal table."""
 
 from argparse import ArgumentTypeError
+from pathlib import Path
 
 
 def token_count(text: str) -> int:
@@ -55,6 +56,7 @@ def add(sub):
 
 
 def run(args):
+    from ..run_folder import EVAL
     from .run import EvalSettings, evaluate
 
     settings = EvalSettings(texts=tuple(t for t in args.texts.split(",") if t), seq_len=args.seq_len,
@@ -64,7 +66,7 @@ def run(args):
                             dtype=args.dtype)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
-    print(f"results written to {args.path}/eval.json")
+    print(f"results written to {Path(args.path) / EVAL}")
 
 
 def print_tables(res: dict):

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import LinearizeError
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
 from ..training import TrainResult, train
 
 LORA_INITS = ("default", "pissa")

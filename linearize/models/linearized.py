@@ -12,7 +12,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttention, LinearAttentionConfig
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
 
 
 def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,

@@ -23,7 +23,7 @@ def _block(text: str) -> tuple[int, int]:
 
 def _run_dump(args):
     from ..data import pack_sequences
-    from ..load.teacher import load_teacher
+    from ..loading.teacher import load_teacher
     from .blockwise import dump_block_inputs, split_blocks
 
     teacher, tokenizer = load_teacher(args.model, dtype=DTYPES[args.dtype])
@@ -54,11 +54,11 @@ def _run_train(args):
 def _run_stitch(args):
     from transformers import AutoConfig
 
-    from ..checkpoint import save_tensors_atomic
+    from ..run_folder import save_tensors
     from .blockwise import stitch_block_states
 
     num_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
-    save_tensors_atomic(stitch_block_states(args.blocks, num_layers), args.out)
+    save_tensors(stitch_block_states(args.blocks, num_layers), args.out)
     print(f"{len(args.blocks)} blocks stitched into {args.out}; continue with "
           f"`linearize convert --model {args.model} --transfer-state {args.out} ...`")
 
