@@ -6,7 +6,7 @@
 """
 
 from .errors import LinearizeError
-from .generate import generate_ids, generate_text
+from .decoding import generate_ids, generate_text
 from .layers.linear_attention import ATTENTION_PRESETS, LinearAttention, LinearAttentionConfig, attention_preset
 from .models.linearized import LinearizedConfig, LinearizedForCausalLM
 from .run_folder import load

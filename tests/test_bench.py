@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.bench.decoding import Decoder
+from linearize.decoding import Decoder
 from linearize.bench.measure import measure
 from linearize.bench.run import BenchSettings, targets
 from linearize.errors import LinearizeError
@@ -26,12 +26,12 @@ def _prompt(n=40):
 def test_student_decoder_matches_generate_ids(pair):
     student = pair[1]
     ids, _ = linearize.generate_ids(student, _prompt(), max_new_tokens=6)
-    assert Decoder(student).greedy(_prompt(), 6) == ids[0, 40:].tolist()
+    assert Decoder(student).generate(_prompt(), 6) == ids[0, 40:].tolist()
 
 
 def test_teacher_decoder_matches_full_forward(pair):
     teacher = pair[0]
-    new = Decoder(teacher).greedy(_prompt(), 5)
+    new = Decoder(teacher).generate(_prompt(), 5)
     ids = _prompt()
     for token in new:  # recompute every step without a cache
         assert teacher(ids).logits[0, -1].argmax().item() == token

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
+from ..decoding import Decoder
 from ..device import model_device, now, placement
-from .decoding import Decoder
 from .run import LINEARS
 
 WARMUP_TOKENS = 16
