@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import pack_sequences
-from .device import DTYPES, placement
+from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LoraSettings, finetune_lora
@@ -47,7 +47,7 @@ class ConvertSettings:
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPES
+    dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
 
     def attention_config(self):
         return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map)
@@ -64,8 +64,8 @@ class ConvertSettings:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
         if self.keep_softmax and self.softmax_layers:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise LinearizeError(f"--dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+        if self.dtype != "auto":
+            torch_dtype(self.dtype)  # a clear error for a name --dtype does not know
         LoraSettings(rank=self.lora_rank, init=self.lora_init)
 
     def placement(self, distributed: bool = False) -> tuple[torch.device, torch.dtype]:

@@ -120,10 +120,10 @@ class InProcess:
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
         import torch
 
-        from .measure import measure
+        from .measure import measure_point
 
         try:
-            return {"which": which, "linears": linears, **measure(self.models[which], context, decode_tokens)}
+            return {"which": which, "linears": linears, **measure_point(self.models[which], context, decode_tokens)}
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             return {"which": which, "context": context, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
         finally:

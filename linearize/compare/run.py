@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import LinearizeError
 from ..layers.linear_attention import ATTENTION_PRESETS
+from ..options import fmt as f
 from ..pipeline import ConvertSettings, convert
 from ..run_folder import COMPARE, COMPARE_TABLE, load, transfer_tensors, write_json, write_text
 
@@ -51,8 +52,8 @@ class CompareSettings:
 
 
 def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
-    from ..bench.measure import measure
-    from ..evaluate.agreement import compare as agreement
+    from ..bench.measure import measure_point
+    from ..evaluate.agreement import agreement
     from ..evaluate.passkey import passkey_accuracy
 
     row = {}
@@ -61,7 +62,7 @@ def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
     if "passkey" not in cs.skip:
         row["passkey"] = passkey_accuracy(model, tokenizer, [cs.passkey_length], cs.passkey_trials)["accuracy"][0]
     if "decode" not in cs.skip:
-        point = measure(model, cs.decode_context, cs.decode_tokens)
+        point = measure_point(model, cs.decode_context, cs.decode_tokens)
         row["decode_tokens_per_s"], row["state_bytes"] = point["decode_tokens_per_s"], point["cache_bytes"]
     return row
 
@@ -110,7 +111,6 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     t = result["teacher"]
     mib = lambda r: r.get("state_bytes") and r["state_bytes"] / 2**20  # noqa: E731
     rows = [["teacher (softmax)", f(t["ppl"], ".3f"), "", "", f(t.get("passkey"), ".0%"),

@@ -52,7 +52,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
              progress: bool = True, log=print) -> dict:
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
     from ..transfer.attention_transfer import layer_transfer_errors
-    from .agreement import compare
+    from .agreement import agreement
     from .mmlu import mmlu_accuracy
     from .passkey import passkey_accuracy
 
@@ -84,7 +84,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         return rows[name][:n]
 
     def ppl():
-        res["texts"] = {name: compare(teacher_model, student, sequences(name, settings.sequences), progress, name)
+        res["texts"] = {name: agreement(teacher_model, student, sequences(name, settings.sequences), progress, name)
                         for name in settings.texts}
 
     def layers():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import LinearizeError
+from ..options import fmt
 from ..run_folder import BENCH, CONVERT, CURVES, EVAL, REPORT, REPORT_FIGURES, read_json, write_text
 from .plots import FIGURES
 
@@ -27,10 +28,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _rounded(value) -> str:
     """A target's measured value: a number, a list of numbers or None."""
     if value is None:
@@ -43,15 +40,15 @@ def _rounded(value) -> str:
 def summary_tables(convert: dict | None, results: dict | None, bench: dict | None) -> str:
     parts = []
     if convert and "teacher_ppl" in convert:
-        rows = [["teacher", "", "", _num(convert.get("teacher_ppl"), ".2f")]]
+        rows = [["teacher", "", "", fmt(convert.get("teacher_ppl"), ".2f")]]
         for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
                                 ("stage 2: LoRA", "lora", "stage2_ppl")):
             s = convert.get(key) or {}
-            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), _num(convert.get(ppl), ".2f")])
+            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), fmt(convert.get(ppl), ".2f")])
         parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))
     if results and results.get("texts"):
-        rows = [[n, r["tokens"], _num(r["teacher_ppl"], ".2f"), _num(r["student_ppl"], ".2f"), _num(r["kl"], ".3f"),
-                 _num(r["top1"], ".1%")] for n, r in results["texts"].items()]
+        rows = [[n, r["tokens"], fmt(r["teacher_ppl"], ".2f"), fmt(r["student_ppl"], ".2f"), fmt(r["kl"], ".3f"),
+                 fmt(r["top1"], ".1%")] for n, r in results["texts"].items()]
         parts.append("<h2>Quality vs teacher</h2>" + _table(
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
     if results and results.get("mmlu"):
