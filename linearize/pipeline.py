@@ -25,6 +25,9 @@ from .transfer.attention_transfer import attention_transfer, layer_transfer_erro
 from .transfer.distributed import distributed_transfer, init_distributed
 
 
+LAYER_ERROR_SEQUENCES = 2  # held-out rows for the per-layer transfer error that ranks layers for --keep-softmax
+
+
 @dataclass
 class ConvertSettings:
     model: str | None = None  # None: bundled SmolLM2-135M-Instruct
@@ -189,14 +192,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
             r1 = (attention_transfer(teacher, students, train1, **kw) if group is None else
                   distributed_transfer(teacher, students, train1, group, mode,
                                        batch_size=group.world if mode == "data" else 1, **kw))
-            errors = layer_transfer_errors(teacher, students, heldout[:2])
+            errors = layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES])
             state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
                          transfer_history=r1.history)
         else:
             load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
     if (settings.keep_softmax or settings.softmax_layers) and "keep_softmax" not in res:
         if "layer_mse" not in res:  # no transfer ran here: rank layers by the loaded (or untrained) students' error
-            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:2]))
+            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES]))
         state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax,
                                                         settings.softmax_layers))
     if res.get("keep_softmax"):
