@@ -11,35 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .errors import LinearizeError
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors.load_file with a clear error for a missing or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LinearizeError(f"weights file {path} not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LinearizeError(f"{path} is not a valid safetensors file ({e}); re-create it or restore a good copy") from e
+from .run_folder import META, OPTIMIZER, TENSORS, load_tensors, read_json
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], list]:
@@ -66,10 +40,10 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], optimizer: t
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
     flat, groups = _optimizer_to_flat(optimizer)
-    save_file({k: v.contiguous().cpu() for k, v in flat.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "optimizer_param_groups": groups}, indent=2))
+    save_file({k: v.contiguous().cpu() for k, v in flat.items()}, str(tmp / OPTIMIZER))
+    (tmp / META).write_text(json.dumps({**meta, "optimizer_param_groups": groups}, indent=2))
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
@@ -83,10 +57,10 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None
     folder = Path(folder)
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # crashed between the two renames
-    if not (folder / "meta.json").exists():
+    meta = read_json(folder / META, fix=f"delete {folder} to start that stage again")
+    if meta is None:
         return None
-    meta = json.loads((folder / "meta.json").read_text())
-    tensors = load_tensors(folder / "tensors.safetensors")
+    tensors = load_tensors(folder / TENSORS)
     if optimizer is not None:
-        _optimizer_from_flat(optimizer, load_tensors(folder / "optimizer.safetensors"), meta.pop("optimizer_param_groups"))
+        _optimizer_from_flat(optimizer, load_tensors(folder / OPTIMIZER), meta.pop("optimizer_param_groups"))
     return tensors, meta

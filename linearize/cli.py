@@ -1,4 +1,4 @@
-"""The `linearize` command: convert | generate (| eval | bench | report | compare as they land).
+"""The `linearize` command: convert | generate | eval | bench | bench-transfer | report | compare | blocks.
 
 Every user error is one line on stderr and a non-zero exit code, never a traceback."""
 
@@ -7,15 +7,14 @@ import os
 import sys
 from dataclasses import fields
 
+from .bench import cli as bench_cli
+from .bench import transfer_speed
+from .compare import cli as compare_cli
 from .errors import LinearizeError
-
-
-def comma_ints(text: str) -> list[int]:
-    """'3,7,11' -> [3, 7, 11] (argparse type: layer numbers, --keep-softmax values)."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .evaluate import cli as evaluate_cli
+from .options import add_placement, comma_ints
+from .report import cli as report_cli
+from .transfer import cli as blocks_cli
 
 
 def _add_convert(sub):
@@ -67,9 +66,7 @@ def _add_convert(sub):
                    help="under `torchrun --nproc-per-node N -m linearize.cli convert ...`: layers (default): stage 1 "
                         "split over ranks by layers (same result as one process), stage 2 DDP; data: stage 1 split "
                         "by batch, stage 2 DDP; fsdp: stage 1 data-parallel, stage 2 sharded with FSDP")
-    p.add_argument("--device", default=d.device, help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default=d.dtype, help="teacher precision: auto (bfloat16 on CUDA, float32 on CPU) | "
-                                                    "float32 | bfloat16 | float16")
+    add_placement(p, "the teacher (trained parameters stay float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_convert)
 
@@ -121,10 +118,10 @@ def _add_generate(sub):
 def _run_generate(args):
     import linearize
 
-    model, tokenizer = linearize.load(args.path)
-    if tokenizer is None:
-        raise LinearizeError(f"{args.path} has no tokenizer files; re-run `linearize convert`")
     from .ops.decode_linear import use_decode_linears
+    from .run_folder import load_student
+
+    model, tokenizer = load_student(args.path)
 
     use_decode_linears(model)  # one-token products on every CPU thread (CUDA layers are left alone)
     linearize.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw,
@@ -132,13 +129,8 @@ def _run_generate(args):
     print()
 
 
-def _add_bench_transfer(sub):
-    from .bench.transfer_speed import add_parser
-
-    add_parser(sub)
-
-
-COMMANDS = [_add_convert, _add_generate, _add_bench_transfer] + [__import__(f"linearize.{m}.cli", fromlist=["add"]).add for m in ("evaluate", "bench", "report", "compare", "transfer")]
+COMMANDS = [_add_convert, _add_generate, evaluate_cli.add, bench_cli.add, transfer_speed.add, report_cli.add,
+            compare_cli.add, blocks_cli.add]
 
 
 def main(argv=None) -> int:

@@ -9,11 +9,20 @@ import torch
 from .errors import LinearizeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = (*DTYPES, "fp32", "bf16", "fp16")  # what --dtype accepts in every command (and "auto")
+SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """--dtype float32 | bfloat16 | float16 (or fp32 | bf16 | fp16) -> torch dtype; "auto" is placement's."""
+    if name not in DTYPE_NAMES:
+        raise LinearizeError(f"--dtype {name!r} is not supported; choose auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPES[SHORT_NAMES.get(name, name)]
 
 
 def placement(device: str = "auto", dtype: str = "auto", distributed: bool = False) -> tuple[torch.device, torch.dtype]:
     """--device auto (CUDA when torch sees one, else CPU) | cpu | cuda | cuda:N and --dtype auto (bfloat16 on
-    CUDA, float32 on CPU) | one of DTYPES -> (torch.device, torch.dtype). Under torchrun on GPUs each rank takes
+    CUDA, float32 on CPU) | one of DTYPE_NAMES -> (torch.device, torch.dtype). Under torchrun on GPUs each rank takes
     cuda:LOCAL_RANK. A clear LinearizeError for a bad name, or CUDA asked for where torch sees none."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
@@ -32,9 +41,7 @@ def placement(device: str = "auto", dtype: str = "auto", distributed: bool = Fal
             raise LinearizeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if dtype == "auto":
         return where, torch.bfloat16 if where.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise LinearizeError(f"--dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return where, DTYPES[dtype]
+    return where, torch_dtype(dtype)
 
 
 def model_device(model) -> torch.device:

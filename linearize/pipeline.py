@@ -5,26 +5,27 @@ The output folder holds the finished model (config.json, model.safetensors, toke
 report) and `checkpoints/` (what --resume continues from).
 """
 
-import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_tensors, write_json_atomic
+from .checkpoint import load_checkpoint
 from .data import pack_sequences
-from .device import DTYPES, placement
+from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora
 from .layers.linear_attention import attention_preset
-from .load.teacher import load_teacher
+from .loading.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
+from .run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, read_json, save_model, write_json
 from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
 from .transfer.distributed import distributed_transfer, init_distributed
+
+
+LAYER_ERROR_SEQUENCES = 2  # held-out rows for the per-layer transfer error that ranks layers for --keep-softmax
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ConvertSettings:
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPES
+    dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
 
     def attention_config(self):
         return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map)
@@ -70,8 +71,8 @@ class ConvertSettings:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
         if self.keep_softmax and self.softmax_layers:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise LinearizeError(f"--dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+        if self.dtype != "auto":
+            torch_dtype(self.dtype)  # a clear error for a name --dtype does not know
         self.lora_settings()
 
     def lora_settings(self) -> LoraSettings:
@@ -89,16 +90,16 @@ class ConvertSettings:
 
 
 class RunState:
-    """progress.json in the output folder: settings plus the results of each finished step."""
+    """progress.json in the output folder (run_folder.py): settings plus the results of each finished step."""
 
     writer = True  # False on the ranks other than 0 of a distributed run: results stay in memory
 
     def __init__(self, out: Path, settings: ConvertSettings, resume: bool):
-        self.path = out / "progress.json"
+        self.path = out / PROGRESS
         if self.path.exists() and not resume:
             raise LinearizeError(f"{out} already holds a run; add --resume to continue it or choose another --out")
         if resume and self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            self.data = read_json(self.path, fix=f"delete it to start again, or choose another --out")
             defaults = asdict(ConvertSettings())  # settings added later read as their defaults in older runs
             changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k, defaults[k]) != v]
             if changed:
@@ -119,23 +120,12 @@ class RunState:
         if not self.writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.data, self.path)
+        write_json(self.data, self.path)
 
 
 def _stage_summary(result, seconds: float) -> dict:
     return {"tokens": result.tokens, "steps": result.steps, "seconds": round(seconds, 1),
             "tokens_per_s": round(result.tokens / seconds, 1) if seconds else None}
-
-
-def _save_final(model, tokenizer, out: Path):
-    """save_pretrained into a temporary folder, then rename each file into `out`."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def choose_softmax_layers(layer_mse: list[float], students, k: int, layers: list[int] = ()) -> list[int]:
@@ -204,7 +194,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         except KeyError as e:
             raise LinearizeError(f"--transfer-state {settings.transfer_state} does not fit these attention settings "
                                  f"({e}); use the --attention/--window/--feature-map of `linearize blocks train`")
-    ckpt = out / "checkpoints"
+    ckpt = out / CHECKPOINTS
     if n1:
         if "transfer" not in res:
             t0 = time.perf_counter()
@@ -213,14 +203,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
             r1 = (attention_transfer(teacher, students, train1, **kw) if group is None else
                   distributed_transfer(teacher, students, train1, group, mode,
                                        batch_size=group.world if mode == "data" else 1, **kw))
-            errors = layer_transfer_errors(teacher, students, heldout[:2])
+            errors = layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES])
             state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
                          transfer_history=r1.history)
         else:
             load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
     if (settings.keep_softmax or settings.softmax_layers) and "keep_softmax" not in res:
         if "layer_mse" not in res:  # no transfer ran here: rank layers by the loaded (or untrained) students' error
-            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:2]))
+            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES]))
         state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax,
                                                         settings.softmax_layers))
     if res.get("keep_softmax"):
@@ -245,14 +235,14 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
         log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
 
     if state.writer:
-        _save_final(model, tokenizer, out)
-        write_json_atomic({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
-                           "layer_mse": res.get("layer_mse", [])}, out / "curves.json")
+        save_model(model, tokenizer, out)
+        write_json({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
+                           "layer_mse": res.get("layer_mse", [])}, out / CURVES)
     state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
                  heldout_tokens=int(heldout.numel()))
     summary = {k: v for k, v in res.items() if not k.endswith("_history")}
     if state.writer:
-        write_json_atomic({"settings": asdict(settings), **summary}, out / "convert.json")
+        write_json({"settings": asdict(settings), **summary}, out / CONVERT)
     if group is not None:
         group.close()
     return res

@@ -22,6 +22,11 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
+LR_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
+WARMUP_DIVISOR = 20  # linear warm-up over the first 1/20 of the steps (at least one)
+CHECKPOINT_EVERY_S = 120.0  # seconds between checkpoints
+
+
 @dataclass
 class TrainResult:
     steps: int  # all steps of the stage, resumed ones included
@@ -30,12 +35,13 @@ class TrainResult:
     history: list = field(default_factory=list)  # [{"step", "tokens", "loss", ...}]
 
 
-def cosine_with_warmup(total_steps: int, warmup: int) -> Callable[[int], float]:
+def cosine_with_warmup(total_steps: int, warmup: int, floor: float = LR_FLOOR) -> Callable[[int], float]:
+    """step -> learning-rate factor: linear warm-up to 1 over `warmup` steps, then cosine down to `floor`."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
 
@@ -77,7 +83,7 @@ def train(
     lr: float,
     batch_size: int = 1,
     checkpoint_dir: Path | None = None,
-    checkpoint_every_s: float = 120.0,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     progress: bool = True,
     write_checkpoints: bool = True,
 ) -> TrainResult:
@@ -100,7 +106,7 @@ def train(
         if sharded:
             _shard_optimizer_state(optimizer)
         start, history = meta["step"], meta["history"]
-    factor = cosine_with_warmup(total_steps, max(1, total_steps // 20))
+    factor = cosine_with_warmup(total_steps, max(1, total_steps // WARMUP_DIVISOR))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
     tokens_per_step = batch_size * sequences.shape[1]
 

@@ -44,7 +44,7 @@ def state_bytes(run: Path, context: int, device: str) -> int:
     import torch
 
     import linearize
-    from linearize.bench.decoding import Decoder
+    from linearize.decoding import Decoder
 
     model, _ = linearize.load(run)
     model.to(device)
@@ -94,9 +94,9 @@ def equal_state_window(attention: str, window: int, sinks: int, context: int = 2
     on an untrained model of the bundled teacher, on the CPU."""
     import torch
 
-    from linearize.bench.decoding import Decoder
+    from linearize.decoding import Decoder
     from linearize.layers.linear_attention import attention_preset
-    from linearize.load.teacher import load_teacher
+    from linearize.loading.teacher import load_teacher
     from linearize.models.linearized import LinearizedForCausalLM
 
     teacher, _ = load_teacher(None)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Mi
 import linearize
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import FULL_SOFTMAX, LinearAttentionConfig
-from linearize.load.architectures import ARCHITECTURES, architecture_of
+from linearize.loading.architectures import ARCHITECTURES, architecture_of
 from linearize.models.linearized import LinearizedForCausalLM
 
 from conftest import decode_stepwise

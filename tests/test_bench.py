@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import linearize
-from linearize.bench.decoding import Decoder
-from linearize.bench.measure import measure
+from linearize.decoding import Decoder
+from linearize.bench.measure import measure_point
 from linearize.bench.run import BenchSettings, targets
 from linearize.errors import LinearizeError
 from linearize.cli import main
-from linearize.evaluate.models import load_student, load_teacher_of
+from linearize.run_folder import load_student, load_teacher_of
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,12 @@ def _prompt(n=40):
 def test_student_decoder_matches_generate_ids(pair):
     student = pair[1]
     ids, _ = linearize.generate_ids(student, _prompt(), max_new_tokens=6)
-    assert Decoder(student).greedy(_prompt(), 6) == ids[0, 40:].tolist()
+    assert Decoder(student).generate(_prompt(), 6) == ids[0, 40:].tolist()
 
 
 def test_teacher_decoder_matches_full_forward(pair):
     teacher = pair[0]
-    new = Decoder(teacher).greedy(_prompt(), 5)
+    new = Decoder(teacher).generate(_prompt(), 5)
     ids = _prompt()
     for token in new:  # recompute every step without a cache
         assert teacher(ids).logits[0, -1].argmax().item() == token
@@ -50,11 +50,11 @@ def test_student_cache_is_constant_and_teacher_cache_grows(pair):
 
 
 def test_measure_reports_speed_and_memory(pair):
-    r = measure(pair[1], context=64, decode_tokens=3)
+    r = measure_point(pair[1], context=64, decode_tokens=3)
     assert r["context"] == 64 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
     assert r["cache_bytes"] == r["cache_bytes_after_decode"] > 0 and r["model_rss_bytes"] > 0
     assert 0 < r["linear_layers_ms"] < r["decode_ms_per_token"] * 5  # the weight-streaming part of a step
-    assert "decode_ms_per_token" not in measure(pair[1], context=64, decode_tokens=0)
+    assert "decode_ms_per_token" not in measure_point(pair[1], context=64, decode_tokens=0)
 
 
 def test_targets_from_points():

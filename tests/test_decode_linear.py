@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.bench.decoding import Decoder
-from linearize.evaluate.models import load_student, load_teacher_of
+from linearize.decoding import Decoder
+from linearize.run_folder import load_student, load_teacher_of
 from linearize.ops.decode_linear import DecodeLinear, use_decode_linears
 
 
@@ -47,7 +47,7 @@ def test_a_model_with_decode_linears_decodes_the_same_tokens(tiny_converted, whi
     ids = torch.randint(300, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids).logits
-    greedy = Decoder(model).greedy(ids, 6)
+    greedy = Decoder(model).generate(ids, 6)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     use_decode_linears(model, parts=2)
@@ -60,4 +60,4 @@ def test_a_model_with_decode_linears_decodes_the_same_tokens(tiny_converted, whi
     assert [m.weight.data_ptr() for m in linears] == pointers
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
-    assert Decoder(model).greedy(ids, 6) == greedy
+    assert Decoder(model).generate(ids, 6) == greedy

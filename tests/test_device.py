@@ -11,8 +11,8 @@ from linearize.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS, BenchSettings, benc
 from linearize.cli import main
 from linearize.device import placement
 from linearize.errors import LinearizeError
-from linearize.evaluate.models import load_student
-from linearize.generate import prefill
+from linearize.run_folder import load_student
+from linearize.decoding import prefill
 from linearize.pipeline import ConvertSettings
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

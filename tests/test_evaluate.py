@@ -7,9 +7,9 @@ import torch
 
 from linearize.cli import main
 from linearize.errors import LinearizeError
-from linearize.evaluate.agreement import compare
+from linearize.evaluate.agreement import agreement
 from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
-from linearize.evaluate.models import load_student, load_teacher_of, teacher_spec
+from linearize.run_folder import load_student, load_teacher_of, teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
 
@@ -31,10 +31,10 @@ def test_teacher_comes_from_convert_json(tiny_converted):
 def test_compare_model_with_itself_agrees_exactly(pair):
     teacher, student, _ = pair
     rows = torch.randint(300, (2, 33), generator=torch.Generator().manual_seed(0))
-    same = compare(teacher, teacher, rows, progress=False)
+    same = agreement(teacher, teacher, rows, progress=False)
     assert same["tokens"] == 64 and same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
     assert same["teacher_ppl"] == pytest.approx(same["student_ppl"])
-    diff = compare(teacher, student, rows, progress=False)
+    diff = agreement(teacher, student, rows, progress=False)
     assert diff["kl"] >= 0 and 0 <= diff["top1"] <= 1 and diff["teacher_ppl"] == pytest.approx(same["teacher_ppl"])
 
 

@@ -54,7 +54,7 @@ def test_prefill_in_blocks_equals_full_forward(tiny_teacher, window, keep_softma
     ids = torch.randint(0, 320, (1, 50))
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        logits, state = linearize.generate.prefill(model, ids[:, :45], block=16)  # blocks of 16, 16, 13
+        logits, state = linearize.decoding.prefill(model, ids[:, :45], block=16)  # blocks of 16, 16, 13
         after = model(input_ids=ids[:, 45:46], linear_state=state).logits
     torch.testing.assert_close(logits, full[:, 44], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after[:, 0], full[:, 45], rtol=1e-4, atol=1e-5)
@@ -94,6 +94,12 @@ def test_save_load_roundtrip_and_transformers_auto_class(tiny_teacher, tiny_toke
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
         torch.testing.assert_close(via_auto(input_ids=ids).logits, expected)
     assert tok is not None and tok.eos_token == "<eos>"
+
+
+def test_load_is_not_shadowed_by_a_sub_package():
+    import linearize.loading.teacher  # noqa: F401  (importing a sub-package sets an attribute on linearize)
+
+    assert callable(linearize.load)
 
 
 def test_load_rejects_corrupt_weights_and_plain_models(tiny_teacher, tmp_path):

@@ -26,7 +26,7 @@ def test_tiny_budget_conversion_reloads_and_generates(tmp_path):
 
 def test_teacher_is_reproduced_when_the_linear_part_is_off():
     """Window >= sequence and all weight on the window: the student is exactly the softmax teacher."""
-    from linearize.load.teacher import load_teacher
+    from linearize.loading.teacher import load_teacher
     from linearize.layers.linear_attention import LinearAttentionConfig
     from linearize.models.linearized import LinearizedForCausalLM
 

@@ -1,8 +1,11 @@
 """`linearize bench DIR`: parser, run and the terminal table."""
 
+from pathlib import Path
+
+from ..options import add_placement, fmt, token_count, token_counts
+
 
 def add(sub):
-    from ..evaluate.cli import int_list, token_count
     from .run import LINEARS, BenchSettings
 
     d = BenchSettings()
@@ -13,8 +16,8 @@ def add(sub):
                                    "(bf16) and every point runs in one process. Writes DIR/bench.json.")
     p.add_argument("path", help="converted model folder")
     p.add_argument("--teacher", help="teacher model (default: the one in DIR/convert.json, else bundled SmolLM2)")
-    p.add_argument("--contexts", type=int_list, default=d.contexts, help="prefill lengths (default: 512,1k,...,32k; on CUDA 4k,8k,...,128k)")
-    p.add_argument("--decode-contexts", type=int_list, default=d.decode_contexts,
+    p.add_argument("--contexts", type=token_counts, default=d.contexts, help="prefill lengths (default: 512,1k,...,32k; on CUDA 4k,8k,...,128k)")
+    p.add_argument("--decode-contexts", type=token_counts, default=d.decode_contexts,
                    help="decode after a prefill of these lengths (default: 1k,2k,...,32k; on CUDA 4k,...,128k)")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
                    help="decode steps timed per point (median; default: %(default)s)")
@@ -24,15 +27,14 @@ def add(sub):
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
-    p.add_argument("--device", default=d.device, help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default=d.dtype, help="both models: auto (bfloat16 on CUDA, float32 on CPU) | float32 | "
-                                                    "bfloat16 | float16")
+    add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
     p.set_defaults(run=run)
 
 
 def run(args):
+    from ..run_folder import BENCH
     from .run import BenchSettings, bench
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
@@ -41,11 +43,7 @@ def run(args):
                              in_process=args.in_process)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
-    print(f"results written to {args.path}/bench.json")
-
-
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    print(f"results written to {Path(args.path) / BENCH}")
 
 
 def print_tables(res: dict):
@@ -63,11 +61,11 @@ def print_tables(res: dict):
         if "error" in p:
             continue
         mib = 1 / 2**20
-        t.add_row(str(p["context"]), p["which"], _fmt(p["prefill_tokens_per_s"], ".0f"),
-                  _fmt(p["prefill_peak_bytes"] * mib, ".0f"), _fmt(p.get("decode_ms_per_token"), ".1f"),
-                  _fmt(p.get("decode_tokens_per_s"), ".1f"),
-                  _fmt(p.get("decode_peak_bytes") and p["decode_peak_bytes"] * mib, ".0f"),
-                  _fmt(p["cache_bytes"] * mib, ".2f"))
+        t.add_row(str(p["context"]), p["which"], fmt(p["prefill_tokens_per_s"], ".0f"),
+                  fmt(p["prefill_peak_bytes"] * mib, ".0f"), fmt(p.get("decode_ms_per_token"), ".1f"),
+                  fmt(p.get("decode_tokens_per_s"), ".1f"),
+                  fmt(p.get("decode_peak_bytes") and p["decode_peak_bytes"] * mib, ".0f"),
+                  fmt(p["cache_bytes"] * mib, ".2f"))
     console.print(t)
     for p in res["points"]:
         if "error" in p:

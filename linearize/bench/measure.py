@@ -1,4 +1,4 @@
-"""One benchmark point: prefill `context` random tokens, then decode (measure(), on the model's device).
+"""One benchmark point: prefill `context` random tokens, then decode (measure_point(), on the model's device).
 
 On the CPU each point runs in a fresh process, so its peak resident set is its own:
 
@@ -18,8 +18,8 @@ import sys
 
 import torch
 
+from ..decoding import Decoder
 from ..device import model_device, now, placement
-from .decoding import Decoder
 from .run import LINEARS
 
 WARMUP_TOKENS = 16
@@ -86,7 +86,7 @@ def linear_layers_ms(model, repeats: int = 8) -> float:
 
 
 @torch.no_grad()
-def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
+def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
     """Prefill `context` random tokens, then `decode_tokens` timed greedy steps after DECODE_WARMUP_STEPS untimed
     ones (0 = prefill only), on the model's device (CUDA: clocks read after synchronising).
     Returns {context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes, decode_ms_per_token
@@ -125,7 +125,7 @@ def measure(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
 
 def load_model(path, which: str, teacher: str | None, device, dtype, linears: str):
     """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied."""
-    from ..evaluate.models import load_student, load_teacher_of
+    from ..run_folder import load_student, load_teacher_of
     from ..ops.decode_linear import use_decode_linears
 
     if which == "student":
@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--linears", choices=LINEARS, default="decode")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -158,7 +158,7 @@ def main(argv=None):
         model = load_model(args.path, args.which, args.teacher, *placement("cpu", args.dtype), args.linears)
     except LinearizeError as e:
         sys.exit(f"linearize: error: {e}")
-    print(json.dumps({"which": args.which, "linears": args.linears, **measure(model, args.context, args.decode_tokens)}))
+    print(json.dumps({"which": args.which, "linears": args.linears, **measure_point(model, args.context, args.decode_tokens)}))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..checkpoint import write_json_atomic
 from ..device import device_name, placement
 from ..errors import LinearizeError
-from ..evaluate.models import teacher_spec
+from ..run_folder import BENCH, check_converted, teacher_spec, write_json
 
 K = 1024
 LINEARS = ("decode", "stock")
@@ -121,10 +120,10 @@ class InProcess:
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
         import torch
 
-        from .measure import measure
+        from .measure import measure_point
 
         try:
-            return {"which": which, "linears": linears, **measure(self.models[which], context, decode_tokens)}
+            return {"which": which, "linears": linears, **measure_point(self.models[which], context, decode_tokens)}
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             return {"which": which, "context": context, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
         finally:
@@ -143,9 +142,7 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
         raise LinearizeError("--linears decode is a CPU kernel; on CUDA both models use stock nn.Linear (--linears stock)")
     if device.type == "cuda" and not settings.in_process:
         raise LinearizeError("on CUDA the bench runs in one process (fresh processes only matter for CPU memory)")
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LinearizeError(f"{path} is not a converted model folder (no config.json); run `linearize convert` first")
+    path = check_converted(path)
     spec = teacher_spec(path, teacher)
     dtype_name = str(dtype).removeprefix("torch.")
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -168,5 +165,5 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
             if "error" in point:
                 log(f"bench: {which} at {context}: {point['error']}")
             res["targets"] = targets(res["points"], settings.decode_contexts)
-            write_json_atomic(res, path / "bench.json")
+            write_json(res, path / BENCH)
     return res

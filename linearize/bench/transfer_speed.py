@@ -5,18 +5,19 @@ step each, on --device (clocks read after the device has finished: CUDA runs asy
 to a JSON file."""
 
 import json
-from pathlib import Path
 
 import torch
 
 from ..device import device_name, now, placement
 from ..layers.linear_attention import attention_preset
-from ..load.teacher import load_teacher
+from ..loading.teacher import load_teacher
 from ..models.linearized import make_student_attention
+from ..options import add_placement
+from ..run_folder import write_json
 from ..transfer.attention_transfer import attention_transfer
 
 
-def measure(model: str | None, seq_len: int, steps: int, attention: str, threads: int | None = None,
+def measure_transfer(model: str | None, seq_len: int, steps: int, attention: str, threads: int | None = None,
             device: str = "cpu", dtype: str = "auto") -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -48,21 +49,19 @@ def measure(model: str | None, seq_len: int, steps: int, attention: str, threads
     return result
 
 
-def add_parser(sub):
+def add(sub):
     p = sub.add_parser("bench-transfer", help="attention-transfer tokens/s vs teacher forward tokens/s")
     p.add_argument("--model", help="teacher (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--attention", default="lolcats")
     p.add_argument("--out", default="bench_transfer.json", help="JSON result file (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default="auto", help="teacher precision: auto (bfloat16 on CUDA, float32 on CPU) | "
-                                                   "float32 | bfloat16 | float16")
+    add_placement(p, "the teacher")
     p.set_defaults(run=_run)
 
 
 def _run(args):
-    result = measure(args.model, args.seq_len, args.steps, args.attention, device=args.device, dtype=args.dtype)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result = measure_transfer(args.model, args.seq_len, args.steps, args.attention, device=args.device, dtype=args.dtype)
+    write_json(result, args.out)
     print(json.dumps(result, indent=2))
     print(f"transfer runs at {result['ratio']:.2f}x the teacher's forward tokens/s (written to {args.out})")

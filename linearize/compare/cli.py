@@ -1,13 +1,9 @@
 """`linearize compare`: parser, run and the terminal table."""
 
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from ..options import comma_ints, names, token_count
 
 
 def add(sub):
-    from ..cli import comma_ints
-    from ..evaluate.cli import token_count
     from ..pipeline import ConvertSettings
     from .run import PARTS, CompareSettings
 
@@ -16,7 +12,7 @@ def add(sub):
                        description="Run `linearize convert` for each --attention (and --keep-softmax K) into "
                                    "OUT/NAME with the same token budget, then print held-out ppl, KL, passkey and "
                                    "decode speed side by side. Finished runs are reused. Writes OUT/compare.json.")
-    p.add_argument("--attention", type=_names, default=c.attentions,
+    p.add_argument("--attention", type=names, default=c.attentions,
                    help=f"comma-separated families (default: {','.join(c.attentions)})")
     p.add_argument("--keep-softmax", type=comma_ints, default=c.keep_softmax, metavar="K[,K...]",
                    help="softmax layers to keep; several values compare the trade-off (default: 0)")
@@ -38,7 +34,7 @@ def add(sub):
     p.add_argument("--passkey-trials", type=int, default=c.passkey_trials)
     p.add_argument("--decode-context", type=token_count, default=c.decode_context)
     p.add_argument("--decode-tokens", type=int, default=c.decode_tokens)
-    p.add_argument("--skip", type=_names, default=(), help=f"parts to skip: {', '.join(PARTS)}")
+    p.add_argument("--skip", type=names, default=(), help=f"parts to skip: {', '.join(PARTS)}")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 

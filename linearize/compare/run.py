@@ -15,10 +15,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..checkpoint import write_json_atomic
 from ..errors import LinearizeError
 from ..layers.linear_attention import ATTENTION_PRESETS
+from ..options import fmt as f
 from ..pipeline import ConvertSettings, convert
+from ..run_folder import COMPARE, COMPARE_TABLE, load, transfer_tensors, write_json, write_text
 
 PARTS = ("kl", "passkey", "decode")
 COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "passkey", "decode tok/s", "state MiB", "convert s")
@@ -51,8 +52,8 @@ class CompareSettings:
 
 
 def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
-    from ..bench.measure import measure
-    from ..evaluate.agreement import compare as agreement
+    from ..bench.measure import measure_point
+    from ..evaluate.agreement import agreement
     from ..evaluate.passkey import passkey_accuracy
 
     row = {}
@@ -61,17 +62,15 @@ def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
     if "passkey" not in cs.skip:
         row["passkey"] = passkey_accuracy(model, tokenizer, [cs.passkey_length], cs.passkey_trials)["accuracy"][0]
     if "decode" not in cs.skip:
-        point = measure(model, cs.decode_context, cs.decode_tokens)
+        point = measure_point(model, cs.decode_context, cs.decode_tokens)
         row["decode_tokens_per_s"], row["state_bytes"] = point["decode_tokens_per_s"], point["cache_bytes"]
     return row
 
 
 def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progress: bool = True, log=print) -> dict:
     """Convert and measure every variant; returns the compare.json dict."""
-    import linearize
-
     from ..data import pack_sequences
-    from ..load.teacher import load_teacher
+    from ..loading.teacher import load_teacher
 
     cs.check()
     out = Path(out)
@@ -90,7 +89,7 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
                            transfer_state=shared or base.transfer_state)
         res = convert(settings, out / name, resume=True, progress=progress, log=log)
         if shared is None and "transfer" in res:
-            stage1[attention] = str(out / name / "checkpoints" / "transfer" / "tensors.safetensors")
+            stage1[attention] = str(transfer_tensors(out / name))
         runs[name] = {"attention": attention, "keep_softmax": res.get("keep_softmax", []),
                       "teacher_ppl": res["teacher_ppl"], "student_ppl": res.get("stage2_ppl", res["stage1_ppl"]),
                       "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1)),
@@ -103,16 +102,15 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
                          **_measure(teacher, tokenizer, None, heldout, cs)}
     for name in runs:
         log(f"measuring {name}")
-        model, _ = linearize.load(out / name)
+        model, _ = load(out / name)
         runs[name].update(_measure(model, tokenizer, teacher, heldout, cs))
         del model
-    write_json_atomic(result, out / "compare.json")
-    (out / "compare.md").write_text(markdown_table(result))
+    write_json(result, out / COMPARE)
+    write_text(markdown_table(result), out / COMPARE_TABLE)
     return result
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     t = result["teacher"]
     mib = lambda r: r.get("state_bytes") and r["state_bytes"] / 2**20  # noqa: E731
     rows = [["teacher (softmax)", f(t["ppl"], ".3f"), "", "", f(t.get("passkey"), ".0%"),

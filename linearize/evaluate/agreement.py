@@ -10,7 +10,7 @@ from ..device import model_device
 
 
 @torch.no_grad()
-def compare(teacher, student, sequences: torch.Tensor, progress: bool = True, desc: str = "teacher vs student") -> dict:
+def agreement(teacher, student, sequences: torch.Tensor, progress: bool = True, desc: str = "teacher vs student") -> dict:
     """sequences (N, T) -> {"tokens", "teacher_ppl", "student_ppl", "kl", "top1"} over the N * (T - 1)
     next-token predictions (both models on the same device). kl: mean KL(teacher || student) in nats; top1: fraction where the argmaxes agree."""
     teacher.eval(), student.eval()

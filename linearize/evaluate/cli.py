@@ -1,27 +1,8 @@
 """`linearize eval DIR [--teacher M]`: parser, run and the terminal table."""
 
-from argparse import ArgumentTypeError
+from pathlib import Path
 
-
-def token_count(text: str) -> int:
-    """"4096" or "4k" -> 4096."""
-    try:
-        return int(float(text[:-1]) * 1024) if text.lower().endswith("k") else int(text)
-    except ValueError:
-        raise ArgumentTypeError(f"expected a token count like 512, 4k or 4096, got {text!r}") from None
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """"512,1k,2048" -> (512, 1024, 2048)."""
-    return tuple(token_count(t) for t in text.split(",") if t)
-
-
-def _limit(text: str) -> int | None:
-    if text == "all":
-        return None
-    if not text.isdigit():
-        raise ArgumentTypeError(f"--limit takes a number of questions per subject or 'all', got {text!r}")
-    return int(text)
+from ..options import add_placement, mmlu_limit, names, token_counts
 
 
 def add(sub):
@@ -39,7 +20,7 @@ def add(sub):
     p.add_argument("--sequences", type=int, default=d.sequences, help="rows per text (default: %(default)s)")
     p.add_argument("--layer-sequences", type=int, default=d.layer_sequences,
                    help="rows per text for per-layer error (default: %(default)s)")
-    p.add_argument("--passkey-lengths", type=int_list, default=d.passkey_lengths,
+    p.add_argument("--passkey-lengths", type=token_counts, default=d.passkey_lengths,
                    help="passkey prompt lengths in tokens (default: 256,512,1k,2k,4k)")
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
                    help="trials per length (default: %(default)s)")
@@ -47,29 +28,27 @@ def add(sub):
                    help="held-out prompts both models answer greedily (default: %(default)s)")
     p.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
                    help="tokens per answer (default: %(default)s)")
-    p.add_argument("--limit", type=_limit, default=d.limit,
+    p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
-    p.add_argument("--device", default=d.device, help="both models: auto (CUDA when present) | cpu | cuda | cuda:N "
-                                                      "(default: auto)")
-    p.add_argument("--dtype", default=d.dtype, help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | "
-                                                    "float16")
+    add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
 def run(args):
+    from ..run_folder import EVAL
     from .run import EvalSettings, evaluate
 
-    settings = EvalSettings(texts=tuple(t for t in args.texts.split(",") if t), seq_len=args.seq_len,
+    settings = EvalSettings(texts=names(args.texts), seq_len=args.seq_len,
                             sequences=args.sequences, layer_sequences=args.layer_sequences,
                             passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
-                            limit=args.limit, skip=tuple(s for s in args.skip.split(",") if s), device=args.device,
+                            limit=args.limit, skip=names(args.skip), device=args.device,
                             dtype=args.dtype)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
-    print(f"results written to {args.path}/eval.json")
+    print(f"results written to {Path(args.path) / EVAL}")
 
 
 def print_tables(res: dict):

@@ -11,7 +11,7 @@ A student that falls into loops shows a repetition rate well above its teacher's
 
 import torch
 
-from ..bench.decoding import Decoder
+from ..decoding import Decoder
 from ..data.packing import is_heldout
 from ..data.sources import iter_documents
 
@@ -65,7 +65,7 @@ def generation_agreement(teacher, student, tokenizer, prompts: list[torch.Tensor
     answers = {}
     for who, model in (("teacher", teacher), ("student", student)):
         decoder = Decoder(model)
-        answers[who] = [decoder.greedy(ids, max_new_tokens) for ids in prompts]
+        answers[who] = [decoder.generate(ids, max_new_tokens) for ids in prompts]
     matches = [common_prefix(t[:prefix], s[:prefix]) for t, s in zip(answers["teacher"], answers["student"])]
     n = max(len(prompts), 1)
     return {

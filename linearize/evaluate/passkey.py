@@ -12,7 +12,7 @@ Linear attention compresses the past into a fixed-size state, so recall beyond i
 import random
 import re
 
-from ..bench.decoding import Decoder
+from ..decoding import Decoder
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n")
@@ -44,7 +44,7 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 5, seed
             key = rng.randint(10000, 99999)
             ids = tokenizer(passkey_prompt(tokenizer, length, (i + 0.5) / trials, key), return_tensors="pt",
                             add_special_tokens=False).input_ids
-            answer = tokenizer.decode(decoder.greedy(ids, NEW_TOKENS, tokenizer.eos_token_id))
+            answer = tokenizer.decode(decoder.generate(ids, NEW_TOKENS, eos_token_id=tokenizer.eos_token_id))
             hits += re.findall(r"\d+", answer)[:1] == [str(key)]
             total += ids.shape[1]
         tokens.append(round(total / trials))

@@ -18,10 +18,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import write_json_atomic
 from ..device import device_name, placement
 from ..errors import LinearizeError
-from .models import load_student, load_teacher_of
+from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, eval_sequences
 
 PARTS = ("ppl", "layers", "passkey", "generation", "mmlu")
@@ -54,19 +53,11 @@ class EvalSettings:
             raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
 
 
-def _training_data(path: Path):
-    """The conversion's training source, for its held-out split (None = bundled ShareGPT)."""
-    import json
-
-    info = path / "convert.json"
-    return json.loads(info.read_text()).get("settings", {}).get("data") if info.is_file() else None
-
-
 def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: str | None = None,
              progress: bool = True, log=print) -> dict:
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
     from ..transfer.attention_transfer import layer_transfer_errors
-    from .agreement import compare
+    from .agreement import agreement
     from .generation import generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
     from .passkey import passkey_accuracy
@@ -88,18 +79,18 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         t0 = time.time()
         fn()
         res["seconds"][name] = round(time.time() - t0, 1)
-        write_json_atomic(res, path / "eval.json")  # finished parts survive an interrupted run
+        write_json(res, path / EVAL)  # finished parts survive an interrupted run
 
     rows = {}
 
     def sequences(name, n):
         if name not in rows:
             rows[name] = eval_sequences(name, tokenizer, settings.seq_len, max(settings.sequences, n),
-                                        data=_training_data(path))
+                                        data=training_data(path))
         return rows[name][:n]
 
     def ppl():
-        res["texts"] = {name: compare(teacher_model, student, sequences(name, settings.sequences), progress, name)
+        res["texts"] = {name: agreement(teacher_model, student, sequences(name, settings.sequences), progress, name)
                         for name in settings.texts}
 
     def layers():
@@ -122,7 +113,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["mmlu"] = mmlu_accuracy(models, tokenizer, settings.limit, max_length=max_length)
 
     def generation():
-        prompts = heldout_prompts(_training_data(path), tokenizer, settings.generation_prompts)
+        prompts = heldout_prompts(training_data(path), tokenizer, settings.generation_prompts)
         res["generation"] = generation_agreement(teacher_model, student, tokenizer, prompts,
                                                  settings.generation_tokens)
 

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from ..errors import LinearizeError
 from ..layers.linear_attention import LinearAttention
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
 from ..training import TrainResult, train
 
 LORA_INITS = ("default", "pissa")

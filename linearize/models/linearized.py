@@ -12,7 +12,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttention, LinearAttentionConfig
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
 
 
 def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,
@@ -67,7 +67,7 @@ class LinearizedConfig(PretrainedConfig):
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
             if key in self.teacher:
                 kwargs.setdefault(key, self.teacher[key])
-        kwargs.setdefault("use_cache", False)  # HF's KV cache does not apply; decode with linearize.generate
+        kwargs.setdefault("use_cache", False)  # HF's KV cache does not apply; decode with linearize.decoding
         super().__init__(**kwargs)
 
     def teacher_config(self) -> PretrainedConfig:

