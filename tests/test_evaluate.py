@@ -99,6 +99,9 @@ def test_eval_command_writes_eval_json(tiny_converted, capsys):
     assert set(res["texts"]) == {"sharegpt", "shakespeare", "python-docs"}
     assert all(len(v) == 2 for v in res["layer_mse"].values())
     assert res["passkey"]["lengths"] == [200] and "mmlu" not in res
+    base = res["baseline"]
+    assert set(base["texts"]) == set(res["texts"]) and base["attention"] == "streaming"
+    assert base["state_bytes"] <= base["student_state_bytes"]
     assert res["generation"]["prompts"] == 3 and set(res["generation"]["repetition"]) == {"teacher", "student"}
     out = capsys.readouterr().out
     assert "top-1" in out and "repeated 4-grams" in out
@@ -138,3 +141,19 @@ def test_generation_agreement_of_a_model_with_itself_and_with_a_looping_one(pair
         looping.model.norm.weight.zero_()
     looping = generation_agreement(teacher, looping, tokenizer, prompts, max_new_tokens=12, prefix=8)
     assert looping["repetition"]["student"] > 0.8 > looping["repetition"]["teacher"]
+
+
+def test_streaming_baseline_has_the_students_state_bytes_and_leaves_the_teacher_alone(pair):
+    from linearize.evaluate.baseline import state_bytes, streaming_baseline
+
+    teacher, student, _ = pair
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = teacher(input_ids=ids).logits
+    baseline, window, nbytes, target = streaming_baseline(teacher, student, context=256)
+    per_token = 2 * 2 * 2 * 16 * 4  # 2 layers x 2 KV heads x (k, v) x head_dim 16 x fp32
+    assert target == state_bytes(student, 256) and target - per_token < nbytes <= target
+    assert nbytes == (window + 4) * per_token
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(input_ids=ids).logits, before)  # the teacher is not modified
+        assert (baseline(input_ids=ids).logits - before).abs().max() > 0  # the window (< 40 tokens) cuts in

@@ -61,10 +61,19 @@ def print_tables(res: dict):
         t.caption = "KL = mean KL(teacher || student) per token; top-1 = argmax agreement; MSE = mean layer error"
         for col in ("text", "tokens", "ppl teacher", "ppl student", "KL", "top-1", "MSE"):
             t.add_column(col, justify="right", no_wrap=True)
+        base = res.get("baseline")
         for name, r in res["texts"].items():
             mse = res.get("layer_mse", {}).get(name)
             t.add_row(name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
                       f"{r['top1']:.1%}", f"{sum(mse) / len(mse):.2e}" if mse else "-")
+            if base and name in base["texts"]:
+                b = base["texts"][name]
+                t.add_row(f"  streaming {base['sinks']}+{base['window']}", "", "", f"{b['student_ppl']:.2f}",
+                          f"{b['kl']:.3f}", f"{b['top1']:.1%}", "")
+        if base:
+            t.caption += (f"; streaming S+W: the teacher untrained over S sinks + its last W tokens, a decoding "
+                          f"state of {base['state_bytes'] / 2**20:.2f} MiB (student: "
+                          f"{base['student_state_bytes'] / 2**20:.2f} MiB)")
         console.print(t)
     if "generation" in res:
         g = res["generation"]

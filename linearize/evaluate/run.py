@@ -6,6 +6,9 @@
                                kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
     layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
     passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
+    baseline                   the teacher as StreamingLLM (4 sinks + the window W whose state has the student's
+                               bytes; evaluate/baseline.py): attention, window, sinks, state_bytes,
+                               student_state_bytes, texts.NAME as above (teacher vs baseline)
     generation                 greedy answers to held-out prompts: repetition {teacher, student} (repeated 4-gram
                                share), prefix_match (first 32 tokens shared with the teacher), examples
     mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
@@ -23,7 +26,7 @@ from ..errors import LinearizeError
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, eval_sequences
 
-PARTS = ("ppl", "layers", "passkey", "generation", "mmlu")
+PARTS = ("ppl", "baseline", "layers", "passkey", "generation", "mmlu")
 
 
 @dataclass
@@ -58,6 +61,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
     from ..transfer.attention_transfer import layer_transfer_errors
     from .agreement import agreement
+    from .baseline import streaming_baseline
     from .generation import generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
     from .passkey import passkey_accuracy
@@ -93,6 +97,14 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["texts"] = {name: agreement(teacher_model, student, sequences(name, settings.sequences), progress, name)
                         for name in settings.texts}
 
+    def baseline():
+        model, window, nbytes, target = streaming_baseline(teacher_model, student)
+        res["baseline"] = {"attention": "streaming", "window": window, "sinks": 4, "state_bytes": nbytes,
+                           "student_state_bytes": target,
+                           "texts": {name: agreement(teacher_model, model, sequences(name, settings.sequences),
+                                                     progress, f"{name}: streaming baseline")
+                                     for name in settings.texts}}
+
     def layers():
         students = student.attention_modules()
         if len(students) != teacher_model.config.num_hidden_layers:
@@ -117,7 +129,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["generation"] = generation_agreement(teacher_model, student, tokenizer, prompts,
                                                  settings.generation_tokens)
 
-    for name, fn in (("ppl", ppl), ("layers", layers), ("passkey", passkey), ("generation", generation),
+    for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey), ("generation", generation),
                      ("mmlu", mmlu)):
         part(name, fn)
     return res

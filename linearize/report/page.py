@@ -47,8 +47,15 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
             rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), fmt(convert.get(ppl), ".2f")])
         parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))
     if results and results.get("texts"):
-        rows = [[n, r["tokens"], fmt(r["teacher_ppl"], ".2f"), fmt(r["student_ppl"], ".2f"), fmt(r["kl"], ".3f"),
-                 fmt(r["top1"], ".1%")] for n, r in results["texts"].items()]
+        rows = []
+        base = results.get("baseline") or {}
+        for n, r in results["texts"].items():
+            rows.append([n, r["tokens"], fmt(r["teacher_ppl"], ".2f"), fmt(r["student_ppl"], ".2f"),
+                         fmt(r["kl"], ".3f"), fmt(r["top1"], ".1%")])
+            if b := base.get("texts", {}).get(n):  # the training-free baseline of equal state bytes
+                rows.append([f"{n}: streaming {base['sinks']}+{base['window']} (untrained teacher)", b["tokens"],
+                             fmt(b["teacher_ppl"], ".2f"), fmt(b["student_ppl"], ".2f"), fmt(b["kl"], ".3f"),
+                             fmt(b["top1"], ".1%")])
         parts.append("<h2>Quality vs teacher</h2>" + _table(
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
     if results and results.get("mmlu"):
