@@ -108,3 +108,23 @@ def model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def data_file(tmp_path):
     return write_word_jsonl(tmp_path / "data.jsonl")
+
+
+def interrupted_at_step(monkeypatch, n: int, run):
+    """Call run() with the n-th optimizer step raising KeyboardInterrupt (as Ctrl-C would); afterwards the optimizer
+    steps normally again. Fails if run() was not interrupted."""
+    import pytest
+    import torch
+
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_interrupt(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)

@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-import linearize.training as training
 from linearize.errors import LinearizeError
 from linearize.finetune.lora import LoraSettings, add_lora, distillation_loss, finetune_lora, teacher_view
 from linearize.layers.linear_attention import FULL_SOFTMAX, LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM
+
+from conftest import interrupted_at_step
 
 CONFIG = LinearAttentionConfig(window=4, sinks=2, chunk_size=8)
 
@@ -81,18 +82,7 @@ def test_distilling_stage_2_lowers_kl_and_resumes_exactly(tmp_path, monkeypatch)
         assert distillation_loss(straight(input_ids=data).logits, teacher) < distillation_loss(
             base(input_ids=data).logits, teacher)
 
-    original, calls = training.torch.optim.AdamW.step, {"n": 0}
-
-    def step_then_interrupt(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(training.torch.optim.AdamW, "step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_teacher, data, tmp_path / "ckpt")
-    monkeypatch.setattr(training.torch.optim.AdamW, "step", original)
+    interrupted_at_step(monkeypatch, 5, lambda: _run(tiny_teacher, data, tmp_path / "ckpt"))
     resumed, result = _run(tiny_teacher, data, tmp_path / "ckpt")
     assert result.tokens == 4 * data.shape[1]  # only the 4 unfinished steps ran again
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):

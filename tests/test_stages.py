@@ -8,6 +8,8 @@ from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
 from linearize.transfer.attention_transfer import attention_transfer, layer_transfer_errors, transfer_state
 
+from conftest import interrupted_at_step
+
 
 def sequences(n=24, T=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -35,21 +37,8 @@ def test_transfer_resumes_to_the_same_result(tiny_teacher, tmp_path, monkeypatch
 
     torch.manual_seed(0)
     interrupted = make_student_attention(tiny_teacher, cfg)
-    calls = {"n": 0}
-    import linearize.training as training
-
-    original = training.torch.optim.AdamW.step
-
-    def step_then_interrupt(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(training.torch.optim.AdamW, "step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        attention_transfer(tiny_teacher, interrupted, data, checkpoint_dir=tmp_path / "ckpt", progress=False)
-    monkeypatch.setattr(training.torch.optim.AdamW, "step", original)
+    interrupted_at_step(monkeypatch, 6, lambda: attention_transfer(tiny_teacher, interrupted, data,
+                                                                   checkpoint_dir=tmp_path / "ckpt", progress=False))
     resumed = make_student_attention(tiny_teacher, cfg)  # fresh modules: everything comes from the checkpoint
     result = attention_transfer(tiny_teacher, resumed, data, checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert result.tokens == 5 * 32  # only the 5 unfinished steps ran again
