@@ -128,3 +128,81 @@ def interrupted_at_step(monkeypatch, n: int, run):
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
+
+
+# ---- shared attention-op inputs: one family x form matrix (test_attention.py) and the sinks tests ----
+
+FAMILIES = {  # family -> (forget gate, delta rule); "sum:<map>" uses a real feature map, the others random features
+    "sum": (False, False), "gated": (True, False), "delta": (False, True), "gated-delta": (True, True),
+    "sum:hedgehog": (False, False), "sum:t2r": (False, False), "sum:elu": (False, False),
+}
+
+
+def phi(delta: bool):
+    """The key feature map of attention_inputs(): fk = phi(k) (d -> 2d positive features; unit norm for the delta
+    rule). A decoding state keeps its window keys, not their features: the ops recompute them with this map."""
+    import torch
+    import torch.nn.functional as F
+
+    def key_features(k):
+        d = k.shape[-1]
+        fk = torch.softmax(k @ torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(7)).to(k.dtype), -1)
+        return F.normalize(fk, dim=-1) if delta else fk
+    return key_features
+
+
+def attention_inputs(B, H, Hkv, T, d, family="sum", dtype=None, seed=0, linear=True):
+    """Random streams for one attention family. Returns (Streams, mix (H,), key_features, rule); linear=False:
+    q, k, v only (exact softmax)."""
+    import torch
+    import torch.nn.functional as F
+
+    from linearize.ops.feature_maps import make_feature_map
+    from linearize.ops.hybrid_attention import Streams
+
+    dtype = dtype or torch.float64
+    gate, delta = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, d, generator=g, dtype=dtype) for h in (H, Hkv, Hkv))
+    if family.startswith("sum:"):  # a learnable feature map moved away from its identity init
+        fmq, fmk = (make_feature_map(family[4:], h, d).to(dtype) for h in (H, Hkv))
+        with torch.no_grad():
+            for p in list(fmq.parameters()) + list(fmk.parameters()):
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
+            fq, fk = fmq(q), fmk(k)
+        key_features = fmk
+    else:
+        key_features = phi(delta)
+        fq, fk = torch.rand(B, H, T, 2 * d, generator=g, dtype=dtype), key_features(k)
+        if delta:
+            fq = F.normalize(fq, dim=-1)
+    log_gate = F.logsigmoid(torch.randn(B, Hkv, T, generator=g, dtype=dtype)) if gate else None
+    beta = torch.rand(B, Hkv, T, generator=g, dtype=dtype) if delta else None
+    mix = torch.rand(H, generator=g, dtype=dtype)
+    if not linear:
+        return Streams(k, v, q=q), mix, None, "sum"
+    return Streams(k, v, q=q, fq=fq, fk=fk, log_gate=log_gate, beta=beta), mix, key_features, "delta" if delta else "sum"
+
+
+def blocks(T: int) -> list:
+    """Uneven blocks: 1 token, then 3, then blocks of 11 (some shorter and some longer than the test windows)."""
+    cuts = sorted({0, *range(min(T, 4), T, 11), min(T, 1), min(T, 4), T})
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None):
+    """Feed `streams` span by span, each span as (slice, "chunked" | "recurrent"), every call continuing the state
+    of the last one. check(span, state) runs after each span. Returns (y over all spans, the final state)."""
+    import torch
+
+    from linearize.ops.hybrid_attention import attention_chunked, attention_recurrent
+
+    state, ys = None, []
+    for s, form in spans:
+        kw = dict(chunk=chunk) if form == "chunked" else {}
+        run = attention_chunked if form == "chunked" else attention_recurrent
+        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, **kw)
+        ys.append(y)
+        if check:
+            check(s, state)
+    return torch.cat(ys, dim=2), state

@@ -27,7 +27,8 @@ def inputs(device="cpu", dtype=torch.float32, B=2, H=4, Hkv=2, T=100, d=16, F=32
 
 
 def reference(q, k, v, fq, fk):
-    return ops.attention_chunked(q, k, v, fq, fk, q.new_zeros(q.shape[1]), 0, q.shape[-1] ** -0.5, chunk=16)
+    streams, spec = ops.Streams(k, v, q=q, fq=fq, fk=fk), ops.AttentionSpec(window=0, scale=q.shape[-1] ** -0.5)
+    return ops.attention_chunked(streams, spec, q.new_zeros(q.shape[1]), chunk=16)[0]
 
 
 def outputs_and_grads(fn, xs):

@@ -12,13 +12,11 @@ import linearize
 from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import attention_preset
-from linearize.ops.hybrid_attention import (attention_chunked, attention_quadratic, attention_recurrent, empty_state,
-                                             time_slice)
+from linearize.ops.hybrid_attention import AttentionSpec, attention_chunked, attention_quadratic, attention_recurrent
 
-from conftest import decode_stepwise
-from test_families import FAMILIES, _blocks, inputs, phi
+from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
 
-ALL = {"sum": dict(gate=False, delta=False), **FAMILIES}
+FAMILIES = ["sum", "gated", "delta", "gated-delta"]
 CASES = [  # (B, H, Hkv, T, d, window, chunk, sinks)
     (2, 4, 2, 37, 8, 5, 8, 4),  # GQA, sinks leave the window early on
     (1, 2, 2, 10, 8, 16, 4, 3),  # shorter than the window: the sinks never leave it
@@ -28,8 +26,9 @@ CASES = [  # (B, H, Hkv, T, d, window, chunk, sinks)
 ]
 
 
-def brute_force_sum_rule(q, k, v, fq, fk, mix, window, scale, sinks):
+def brute_force_sum_rule(streams, mix, window, scale, sinks):
     """y_i = sum_j a_ij v_j / sum_j a_ij, one query and one key at a time (no gate, sum rule)."""
+    q, k, v, fq, fk = streams.q, streams.k, streams.v, streams.fq, streams.fk
     B, H, T, d = q.shape
     G = H // k.shape[1]
     y = torch.zeros_like(q)
@@ -55,81 +54,69 @@ def brute_force_sum_rule(q, k, v, fq, fk, mix, window, scale, sinks):
 @pytest.mark.parametrize("linear", [True, False])
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,chunk,sinks", CASES[:2] + CASES[3:])
 def test_quadratic_form_with_sinks_matches_brute_force(B, H, Hkv, T, d, window, chunk, sinks, linear):
-    args, _ = inputs(B, H, Hkv, T, d, gate=False, delta=False)
-    if not linear:
-        args = (*args[:3], None, None, args[5])
-    ref = brute_force_sum_rule(*args, window, d**-0.5, sinks)
-    torch.testing.assert_close(attention_quadratic(*args, window, d**-0.5, sinks=sinks), ref, rtol=1e-10, atol=1e-10)
+    streams, mix, _, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
+    ref = brute_force_sum_rule(streams, mix, window, d**-0.5, sinks)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear)
+    torch.testing.assert_close(attention_quadratic(streams, spec, mix), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_pure_linear_with_sinks_matches_brute_force():
-    args, _ = inputs(2, 4, 4, 33, 8, gate=False, delta=False)
-    ref = brute_force_sum_rule(*args, 0, 8**-0.5, 2)
-    torch.testing.assert_close(attention_quadratic(*args, 0, 8**-0.5, sinks=2), ref, rtol=1e-10, atol=1e-10)
+    streams, mix, _, _ = attention_inputs(2, 4, 4, 33, 8)
+    ref = brute_force_sum_rule(streams, mix, 0, 8**-0.5, 2)
+    torch.testing.assert_close(attention_quadratic(streams, AttentionSpec(0, 8**-0.5, sinks=2), mix), ref,
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_sinks_change_the_result():
     """Guard against a test that cannot fail: sinks must make a difference once they leave the window."""
-    args, kw = inputs(1, 4, 2, 30, 8, gate=False, delta=False)
-    a = attention_quadratic(*args, 5, 8**-0.5, sinks=0)
-    b = attention_quadratic(*args, 5, 8**-0.5, sinks=3)
+    streams, mix, _, _ = attention_inputs(1, 4, 2, 30, 8)
+    a = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=0), mix)
+    b = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=3), mix)
     assert torch.equal(a[:, :, :5], b[:, :, :5])  # up to query 4 every key is inside the window
     assert (a[:, :, 5:] - b[:, :, 5:]).abs().amin(-1).amin(0).amin(0).min() > 1e-6  # from query 5 every output moves
 
 
-@pytest.mark.parametrize("family", sorted(ALL))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,chunk,sinks", CASES)
 def test_forms_agree_with_sinks(B, H, Hkv, T, d, window, chunk, sinks, family):
-    args, kw = inputs(B, H, Hkv, T, d, **ALL[family])
-    scale = d**-0.5
-    ref = attention_quadratic(*args, window, scale, sinks=sinks, **kw)
-    chunked = attention_chunked(*args, window, scale, chunk=chunk, sinks=sinks, **kw)
-    state = empty_state(B, Hkv, d, args[3].shape[-1], torch.float64, "cpu", delta=ALL[family]["delta"])
-    recurrent = attention_recurrent(*args, window, scale, state, sinks=sinks, key_features=phi(ALL[family]["delta"]),
-                                    **kw)
+    streams, mix, key_features, rule = attention_inputs(B, H, Hkv, T, d, family)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, rule=rule)
+    ref = attention_quadratic(streams, spec, mix)
+    chunked, _ = attention_chunked(streams, spec, mix, chunk=chunk)
+    recurrent, state = attention_recurrent(streams, spec, mix, output_final_state=True, key_features=key_features)
     torch.testing.assert_close(chunked, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(recurrent, ref, rtol=1e-10, atol=1e-10)
-    assert state.sink_k is None or state.sink_k.shape[2] == min(sinks, max(T - window, 0))
+    assert state.sinks is None or len(state.sinks) == min(sinks, max(T - window, 0))
 
 
-@pytest.mark.parametrize("family", sorted(ALL) + ["none"])  # "none": StreamingLLM (sinks + window, no memory)
+@pytest.mark.parametrize("family", FAMILIES + ["none"])  # "none": StreamingLLM (sinks + window, no memory)
 @pytest.mark.parametrize("window,sinks", [(5, 4), (0, 3), (8, 1), (3, 12)])
 def test_sinks_survive_prefill_blocks_and_ring_decoding(family, window, sinks):
     """Blocks (1, 3, 11, ... tokens) then decoding past several ring turns, then a block, then decoding."""
     if family == "none" and window == 0:
         pytest.skip("no attention to speak of")
-    args, kw = inputs(1, 4, 2, 60, 8, **ALL.get(family, ALL["sum"]))
-    if family == "none":
-        args = (*args[:3], None, None, args[5])
-    ref = attention_quadratic(*args, window, 8**-0.5, sinks=sinks, **kw)
-    q, k, v, fq, fk, mix = args
-    spans = [(s, "chunked") for s in _blocks(20)] + [(slice(20, 41), "recurrent"), (slice(41, 47), "chunked"),
-                                                     (slice(47, 60), "recurrent")]
-    state, ys = None, []
-    for s, form in spans:
-        parts = [time_slice(x, s) for x in (q, k, v, fq, fk)]
-        kws = {n: time_slice(x, s) for n, x in kw.items()}
-        if form == "chunked":
-            y, state = attention_chunked(*parts, mix, window, 8**-0.5, chunk=4, return_state=True, state=state,
-                                         sinks=sinks, key_features=phi(kw["beta"] is not None), **kws)
-        else:
-            y = attention_recurrent(*parts, mix, window, 8**-0.5, state, sinks=sinks,
-                                    key_features=phi(kw["beta"] is not None), **kws)
-        ys.append(y)
+    linear = family != "none"
+    streams, mix, key_features, rule = attention_inputs(1, 4, 2, 60, 8, family if linear else "sum", linear=linear)
+    spec = AttentionSpec(window, 8**-0.5, sinks=sinks, rule=rule, linear=linear)
+    ref = attention_quadratic(streams, spec, mix)
+    spans = [(s, "chunked") for s in blocks(20)] + [(slice(20, 41), "recurrent"), (slice(41, 47), "chunked"),
+                                                    (slice(47, 60), "recurrent")]
+
+    def check(s, state):
         assert state.seen == s.stop
-        assert state.sink_k is None or state.sink_k.shape[2] <= sinks
-    torch.testing.assert_close(torch.cat(ys, dim=2), ref, rtol=1e-10, atol=1e-10)
+        assert state.sinks is None or len(state.sinks) <= sinks
+
+    y, _ = run_in_spans(streams, spec, mix, key_features, spans, check=check)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_state_bytes_do_not_grow_with_length():
-    args, kw = inputs(1, 4, 2, 200, 8, gate=True, delta=False)
-    sizes = []
-    for T in (50, 200):
-        parts = [time_slice(x, slice(0, T)) for x in args[:5]]
-        _, state = attention_chunked(*parts, args[5], 8, 8**-0.5, chunk=16, return_state=True, sinks=4,
-                                     log_gate=time_slice(kw["log_gate"], slice(0, T)))
-        sizes.append(state.nbytes())
-    assert sizes[0] == sizes[1] > 0
+    """The decoding state of a bounded window has the same size after 50, 200 and 400 tokens."""
+    streams, mix, _, _ = attention_inputs(1, 4, 2, 400, 8, "gated")
+    spec = AttentionSpec(8, 8**-0.5, sinks=4)
+    sizes = [attention_chunked(streams.slice(slice(0, T)), spec, mix, None, True, chunk=16)[1].nbytes()
+             for T in (50, 200, 400)]
+    assert sizes[0] == sizes[1] == sizes[2] > 0
 
 
 def sink_window_mask(T: int, window: int, sinks: int) -> torch.Tensor:
@@ -153,7 +140,7 @@ def test_streaming_preset_equals_teacher_under_sink_window_mask(tiny_teacher):
     assert (plain - expected).abs().max() > 1e-3  # the mask matters at this length
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stepwise, expected, rtol=1e-4, atol=1e-4)
-    assert all(s.sink_k.shape[2] == 3 and s.win_k.shape[2] == 6 for s in state)
+    assert all(len(s.sinks) == 3 and len(s.win) == 6 for s in state)
 
 
 def test_sinks_saved_and_reloaded(tiny_teacher, tmp_path):

@@ -6,7 +6,7 @@ a per-head mixing factor. Every variant (Hedgehog, T2R, ELU; window 0 or > 0) is
 """
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 
 
 GATES = ("none", "key")
-RULES = ("sum", "delta")
+RULES = ops.RULES
 
 
 @dataclass
@@ -142,9 +142,15 @@ class LinearAttention(nn.Module):
         """What attention transfer trains: the feature maps, the mixing factor and the delta-rule strength."""
         return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
 
-    def project(self, hidden_states, position_embeddings, projected=None):
-        """(B, T, D) -> q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log forget
-        gate (B, Hkv, T) (None without a gate). Use as attend(*project(...)). `projected`: the outputs of
+    @property
+    def spec(self) -> ops.AttentionSpec:
+        """The mode of this layer's attention calls."""
+        c = self.config
+        return ops.AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear)
+
+    def project(self, hidden_states, position_embeddings, projected=None) -> ops.Streams:
+        """(B, T, D) -> Streams q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log
+        forget gate (B, Hkv, T) (None without a gate). Use as attend(project(...)). `projected`: the outputs of
         q_proj, k_proj, v_proj on hidden_states if already computed (attention transfer reuses the teacher's)."""
         B, T, _ = hidden_states.shape
         q, k, v = projected or (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
@@ -158,7 +164,7 @@ class LinearAttention(nn.Module):
             log_gate = F.logsigmoid(k.float().mean(-1)).transpose(1, 2).to(k.dtype) / self.config.gate_norm
         cos, sin = position_embeddings
         q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, v, log_gate
+        return ops.Streams(k=k, v=v, q=q, log_gate=log_gate)
 
     def key_features(self, k: torch.Tensor) -> torch.Tensor:
         """phi(k): (B, Hkv, T, d) -> (B, Hkv, T, F) (unit norm for the delta rule)."""
@@ -171,33 +177,36 @@ class LinearAttention(nn.Module):
             return like.new_zeros(self.num_heads)
         return torch.sigmoid(self.mix_logit).to(like.dtype)
 
-    def attend(self, q, k, v, log_gate=None, state: DecodingState | None = None):
-        """q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
+    def features(self, streams: ops.Streams) -> ops.Streams:
+        """Add what the linear part reads: fq, fk (unit norm for the delta rule) and the delta-rule strength beta."""
+        if not self.config.linear:
+            return streams
+        fq, fk, beta = self.feature_map_q(streams.q), self.key_features(streams.k), None
+        if self.beta_logit is not None:  # delta rule: unit-norm features, per-head write strength
+            fq = F.normalize(fq, dim=-1)
+            beta = torch.sigmoid(self.beta_logit).to(streams.k.dtype)[None, :, None].expand(streams.k.shape[:3])
+        return replace(streams, fq=fq, fk=fk, beta=beta)
+
+    def attend(self, streams: ops.Streams, state: DecodingState | None = None):
+        """Streams q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
         prefill (a prompt, or its next block) or decode (one token)."""
-        if self.exact_softmax and self.config.linear and state is None:
-            return ops.attention_chunked(q, k, v, None, None, None, None, self.scaling)  # causal softmax (SDPA)
-        fq = fk = beta = None
-        if self.config.linear:
-            fq, fk = self.feature_map_q(q), self.key_features(k)
-            if self.beta_logit is not None:  # delta rule: unit-norm features, per-head write strength
-                fq = F.normalize(fq, dim=-1)
-                beta = torch.sigmoid(self.beta_logit).to(k.dtype)[None, :, None].expand(k.shape[:3])
-        args = (q, k, v, fq, fk, self.mix(q), self.config.window, self.scaling)
-        kw = dict(log_gate=log_gate, beta=beta, sinks=self.config.sinks)
+        if self.exact_softmax and self.config.linear and state is None:  # causal softmax (SDPA)
+            return ops.attention_chunked(streams, ops.AttentionSpec(None, self.scaling, linear=False), None)[0]
+        streams, spec, mix = self.features(streams), self.spec, self.mix(streams.q)
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
-            kw["key_features"] = self.key_features  # the state keeps window keys, not their features
-            if state[self.layer_idx] is not None and q.shape[2] == 1:
-                return ops.attention_recurrent(*args, state=state[self.layer_idx], **kw)
-            y, state[self.layer_idx] = ops.attention_chunked(*args, chunk=self.config.chunk_size, return_state=True,
-                                                             state=state[self.layer_idx], **kw)
+            previous = state[self.layer_idx]
+            form = ops.attention_recurrent if previous is not None and len(streams) == 1 else ops.attention_chunked
+            kw = {} if form is ops.attention_recurrent else dict(chunk=self.config.chunk_size)
+            # the state keeps window keys, not their features: key_features recomputes them
+            y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features, **kw)
             return y
         if self.form == "quadratic":
-            return ops.attention_quadratic(*args, **kw)
-        if fla_kernels.fla_applies(self.config, q, log_gate, beta):  # CUDA + flash-linear-attention
-            return fla_kernels.linear_attention_fla(fq, fk, v)
-        return ops.attention_chunked(*args, chunk=self.config.chunk_size, **kw)
+            return ops.attention_quadratic(streams, spec, mix)
+        if fla_kernels.fla_applies(self.config, streams.q, streams.log_gate, streams.beta):  # CUDA + fla
+            return fla_kernels.linear_attention_fla(streams.fq, streams.fk, streams.v)
+        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape
-        y = self.attend(*self.project(hidden_states, position_embeddings), state=linear_state)
+        y = self.attend(self.project(hidden_states, position_embeddings), state=linear_state)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), None

@@ -7,25 +7,30 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
         a_ij = w_h * exp(s_ij - m_i)                     if j in E_i = {i - W < j <= i} + {j < S, j <= i}
         a_ij = (1 - w_h) * decay_ij * phi(q_i) . phi(k_j) if S <= j <= i - W                 (s_ij = q_i . k_j * scale)
         decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate); m_i = max over E_i
-    delta rule (beta given): y_i = w_h * softmax output over E_i + (1 - w_h) * phi(q_i) S_{i-W}, with S the
+    delta rule: y_i = w_h * softmax output over E_i + (1 - w_h) * phi(q_i) S_{i-W}, with S the
         (gated) delta-rule memory of keys S <= j <= i - W (no normaliser: the delta rule stores values directly).
 
-w_h in (0, 1) is a per-head mixing factor. W = 0: pure linear; W = None: full causal softmax, no linear part.
-S = `sinks`: the first S tokens of the sequence stay in exact softmax for ever (attention sinks, StreamingLLM);
-they never enter the linear memory. S = 0: a window and a memory only.
-fq = fk = None: no linear part at all (exact sliding-window softmax, + sinks: StreamingLLM; with W >= T exact
-softmax attention).
+w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the same three things:
 
-Shapes: q (B, H, T, d) and k, v (B, Hkv, T, d) after RoPE; fq = phi(q) (B, H, T, F), fk = phi(k) (B, Hkv, T, F);
-mix (H,); log_gate, beta (B, Hkv, T) or None. Grouped-query attention: H = G * Hkv, query head h uses key head
-h // G (as in transformers).
+- Streams: the per-token streams q (B, H, T, d), k, v (B, Hkv, T, d) after RoPE, fq = phi(q) (B, H, T, F),
+  fk = phi(k) (B, Hkv, T, F), log_gate, beta (B, Hkv, T); a stream the mode does not use is None.
+- AttentionSpec: the mode. window W (0: pure linear; None: full causal softmax, no linear part), sinks S (the first
+  S tokens stay in exact softmax for ever and never enter the memory: attention sinks, StreamingLLM), scale,
+  rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM).
+- mix (H,): the weight of the exact part (unused without a linear part).
 
-- attention_quadratic: the T x T reference (tests only).
-- attention_chunked: O(T) memory, for training and prefill; can return the decoding state.
-- attention_recurrent: one token at a time from a LinearAttentionState, for decoding.
+Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
+
+- attention_quadratic(streams, spec, mix) -> y: the T x T reference (tests only).
+- attention_chunked(streams, spec, mix, initial_state, output_final_state, chunk, key_features) -> (y, state|None):
+  O(T) memory, for training and prefill (in blocks, continuing initial_state).
+- attention_recurrent(streams, spec, mix, initial_state, output_final_state, key_features) -> (y, state|None):
+  one token at a time, for decoding; advances its state in place (the window is a ring buffer).
+key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk: a state keeps its window keys, not
+their features, and recomputes them when the keys leave the window.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,40 +38,115 @@ import torch.nn.functional as F
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
+RULES = ("sum", "delta")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The mode of an attention call (see the module docstring); immutable, one per layer."""
+
+    window: int | None
+    scale: float
+    sinks: int = 0
+    rule: str = "sum"
+    linear: bool = True
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+
+    @property
+    def memory(self) -> bool:
+        """True when there is a linear memory (a linear part and a bounded window)."""
+        return self.linear and self.window is not None
+
+    @property
+    def delta(self) -> bool:
+        return self.rule == "delta"
+
+
+@dataclass
+class Streams:
+    """Per-token streams along time (dim 2) that travel together; any of them may be None (a decoding state's
+    window holds keys only: k, v, log_gate, beta)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor | None = None
+    fq: torch.Tensor | None = None
+    fk: torch.Tensor | None = None
+    log_gate: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+
+    def _map(self, fn, *others: "Streams") -> "Streams":
+        out = {}
+        for f in fields(self):
+            xs = [getattr(s, f.name) for s in (self, *others)]
+            if any(x is None for x in xs) and not all(x is None for x in xs):
+                raise ValueError(f"stream {f.name!r} is present in some operands only")
+            out[f.name] = None if xs[0] is None else fn(*xs)
+        return Streams(**out)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [x for x in (getattr(self, f.name) for f in fields(self)) if x is not None]
+
+    def __len__(self) -> int:
+        return self.k.shape[2]
+
+    def slice(self, s: slice) -> "Streams":
+        """The time steps s of every stream."""
+        return self._map(lambda x: x[:, :, s])
+
+    def append(self, other: "Streams") -> "Streams":
+        """self then other along time; both must carry the same streams."""
+        return self._map(lambda a, b: torch.cat([a, b], dim=2), other)
+
+    def keys(self) -> "Streams":
+        """What a state keeps of a token: k, v, log_gate, beta (no queries, no features)."""
+        return replace(self, q=None, fq=None, fk=None)
+
+    def clone(self) -> "Streams":
+        return self._map(torch.clone)
+
+    def roll(self, shift: int) -> "Streams":
+        return self._map(lambda x: x.roll(shift, dims=2))
+
+    def write(self, i: int, other: "Streams"):
+        """Overwrite time slot i in place with the one-step streams of `other`."""
+        for a, b in zip(self.tensors(), self._map(lambda a, b: b, other).tensors()):
+            a[:, :, i : i + 1] = b
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _then(a: Streams | None, b: Streams) -> Streams:
+    """a.append(b), with a None a (nothing yet) giving b."""
+    return b if a is None else a.append(b)
 
 
 @dataclass
 class LinearAttentionState:
     """Everything decoding needs; constant in context length unless the window is unbounded (W = None).
     kv: (B, Hkv, F, d+1) sum-rule memory of [v, 1] (delta rule: (B, Hkv, F, d)), None without a linear part;
-    win_k, win_v: (B, Hkv, <=W, d), win_log_gate / win_beta: (B, Hkv, <=W) or None: the most recent keys, still
-    in the softmax window (their features phi(k) are recomputed by `key_features` when they leave it). Once the window is full its buffers are a ring: decoding
-    overwrites the oldest key in place, and `start` is the slot of the oldest key (window() gives time order).
-    sink_k, sink_v: (B, Hkv, <=S, d): the sink tokens (the first S of the sequence) that have left the window
-    (None until one has); seen: tokens consumed so far (the position of the next one)."""
+    win: the key streams (k, v, log_gate, beta) of the most recent <= W tokens, still in the softmax window. Once
+    the window is full it is a ring: decoding overwrites the oldest key in place, `start` is the slot of the oldest
+    key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
+    sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position)."""
 
     kv: torch.Tensor | None
-    win_k: torch.Tensor
-    win_v: torch.Tensor
-    win_log_gate: torch.Tensor | None = None
-    win_beta: torch.Tensor | None = None
+    win: Streams
     start: int = 0
-    sink_k: torch.Tensor | None = None
-    sink_v: torch.Tensor | None = None
+    sinks: Streams | None = None
     seen: int = 0
 
-    def buffers(self) -> tuple:
-        return self.win_k, self.win_v, self.win_log_gate, self.win_beta
-
-    def window(self) -> tuple:
-        """(win_k, win_v, win_log_gate, win_beta) in time order, oldest first."""
-        if self.start == 0:
-            return self.buffers()
-        return tuple(None if x is None else x.roll(-self.start, dims=2) for x in self.buffers())
+    def in_order(self) -> Streams:
+        """The window in time order, oldest first."""
+        return self.win if self.start == 0 else self.win.roll(-self.start)
 
     def nbytes(self) -> int:
-        tensors = (self.kv, *self.buffers(), self.sink_k, self.sink_v)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        parts = [self.win.nbytes(), 0 if self.sinks is None else self.sinks.nbytes()]
+        return sum(parts) + (0 if self.kv is None else self.kv.numel() * self.kv.element_size())
 
 
 def _ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -111,11 +191,11 @@ def _delay(x, window: int):
     return F.pad(x, pad)[:, :, :T]
 
 
-def _linear_part(fq, fk, v, log_gate, beta, window, Hkv, memory, **kw):
-    """The linear half over the delayed key stream: (lin, memory after the last delayed key)."""
-    values = v if beta is not None else _ones_column(v)
-    return memory(_group(fq, Hkv), _delay(fk, window), _delay(values, window), _delay(log_gate, window),
-                  _delay(beta, window), **kw)
+def _linear_part(fq, keys: Streams, spec: AttentionSpec, window: int, memory, **kw):
+    """The linear half over the key stream delayed by the window: (lin, memory after the last delayed key)."""
+    values = keys.v if spec.delta else _ones_column(keys.v)
+    return memory(_group(fq, keys.k.shape[1]), *(_delay(x, window) for x in (keys.fk, values, keys.log_gate,
+                                                                             keys.beta)), **kw)
 
 
 def _exact_num(scores, values, m):
@@ -123,24 +203,25 @@ def _exact_num(scores, values, m):
     return torch.exp(scores - m) @ _ones_column(values).unsqueeze(2)
 
 
-def attention_quadratic(q, k, v, fq, fk, mix, window, scale: float, log_gate=None, beta=None, sinks: int = 0):
+def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
+    q, k, v = streams.q, streams.k, streams.v
     B, H, T, d = q.shape
     Hkv = k.shape[1]
-    W = T if window is None else window
+    W = T if spec.window is None else spec.window
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
     lin = None
-    if fq is not None and window is not None:
-        fk = fk.masked_fill(j.T < sinks, 0.0)  # a zero key leaves the memory unchanged: sinks never enter it
-        lin = _linear_part(fq, fk, v, log_gate, beta, W, Hkv, memory_naive)[0]
+    if spec.memory:
+        fk = streams.fk.masked_fill(j.T < spec.sinks, 0.0)  # a zero key leaves the memory unchanged: no sink enters
+        lin = _linear_part(streams.fq, replace(streams, fk=fk), spec, W, memory_naive)[0]
     num_sm = None
-    if W > 0 or sinks > 0:
+    if W > 0 or spec.sinks > 0:
         G = H // Hkv
-        s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * scale
-        s = _group(s.masked_fill(~((j <= i) & ((j > i - W) | (j < sinks))), float("-inf")), Hkv)
+        s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * spec.scale
+        s = _group(s.masked_fill(~((j <= i) & ((j > i - W) | (j < spec.sinks))), float("-inf")), Hkv)
         num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
-    return _combine(num_sm, lin, mix, Hkv, delta=beta is not None)
+    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
 
 
 def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None):
@@ -167,151 +248,139 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, flo
     return num, m.reshape(B, Hkv, G, n * chunk, 1)[:, :, :, :T]
 
 
-def time_slice(x, s: slice):
-    """x[:, :, s]: a span of time steps of (B, H, T, ...); None stays None."""
-    return None if x is None else x[:, :, s]
-
-
-def _append(buf, x):
-    """Concatenate along time (dim 2); None stays None."""
-    if x is None:
-        return None
-    return x if buf is None else torch.cat([buf, x], dim=2)
-
-
-def _sinks_outside_window(state, k, v, n_sink: int, window: int):
+def _sinks_outside_window(state, keys: Streams, n_sink: int, window: int):
     """The sink keys that this stream's queries read outside their window: the ones the state holds (every query
     sees them) and the first n_sink keys of the stream, which query t sees once they left its window (s <= t - W).
-    Returns (k (B, Hkv, N, d), v (B, Hkv, N, d), visible (T, N) bool), or None when there are none."""
-    T = k.shape[2]
-    t = torch.arange(T, device=k.device)[:, None]
-    held = 0 if state is None or state.sink_k is None else state.sink_k.shape[2]
+    Returns (Streams k, v (B, Hkv, N, d), visible (T, N) bool), or None when there are none."""
+    T = len(keys)
+    t = torch.arange(T, device=keys.k.device)[:, None]
+    held = None if state is None else state.sinks
+    n_held = 0 if held is None else len(held)
     n_new = n_sink if window < T else 0  # with W >= T no key of the stream leaves the window
-    if not held and not n_new:
+    if not n_held and not n_new:
         return None
-    sk = _append(state.sink_k if held else None, k[:, :, :n_new])
-    sv = _append(state.sink_v if held else None, v[:, :, :n_new])
-    visible = torch.cat([t.new_ones(T, held, dtype=torch.bool),
-                         torch.arange(n_new, device=k.device)[None, :] <= t - window], dim=1)
-    return sk, sv, visible
+    sinks = Streams(keys.k, keys.v).slice(slice(0, n_new))
+    sinks = sinks if held is None else held.append(sinks)
+    visible = torch.cat([t.new_ones(T, n_held, dtype=torch.bool),
+                         torch.arange(n_new, device=keys.k.device)[None, :] <= t - window], dim=1)
+    return sinks, visible
 
 
-def attention_chunked(q, k, v, fq, fk, mix, window, scale: float, chunk: int = 64, return_state: bool = False,
-                      log_gate=None, beta=None, state: LinearAttentionState | None = None, sinks: int = 0,
-                      key_features=None):
-    """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns y (B, H, T, d), and with
-    return_state the LinearAttentionState after the last token (for decoding).
-    state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this block's
-    keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting ones;
-    key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk (for the state's window keys)."""
-    w = 0 if state is None else state.win_k.shape[2]
+def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
+                      output_final_state: bool = False, chunk: int = 64, key_features=None):
+    """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns (y (B, H, T, d), the
+    LinearAttentionState after the last token if output_final_state else None).
+    initial_state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this
+    block's keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting
+    ones (it is not modified)."""
+    state = initial_state
+    w = 0 if state is None else len(state.win)
     seen = 0 if state is None else state.seen
+    keys = streams.keys()
+    if spec.memory:
+        keys = replace(keys, fk=streams.fk)
     if w:
-        old_k, old_v, old_log_gate, old_beta = state.window()
-        fk = None if fk is None else _append(key_features(old_k), fk)
-        k, v, log_gate, beta = map(_append, (old_k, old_v, old_log_gate, old_beta), (k, v, log_gate, beta))
+        old = state.in_order()
+        keys = (replace(old, fk=key_features(old.k)) if spec.memory else old).append(keys)
+    q, k, v = streams.q, keys.k, keys.v
     Hkv, T = k.shape[1], k.shape[2]  # T counts the prepended window keys
-    W = T if window is None else window
-    n_sink = 0 if window is None else min(max(sinks - (seen - w), 0), T)  # stream keys 0..n_sink-1 are sinks
+    W = T if spec.window is None else spec.window
+    n_sink = 0 if spec.window is None else min(max(spec.sinks - (seen - w), 0), T)  # stream keys < n_sink: sinks
     lin, memory = None, None
-    if fq is not None and window is not None:
-        fq_all = _pad_time(fq, w, 0)
-        fk_mem = fk.masked_fill(torch.arange(T, device=fk.device)[:, None] < n_sink, 0.0) if n_sink else fk
-        lin, memory = _linear_part(fq_all, fk_mem, v, log_gate, beta, W, Hkv, memory_chunked, chunk=chunk,
-                                   state=None if state is None else state.kv)
-    sink_set = None if window is None else _sinks_outside_window(state, k, v, n_sink, W)
+    if spec.memory:
+        fk_mem = keys.fk.masked_fill(torch.arange(T, device=k.device)[:, None] < n_sink, 0.0) if n_sink else keys.fk
+        lin, memory = _linear_part(_pad_time(streams.fq, w, 0), replace(keys, fk=fk_mem), spec, W, memory_chunked,
+                                   chunk=chunk, state=None if state is None else state.kv)
+    sink_set = None if spec.window is None else _sinks_outside_window(state, keys, n_sink, W)
     if lin is None and W >= T and sink_set is None:  # exact causal softmax attention: PyTorch's fused kernel
         causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w, scale=scale,
-                                           enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w,
+                                           scale=spec.scale, enable_gqa=True)
     else:
         qg = _group(_pad_time(q, w, 0), Hkv)
         num_sm = m = s_sink = None
         if sink_set is not None:
-            sk, sv, visible = sink_set
-            s_sink = ((qg @ sk.unsqueeze(2).transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+            sinks, visible = sink_set
+            s_sink = ((qg @ sinks.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~visible, float("-inf"))
             m = s_sink.amax(-1, keepdim=True)
         if W > 0:
-            num_sm, m = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, scale, chunk, m)
+            num_sm, m = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, spec.scale,
+                                                chunk, m)
         if s_sink is not None:
-            num_sink = _exact_num(s_sink, sv, m)
+            num_sink = _exact_num(s_sink, sinks.v, m)
             num_sm = num_sink if num_sm is None else num_sm + num_sink
-        y = _combine(num_sm, lin, mix, Hkv, delta=beta is not None)[:, :, w:]
-    if not return_state:
-        return y
-    old = 0 if window is None else max(T - window, 0)  # keys 0 .. old-1 have left the window
-    kept = (time_slice(x, slice(old, None)) for x in (k, v, log_gate, beta))
-    sink_k, sink_v = (None, None) if state is None else (state.sink_k, state.sink_v)
+        y = _combine(num_sm, lin, mix, Hkv, delta=spec.delta)[:, :, w:]
+    if not output_final_state:
+        return y, None
+    old = 0 if spec.window is None else max(T - spec.window, 0)  # keys 0 .. old-1 have left the window
+    sinks = None if state is None else state.sinks
     if left := min(old, n_sink):  # sinks that left the window in this block
-        sink_k, sink_v = _append(sink_k, k[:, :, :left].clone()), _append(sink_v, v[:, :, :left].clone())
-    new_state = LinearAttentionState(memory, *(None if x is None else x.clone() for x in kept),  # decoding writes them
-                                     sink_k=sink_k, sink_v=sink_v, seen=seen + q.shape[2])
-    return y, new_state
+        sinks = _then(sinks, Streams(k, v).slice(slice(0, left)).clone())
+    window = keys.keys().slice(slice(old, None)).clone()  # decoding writes it in place
+    return y, LinearAttentionState(memory, window, sinks=sinks, seen=seen + q.shape[2])
 
 
-def empty_state(batch: int, num_kv_heads: int, head_dim: int, feature_dim: int, dtype, device,
-                delta: bool = False) -> LinearAttentionState:
-    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-    return LinearAttentionState(
-        kv=z(batch, num_kv_heads, feature_dim, head_dim + (0 if delta else 1)),
-        win_k=z(batch, num_kv_heads, 0, head_dim), win_v=z(batch, num_kv_heads, 0, head_dim),
-    )
+def _empty_state(streams: Streams, spec: AttentionSpec) -> LinearAttentionState:
+    """The state before the first token: an empty window and a zero memory."""
+    kv = None
+    if spec.memory:
+        B, Hkv, _, d = streams.v.shape
+        kv = streams.v.new_zeros(B, Hkv, streams.fk.shape[-1], d + (0 if spec.delta else 1))
+    return LinearAttentionState(kv, streams.keys().slice(slice(0, 0)))
 
 
-def _push_window(state: LinearAttentionState, window, sinks, k, v, fk, log_gate, beta, key_features):
-    """One new key enters the window (B, Hkv, 1, .). Once it is full, the oldest key leaves it (with W = 0: the new
-    key itself) for the sinks if it is one of the first `sinks` tokens, else for the linear memory (when there is
-    one), and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
-    new = (k, v, log_gate, beta)
+def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams, key_features):
+    """One new token's streams (B, Hkv, 1, .) enter the window. Once it is full, the oldest key leaves it (with
+    W = 0: the new key itself) for the sinks if it is one of the first `sinks` tokens, else for the linear memory
+    (when there is one), and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
+    window = spec.window
     position = state.seen
     state.seen += 1
-    if window is None or state.win_k.shape[2] < window:
-        state.win_k, state.win_v, state.win_log_gate, state.win_beta = map(_append, state.buffers(), new)
+    if window is None or len(state.win) < window:
+        state.win = state.win.append(new.keys())
         return
     i = state.start
-    old_k, old_v, old_lg, old_beta = new if window == 0 else (time_slice(x, slice(i, i + 1)) for x in state.buffers())
-    if position - window < sinks:
-        state.sink_k, state.sink_v = _append(state.sink_k, old_k.clone()), _append(state.sink_v, old_v.clone())
+    leaving = new if window == 0 else state.win.slice(slice(i, i + 1))
+    if position - window < spec.sinks:
+        state.sinks = _then(state.sinks, Streams(leaving.k, leaving.v).clone())
     elif state.kv is not None:
-        old_fk = fk if window == 0 else key_features(old_k)
-        delta = beta is not None
-        state.kv = memory_step(old_fk, old_v if delta else _ones_column(old_v), old_lg, old_beta, state.kv)
+        fk = new.fk if window == 0 else key_features(leaving.k)
+        values = leaving.v if spec.delta else _ones_column(leaving.v)
+        state.kv = memory_step(fk, values, leaving.log_gate, leaving.beta, state.kv)
     if window == 0:
         return
-    for buf, x in zip(state.buffers(), new):
-        if buf is not None:
-            buf[:, :, i : i + 1] = x
+    state.win.write(i, new.keys())
     state.start = (i + 1) % window
 
 
-def attention_recurrent(q, k, v, fq, fk, mix, window, scale: float, state: LinearAttentionState,
-                        log_gate=None, beta=None, sinks: int = 0, key_features=None):
-    """Decode T >= 1 new tokens one at a time, updating `state` in place. Same shapes and key_features as
-    attention_chunked (T = new tokens); returns y (B, H, T, d). Query heads are grouped as (B, Hkv, G, .) so every product is a
+def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
+                        output_final_state: bool = False, key_features=None):
+    """Decode T >= 1 new tokens one at a time. Returns (y (B, H, T, d), the state after them if output_final_state
+    else None). initial_state (None: an empty one) is advanced in place, so the returned state is that object:
+    decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
+    state = _empty_state(streams, spec) if initial_state is None else initial_state
+    ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
+    y = torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
+    return y, state if output_final_state else None
+
+
+def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+    """One token (B, ., 1, .): update `state` in place, return y (B, H, 1, d)."""
+    q = streams.q
     B, H, T, d = q.shape
-    if T != 1:
-        ys = []
-        for t in range(T):
-            q_t, k_t, v_t, fq_t, fk_t, lg_t, b_t = (time_slice(x, slice(t, t + 1))
-                                                    for x in (q, k, v, fq, fk, log_gate, beta))
-            ys.append(attention_recurrent(q_t, k_t, v_t, fq_t, fk_t, mix, window, scale, state, lg_t, b_t, sinks,
-                                          key_features))
-        return torch.cat(ys, dim=2) if ys else torch.zeros_like(q)
-    Hkv = k.shape[1]
-    delta = beta is not None
-    _push_window(state, window, sinks, k, v, fk, log_gate, beta, key_features)
-    exact = ([(state.win_k, state.win_v)] if window != 0 else []) + (
-        [(state.sink_k, state.sink_v)] if state.sink_k is not None else [])
+    Hkv = streams.k.shape[1]
+    _push_window(state, spec, streams, key_features)
+    exact = ([state.win] if spec.window != 0 else []) + ([state.sinks] if state.sinks is not None else [])
     num_sm = lin = None
     if exact:
         qg = q.reshape(B, Hkv, -1, d)
-        scores = [(qg @ keys.transpose(-1, -2)) * scale for keys, _ in exact]  # (B, Hkv, G, n)
+        scores = [(qg @ part.k.transpose(-1, -2)) * spec.scale for part in exact]  # (B, Hkv, G, n)
         m = scores[0].amax(-1, keepdim=True)
         for s in scores[1:]:
             m = torch.maximum(m, s.amax(-1, keepdim=True))
-        parts = [torch.exp(s - m) @ _ones_column(values) for s, (_, values) in zip(scores, exact)]
+        parts = [torch.exp(s - m) @ _ones_column(part.v) for s, part in zip(scores, exact)]
         num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-    if fq is not None and window is not None:
-        lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-    return _combine(num_sm, lin, mix, Hkv, delta=delta)
+    if spec.memory:
+        lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)

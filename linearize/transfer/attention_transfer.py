@@ -61,9 +61,9 @@ class _TransferHooks:
             kept = self.projected[i]
             reuse = (kept.pop("q_proj"), kept.pop("k_proj"), kept.pop("v_proj")) if len(kept) == 3 else None
             with torch.no_grad():
-                projected = student.project(x, kwargs["position_embeddings"], reuse)  # q, k, v, log gate
+                streams = student.project(x, kwargs["position_embeddings"], reuse)  # q, k, v, log gate
             with torch.enable_grad():
-                y = student.attend(*projected)
+                y = student.attend(streams)
                 out = student.o_proj(y.transpose(1, 2).reshape(*x.shape[:2], -1))
                 loss = F.mse_loss(out, output[0].detach())
                 if loss.requires_grad:  # a layer with nothing to train (exact softmax) only reports its error
