@@ -65,21 +65,26 @@ def test_targets_from_points():
     points = [point("student", 1024, 100, 500, 7), point("student", 16384, 90, 450, 7),
               point("teacher", 16384, 20, 150, 9)]
     t = targets(points, (1024, 16384))
+    assert t["student_cache_constant"] == {"value": [7], "target": t["student_cache_constant"]["target"], "met": True}
     assert t["student_decode_flat"] == {"value": [0.9, 1.0], "target": t["student_decode_flat"]["target"], "met": True}
     assert t["decode_speedup_16k"]["value"] == 4.5 and t["decode_speedup_16k"]["met"]
     assert t["prefill_speedup_16k"]["value"] == 3.0 and t["student_cache_constant"]["met"]
     assert targets([], (1024,))["decode_speedup_16k"]["met"] is None
+    grown = targets([*points, point("student", 4096, 95, 480, 8)], (1024, 4096, 16384))["student_cache_constant"]
+    assert grown["value"] == [7, 8] and not grown["met"]
+    one = targets(points[:1], (1024,))["student_cache_constant"]  # one context cannot show a constant cache
+    assert one["met"] is None
 
 
 def test_bench_command_writes_bench_json(tiny_converted):
     student_dir = tiny_converted[0]
     # one point (a fresh process each: ~5 s); --teacher-max-context skips the teacher's, which run the same way
-    assert main(["bench", str(student_dir), "--contexts", "48", "--decode-contexts", "48", "--decode-tokens", "2",
+    assert main(["bench", str(student_dir), "--contexts", "48", "--decode-contexts", "48,96", "--decode-tokens", "2",
                  "--teacher-max-context", "32"]) == 0
     res = json.loads((student_dir / "bench.json").read_text())
-    assert [(p["which"], p["context"]) for p in res["points"]] == [("student", 48)]
+    assert [(p["which"], p["context"]) for p in res["points"]] == [("student", 48), ("student", 96)]
     assert all("error" not in p and p["decode_tokens_per_s"] > 0 for p in res["points"])
-    assert res["targets"]["student_cache_constant"]["met"]
+    assert res["targets"]["student_cache_constant"]["met"]  # the same bytes after 48 and 96 tokens
     assert res["settings"]["linears"] == "decode" and res["points"][0]["linears"] == "decode"
     with pytest.raises(LinearizeError, match="unknown --linears"):
         BenchSettings(linears="packed").check()

@@ -70,6 +70,28 @@ def test_passkey_accuracy_runs_for_teacher_and_student(pair):
         assert r["tokens"][0] < r["tokens"][1]
 
 
+def test_passkey_scores_a_reader_that_finds_the_key_and_one_that_does_not(pair, monkeypatch):
+    """The scoring can fail: a decoder that reads the planted key back out of the prompt scores 1, one that answers
+    a nearby number scores 0 (and the prompt it is given holds the trial's key)."""
+    import re
+
+    from linearize.evaluate import passkey
+
+    teacher, _, tokenizer = pair
+    for shift, expected in ((0, 1.0), (1, 0.0)):
+        class Reader:
+            def __init__(self, model):
+                pass
+
+            def generate(self, ids, n, eos_token_id=None):
+                key = int(re.findall(r"pass key is (\d+)", tokenizer.decode(ids[0]))[0])
+                return tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
+
+        monkeypatch.setattr(passkey, "Decoder", Reader)
+        r = passkey_accuracy(teacher, tokenizer, [120, 300], trials=3)
+        assert r["accuracy"] == [expected, expected]
+
+
 def test_mmlu_tasks_have_five_shot_dev_split(tmp_path):
     tasks = write_tasks(tmp_path, ["virology", "abstract algebra"])
     assert tasks == [f"{GROUP}_abstract_algebra", f"{GROUP}_virology"]
@@ -87,6 +109,28 @@ def test_mmlu_runs_through_lm_eval(pair):
     r = mmlu_accuracy({"teacher": teacher, "student": student}, tokenizer, limit=2, subjects=["virology"])
     assert r["questions"] == 2 and r["num_fewshot"] == 5
     assert 0 <= r["student"]["acc"] <= 1 and set(r["teacher"]["subjects"]) == {"virology"}
+
+
+def test_mmlu_of_a_model_that_always_answers_a_is_the_share_of_as(pair, tmp_path):
+    """A model forced to answer "A" scores exactly the share of questions whose answer is A."""
+    teacher, _, tokenizer = pair
+    a_tokens = tokenizer(" A", add_special_tokens=False).input_ids
+
+    def always_a(module, args, out):
+        out.logits[..., a_tokens] += 1e4
+        return out
+
+    handle = teacher.register_forward_hook(always_a)
+    try:
+        r = mmlu_accuracy({"teacher": teacher}, tokenizer, limit=8, subjects=["virology"])
+    finally:
+        handle.remove()
+    tasks = write_tasks(tmp_path, ["virology"])
+    config = json.loads((tmp_path / f"{tasks[0]}.yaml").read_text())
+    answers = [json.loads(line)["answer"] for line in open(config["dataset_kwargs"]["data_files"]["test"])][:8]
+    share = answers.count(0) / len(answers)
+    assert 0 < share < 1  # the subject mixes answers, so the check can fail
+    assert r["teacher"]["acc"] == pytest.approx(share)
 
 
 def test_eval_command_writes_eval_json(tiny_converted, capsys):

@@ -21,7 +21,7 @@ def test_tiny_budget_conversion_reloads_and_generates(tmp_path):
     model, tokenizer = linearize.load(out)
     assert model.config.num_hidden_layers == 30
     text = linearize.generate_text(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
-    assert len(text.strip()) > 0
+    assert "Paris" in text  # a question with a known answer, short enough to sit in the window and the sinks
 
 
 def test_teacher_is_reproduced_when_the_linear_part_is_off():
