@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linearize.layers.linear_attention import ATTENTION_PRESETS, attention_preset
+from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
 from linearize.ops.feature_maps import make_feature_map
 from linearize.ops.hybrid_attention import (AttentionSpec, Streams, attention_chunked, attention_quadratic,
                                              attention_recurrent)
@@ -198,10 +200,6 @@ def test_delta_rule_retrieves_a_stored_value():
 
 # ---- the presets behind `--attention NAME`, as layers of a converted tiny Llama ----
 
-from linearize.layers.linear_attention import ATTENTION_PRESETS, attention_preset  # noqa: E402
-from linearize.models.linearized import LinearizedForCausalLM  # noqa: E402
-
-
 def converted(teacher, name):
     cfg = attention_preset(name, window=6 if ATTENTION_PRESETS[name].window else None, chunk_size=8)
     return LinearizedForCausalLM.from_teacher(teacher, cfg)
@@ -234,7 +232,6 @@ def test_key_gate_adds_no_parameters_and_delta_adds_one_per_kv_head(tiny_teacher
 
 @pytest.mark.parametrize("name", ["liger-swa", "gated-delta-swa"])
 def test_transfer_reaches_every_family_parameter(name, tiny_teacher):
-    from linearize.models.linearized import make_student_attention
     from linearize.transfer.attention_transfer import attention_transfer
 
     students = make_student_attention(tiny_teacher, attention_preset(name, window=6, chunk_size=8))

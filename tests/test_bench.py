@@ -64,15 +64,17 @@ def test_targets_from_points():
 
     points = [point("student", 1024, 100, 500, 7), point("student", 16384, 90, 450, 7),
               point("teacher", 16384, 20, 150, 9)]
-    t = targets(points, (1024, 16384))
+    t = targets(points, BenchSettings(decode_contexts=(1024, 16384)))
     assert t["student_cache_constant"] == {"value": [7], "target": t["student_cache_constant"]["target"], "met": True}
     assert t["student_decode_flat"] == {"value": [0.9, 1.0], "target": t["student_decode_flat"]["target"], "met": True}
     assert t["decode_speedup_16k"]["value"] == 4.5 and t["decode_speedup_16k"]["met"]
     assert t["prefill_speedup_16k"]["value"] == 3.0 and t["student_cache_constant"]["met"]
-    assert targets([], (1024,))["decode_speedup_16k"]["met"] is None
-    grown = targets([*points, point("student", 4096, 95, 480, 8)], (1024, 4096, 16384))["student_cache_constant"]
+    assert targets([], BenchSettings(decode_contexts=(1024,)))["decode_speedup_16k"]["met"] is None
+    strict = targets(points, BenchSettings(decode_contexts=(1024, 16384), decode_speedup=5.0))  # the bench's setting
+    assert strict["decode_speedup_16k"]["target"] == ">= 5" and not strict["decode_speedup_16k"]["met"]
+    grown = targets([*points, point("student", 4096, 95, 480, 8)], BenchSettings(decode_contexts=(1024, 4096, 16384)))["student_cache_constant"]
     assert grown["value"] == [7, 8] and not grown["met"]
-    one = targets(points[:1], (1024,))["student_cache_constant"]  # one context cannot show a constant cache
+    one = targets(points[:1], BenchSettings(decode_contexts=(1024,)))["student_cache_constant"]  # one context cannot show a constant cache
     assert one["met"] is None
 
 

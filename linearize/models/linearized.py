@@ -15,11 +15,9 @@ from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttenti
 from ..loading.architectures import architecture_of
 
 
-def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,
-                           keep_softmax: tuple[int, ...] = ()) -> list[LinearAttention]:
+def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
     """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies).
-    Layers in keep_softmax get exact softmax attention (FULL_SOFTMAX); a teacher's local layers keep their exact
-    sliding window (see load/architectures.py), unless every layer is local (then all are linearized)."""
+    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local (then all are linearized)."""
     arch = architecture_of(teacher.config)
     c = teacher.config
     attns = arch.attention_modules(teacher)
@@ -27,12 +25,10 @@ def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig,
     if all(w is not None for w in windows):
         windows = [None] * len(attns)
     students = []
-    for i, (attn, window) in enumerate(zip(attns, windows)):
+    for attn, window in zip(attns, windows):
         cfg = config
         if window is not None:  # the teacher's own local layer: its exact window, no sinks
             cfg = replace(config, window=window, linear=False, sinks=0)
-        elif i in keep_softmax:
-            cfg = replace(FULL_SOFTMAX, chunk_size=config.chunk_size)
         student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
         students.append(student.to(attn.q_proj.weight.device))
     return students
