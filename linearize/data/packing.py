@@ -42,6 +42,22 @@ def _batches(items, n):
         yield batch
 
 
+def document_tokens(documents: list[str], tokenizer) -> list[int]:
+    """Documents tokenized without special tokens, each followed by tokenizer.eos_token_id (if any), concatenated."""
+    eos = tokenizer.eos_token_id
+    tokens: list[int] = []
+    for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
+        tokens.extend(ids)
+        if eos is not None:
+            tokens.append(eos)
+    return tokens
+
+
+def token_rows(tokens: list[int], seq_len: int, rows: int, start: int = 0) -> torch.LongTensor:
+    """(rows, seq_len) int64 from tokens[start:]."""
+    return torch.tensor(tokens[start:start + rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
 def pack_sequences(source: str | None, tokenizer, seq_len: int, num_sequences: int, split: str = "train",
                    skip_sequences: int = 0, heldout_percent: float = 2.0, progress: bool = False) -> torch.LongTensor:
     """Token rows from the documents of one split: (num_sequences, seq_len) int64.
@@ -60,16 +76,12 @@ def pack_sequences(source: str | None, tokenizer, seq_len: int, num_sequences: i
         return torch.empty(0, seq_len, dtype=torch.long)
 
     need = (skip_sequences + num_sequences) * seq_len
-    eos = tokenizer.eos_token_id
     tokens: list[int] = []
     seen = {"docs": 0}
     texts = _split_texts(source, tokenizer, split, heldout_percent, seen)
     with tqdm(total=need, unit="tok", unit_scale=True, desc=f"tokenizing {split} data", disable=not progress) as bar:
         for batch in _batches(texts, BATCH_DOCS):
-            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                tokens.extend(ids)
-                if eos is not None:
-                    tokens.append(eos)
+            tokens.extend(document_tokens(batch, tokenizer))
             bar.update(min(len(tokens), need) - bar.n)
             if len(tokens) >= need:
                 break
@@ -85,5 +97,4 @@ def pack_sequences(source: str | None, tokenizer, seq_len: int, num_sequences: i
     if rows < num_sequences:
         warnings.warn(f"data {name} ({split} split) has only {rows} sequences of {seq_len} tokens after "
                       f"skipping {skip_sequences}, fewer than the {num_sequences} asked for; using {rows}")
-    start = skip_sequences * seq_len
-    return torch.tensor(tokens[start:start + rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    return token_rows(tokens, seq_len, rows, start=skip_sequences * seq_len)

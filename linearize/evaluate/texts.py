@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import pack_sequences
+from ..data.packing import document_tokens, token_rows
 from ..errors import LinearizeError
 
 EVAL_TEXTS = ("sharegpt", "shakespeare", "python-docs")
@@ -39,13 +40,11 @@ def python_docs_documents() -> list[str]:
 
 def rows_from_documents(documents: list[str], tokenizer, seq_len: int, num_sequences: int) -> torch.LongTensor:
     """Documents joined with EOS, tokenized and cut into (<= num_sequences, seq_len) rows (the first ones)."""
-    tokens: list[int] = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        tokens += ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    tokens = document_tokens(documents, tokenizer)
     rows = min(len(tokens) // seq_len, num_sequences)
     if rows == 0:
         raise LinearizeError(f"the evaluation text has fewer than {seq_len} tokens; lower --seq-len")
-    return torch.tensor(tokens[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    return token_rows(tokens, seq_len, rows)
 
 
 def eval_sequences(name: str, tokenizer, seq_len: int, num_sequences: int, data: str | None = None) -> torch.LongTensor:
