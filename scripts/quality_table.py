@@ -1,0 +1,86 @@
+"""docs/results/quality.json (issue 11) from finished runs: the default run's numbers and one ablation row per run.
+
+    python scripts/quality_table.py --default runs/w64-s4-kl [--row runs/other ...] [--baseline docs/results/baseline.json]
+                                    [--wall-s SECONDS] --out docs/results/quality.json
+
+Each run folder needs convert.json and eval.json (`linearize eval RUN`, with its generation part for the
+repetition rates). Rows of a baseline.json (scripts/baseline_table.py) are added as ablation rows too, marked with
+the device they ran on. Ratios are student / teacher perplexity.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def run_row(run: Path) -> dict:
+    conv, ev = read(run / "convert.json"), read(run / "eval.json")
+    s = conv["settings"]
+    texts = ev.get("texts", {})
+    row = {
+        "run": str(run), "device": ev.get("device", {}).get("name") or "cpu",
+        "attention": s["attention"], "window": s.get("window"), "sinks": s.get("sinks"),
+        "lora_loss": s.get("lora_loss", "ce"), "lora_targets": s.get("lora_targets", "attention"),
+        "lora_train_attention": s.get("lora_train_attention", False), "dtype": s.get("dtype"),
+        "transfer_tokens": conv.get("transfer", {}).get("tokens"), "lora_tokens": conv.get("lora", {}).get("tokens"),
+        "convert_s": conv.get("total_seconds"),
+        "heldout_ppl_ratio": conv.get("stage2_ppl", conv["stage1_ppl"]) / conv["teacher_ppl"],
+        "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},
+        "top1": {t: v["top1"] for t, v in texts.items()}, "kl": {t: v["kl"] for t, v in texts.items()},
+    }
+    if "generation" in ev:
+        row["repetition"] = ev["generation"]["repetition"]
+        row["prefix_match"] = ev["generation"]["prefix_match"]
+    if "baseline" in ev:
+        b = ev["baseline"]
+        row["streaming_baseline"] = {"window": b["window"], "sinks": b["sinks"], "state_bytes": b["state_bytes"],
+                                     "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in b["texts"].items()},
+                                     "top1": {t: v["top1"] for t, v in b["texts"].items()}}
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--default", required=True, help="the default conversion's run folder")
+    p.add_argument("--row", action="append", default=[], help="another run folder (an ablation row)")
+    p.add_argument("--baseline", help="a baseline.json whose converted rows become ablation rows")
+    p.add_argument("--wall-s", type=float, help="wall time of the whole default `linearize convert` process")
+    p.add_argument("--out", default="docs/results/quality.json")
+    args = p.parse_args()
+    run = Path(args.default)
+    conv, ev = read(run / "convert.json"), read(run / "eval.json")
+    texts = ev["texts"]
+    result = {
+        "default_run": str(run), "settings": conv["settings"],
+        "teacher_ppl": conv["teacher_ppl"], "student_ppl": conv.get("stage2_ppl", conv["stage1_ppl"]),
+        "heldout_tokens": conv.get("heldout_tokens"),
+        "top1": texts["sharegpt"]["top1"], "kl": texts["sharegpt"]["kl"],
+        "ood": {t: {"teacher_ppl": v["teacher_ppl"], "student_ppl": v["student_ppl"]}
+                for t, v in texts.items() if t != "sharegpt"},
+        "repetition": ev.get("generation", {}).get("repetition"),
+        "wall_s": args.wall_s or conv.get("total_seconds"),
+        "ablation": [run_row(run)] + [run_row(Path(r)) for r in args.row],
+    }
+    if args.baseline:
+        b = read(Path(args.baseline))
+        for r in b["rows"]:
+            if r["attention"] != "streaming":
+                result["ablation"].append({"run": r["name"], "device": "H200 (bf16), scripts/baseline_table.py",
+                                           "attention": r["attention"], "window": r["window"], "sinks": r["sinks"],
+                                           "lora_loss": "ce", "convert_s": r.get("convert_seconds"),
+                                           "heldout_ppl_ratio": r["heldout_ppl"]["student"] / r["heldout_ppl"]["teacher"],
+                                           "ppl_ratio": r["ppl_ratio"], "top1": r["top1"], "kl": r["kl"]})
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(f"written {out}: ShareGPT held-out ratio {result['student_ppl'] / result['teacher_ppl']:.3f}, "
+          f"top-1 {result['top1']:.1%}, {len(result['ablation'])} ablation rows")
+
+
+if __name__ == "__main__":
+    main()
