@@ -6,6 +6,7 @@ report) and `checkpoints/` (what --resume continues from).
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,12 @@ class RunState:
         self.results.update(results)
         self.save()
 
+    def once(self, key: str, compute):
+        """results[key]: computed by compute() and recorded the first time; a resumed run reads it back."""
+        if key not in self.results:
+            self.record(**{key: compute()})
+        return self.results[key]
+
     def save(self):
         if not self.writer:
             return
@@ -143,106 +150,161 @@ def choose_softmax_layers(layer_mse: list[float], students, k: int, layers: list
     return sorted(sorted(candidates, key=lambda i: -layer_mse[i])[:k])
 
 
+@contextmanager
+def process_group(distributed: str | None, device: torch.device):
+    """The torch.distributed group of a `--distributed` run (None otherwise), closed when the run ends normally."""
+    group = init_distributed(backend="nccl" if device.type == "cuda" else "gloo") if distributed else None
+    yield group
+    if group is not None:
+        group.close()
+
+
+@dataclass
+class Conversion:
+    """What the stages of one `linearize convert` share; the stages fill the fields below the line in order."""
+
+    settings: ConvertSettings
+    out: Path
+    state: RunState
+    group: object | None
+    distributed: str | None
+    progress: bool
+    log: object
+    # ---
+    teacher: object = None
+    tokenizer: object = None
+    heldout: torch.Tensor | None = None  # (N, T) held-out rows for perplexity
+    train1: torch.Tensor | None = None  # stage 1 rows (N1, T), N1 = 0 when stage 1 does not run
+    train2: torch.Tensor | None = None  # stage 2 rows, None when stage 2 does not run
+    students: list | None = None
+    model: object = None
+
+    @property
+    def results(self) -> dict:
+        return self.state.results
+
+
+def load_inputs(c: Conversion):
+    """The teacher on its device, and the held-out and training rows (stage 1 and 2 read disjoint rows)."""
+    s = c.settings
+    device, dtype = s.placement(distributed=bool(c.distributed))
+    c.log(f"loading teacher {s.model or '(bundled SmolLM2-135M-Instruct)'} on {device}, {dtype}")
+    c.teacher, c.tokenizer = load_teacher(s.model, dtype=dtype)
+    c.teacher.to(device)
+    trainable = s.attention_config().linear  # no linear part (--attention streaming): nothing to train
+    if not trainable:
+        c.log(f"--attention {s.attention} has no linear part: nothing to train, both stages are skipped")
+    n1 = 0 if s.skip_transfer or s.transfer_state or not trainable else s.transfer_tokens // s.seq_len
+    n2 = s.lora_tokens // s.seq_len if trainable else 0
+    pack = dict(source=s.data, tokenizer=c.tokenizer, seq_len=s.seq_len, progress=c.progress)
+    c.heldout = pack_sequences(num_sequences=s.eval_tokens // s.seq_len, split="heldout", **pack)
+    c.train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, s.seq_len, dtype=torch.long)
+    c.train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
+    ppl = c.state.once("teacher_ppl", lambda: perplexity(c.teacher, c.heldout, desc="teacher perplexity",
+                                                         progress=c.progress))
+    c.log(f"teacher held-out perplexity: {ppl:.3f}")
+
+
+def transfer(c: Conversion):
+    """Stage 1: attention transfer (or a stage-1 result loaded from --transfer-state or the checkpoint)."""
+    s = c.settings
+    c.students = make_student_attention(c.teacher, s.attention_config())
+    if s.transfer_state:
+        try:
+            load_transfer_state(c.students, load_tensors(s.transfer_state))
+        except KeyError as e:
+            raise LinearizeError(f"--transfer-state {s.transfer_state} does not fit these attention settings "
+                                 f"({e}); use the --attention/--window/--feature-map of `linearize blocks train`")
+    if not len(c.train1):
+        return
+    ckpt = c.out / CHECKPOINTS / "transfer"
+    if "transfer" in c.results:  # finished earlier: its final checkpoint holds the result
+        load_transfer_state(c.students, load_checkpoint(ckpt)[0])
+        return
+    t0 = time.perf_counter()
+    kw = dict(lr=s.transfer_lr, checkpoint_dir=ckpt, progress=c.progress)
+    mode = "data" if c.distributed == "fsdp" else c.distributed  # FSDP is for stage 2 only
+    r1 = (attention_transfer(c.teacher, c.students, c.train1, **kw) if c.group is None else
+          distributed_transfer(c.teacher, c.students, c.train1, c.group, mode,
+                               batch_size=c.group.world if mode == "data" else 1, **kw))
+    errors = layer_transfer_errors(c.teacher, c.students, c.heldout[:LAYER_ERROR_SEQUENCES])
+    c.state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
+                   transfer_history=r1.history)
+
+
+def assemble(c: Conversion):
+    """The student model: the teacher with the trained attention, exact softmax kept where asked."""
+    s = c.settings
+    if s.keep_softmax or s.softmax_layers:
+        c.state.once("layer_mse", lambda: layer_transfer_errors(c.teacher, c.students,  # no stage 1 ran here
+                                                                c.heldout[:LAYER_ERROR_SEQUENCES]))
+        kept = c.state.once("keep_softmax", lambda: choose_softmax_layers(c.results["layer_mse"], c.students,
+                                                                          s.keep_softmax, s.softmax_layers))
+        c.log(f"exact softmax attention kept in layers {kept} "
+              f"({'as given' if s.softmax_layers else 'largest transfer error'})")
+    c.model = LinearizedForCausalLM.from_teacher(c.teacher, s.attention_config(), c.students,
+                                                 keep_softmax=c.results.get("keep_softmax", []))
+    ppl = c.state.once("stage1_ppl", lambda: perplexity(c.model, c.heldout, desc="student perplexity (stage 1)",
+                                                        progress=c.progress))
+    c.log(f"student held-out perplexity after {'stage 1' if len(c.train1) else 'conversion (no transfer)'}: "
+          f"{ppl:.3f}")
+
+
+def finetune(c: Conversion):
+    """Stage 2: LoRA (resumes from its checkpoint; a finished one only rebuilds the merged model)."""
+    if c.train2 is None or not len(c.train2):
+        return
+    s = c.settings
+    t0 = time.perf_counter()
+    c.model, r2 = finetune_lora(c.model, c.train2, s.lora_settings(), lr=s.lora_lr,
+                                checkpoint_dir=c.out / CHECKPOINTS / "lora", progress=c.progress,
+                                batch_size=c.group.world if c.group else 1, data_parallel=c.group,
+                                fsdp=c.distributed == "fsdp")
+    if "lora" not in c.results:
+        summary = _stage_summary(r2, time.perf_counter() - t0)
+        if teacher_s := sum(h.get("teacher_s", 0.0) for h in r2.history):  # the teacher view's forward passes
+            summary["teacher_forward_tokens_per_s"] = round(r2.history[-1]["tokens"] / teacher_s, 1)
+        c.state.record(lora=summary, lora_history=r2.history)
+    c.state.record(stage2_ppl=perplexity(c.model, c.heldout, desc="student perplexity (stage 2)",
+                                         progress=c.progress))
+    c.log(f"student held-out perplexity after stage 2: {c.results['stage2_ppl']:.3f}")
+
+
+STAGES = (load_inputs, transfer, assemble, finetune)
+
+
 def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, progress: bool = True, log=print,
             distributed: str | None = None) -> dict:
-    """Run the whole conversion; returns the results dict (also in out/convert.json).
+    """Run the whole conversion (STAGES, then save); returns the results dict (also in out/convert.json).
     distributed: "layers" | "data" | "fsdp" under torchrun (see transfer/distributed.py): every rank runs the
     pipeline, stage 1 splits layers or batches ("fsdp": batches), stage 2 runs one sequence per rank under DDP
     ("fsdp": sharded by FSDP), and rank 0 alone writes."""
     settings.check()
     out = Path(out)
-    device, dtype = settings.placement(distributed=bool(distributed))
-    group = init_distributed(backend="nccl" if device.type == "cuda" else "gloo") if distributed else None
-    state = RunState(out, settings, resume)
-    if group is not None:
-        state.writer = group.rank == 0
-        group.barrier()  # every rank has read progress.json before rank 0 first writes it
-        if group.rank:
-            log, progress = (lambda *a, **k: None), False
-    res = state.results
-    if res.get("done"):
-        log(f"{out} is already finished")
+    device, _ = settings.placement(distributed=bool(distributed))
+    with process_group(distributed, device) as group:
+        state = RunState(out, settings, resume)
         if group is not None:
-            group.close()
-        return res
-    torch.manual_seed(settings.seed)
-    t_start = time.perf_counter()
-    attention = settings.attention_config()
-
-    log(f"loading teacher {settings.model or '(bundled SmolLM2-135M-Instruct)'} on {device}, {dtype}")
-    teacher, tokenizer = load_teacher(settings.model, dtype=dtype)
-    teacher.to(device)
-    trainable = attention.linear  # no linear part (e.g. --attention streaming): the teacher as it is, nothing to train
-    if not trainable:
-        log(f"--attention {settings.attention} has no linear part: nothing to train, both stages are skipped")
-    n1 = 0 if settings.skip_transfer or settings.transfer_state or not trainable else \
-        settings.transfer_tokens // settings.seq_len
-    n2 = settings.lora_tokens // settings.seq_len if trainable else 0
-    pack = dict(source=settings.data, tokenizer=tokenizer, seq_len=settings.seq_len, progress=progress)
-    heldout = pack_sequences(num_sequences=settings.eval_tokens // settings.seq_len, split="heldout", **pack)
-    train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, settings.seq_len, dtype=torch.long)
-    train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
-
-    if "teacher_ppl" not in res:
-        state.record(teacher_ppl=perplexity(teacher, heldout, desc="teacher perplexity", progress=progress))
-    log(f"teacher held-out perplexity: {res['teacher_ppl']:.3f}")
-
-    students = make_student_attention(teacher, attention)
-    if settings.transfer_state:
-        try:
-            load_transfer_state(students, load_tensors(settings.transfer_state))
-        except KeyError as e:
-            raise LinearizeError(f"--transfer-state {settings.transfer_state} does not fit these attention settings "
-                                 f"({e}); use the --attention/--window/--feature-map of `linearize blocks train`")
-    ckpt = out / CHECKPOINTS
-    if n1:
-        if "transfer" not in res:
-            t0 = time.perf_counter()
-            kw = dict(lr=settings.transfer_lr, checkpoint_dir=ckpt / "transfer", progress=progress)
-            mode = "data" if distributed == "fsdp" else distributed  # FSDP is for stage 2 only
-            r1 = (attention_transfer(teacher, students, train1, **kw) if group is None else
-                  distributed_transfer(teacher, students, train1, group, mode,
-                                       batch_size=group.world if mode == "data" else 1, **kw))
-            errors = layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES])
-            state.record(transfer=_stage_summary(r1, time.perf_counter() - t0), layer_mse=errors,
-                         transfer_history=r1.history)
-        else:
-            load_transfer_state(students, load_checkpoint(ckpt / "transfer")[0])
-    if (settings.keep_softmax or settings.softmax_layers) and "keep_softmax" not in res:
-        if "layer_mse" not in res:  # no transfer ran here: rank layers by the loaded (or untrained) students' error
-            state.record(layer_mse=layer_transfer_errors(teacher, students, heldout[:LAYER_ERROR_SEQUENCES]))
-        state.record(keep_softmax=choose_softmax_layers(res["layer_mse"], students, settings.keep_softmax,
-                                                        settings.softmax_layers))
-    if res.get("keep_softmax"):
-        why = "as given" if settings.softmax_layers else "largest transfer error"
-        log(f"exact softmax attention kept in layers {res['keep_softmax']} ({why})")
-    model = LinearizedForCausalLM.from_teacher(teacher, attention, students, keep_softmax=res.get("keep_softmax", []))
-    if "stage1_ppl" not in res:
-        state.record(stage1_ppl=perplexity(model, heldout, desc="student perplexity (stage 1)", progress=progress))
-    log(f"student held-out perplexity after {'stage 1' if n1 else 'conversion (no transfer)'}: {res['stage1_ppl']:.3f}")
-
-    if train2 is not None and len(train2):
-        t0 = time.perf_counter()
-        model, r2 = finetune_lora(model, train2, settings.lora_settings(), lr=settings.lora_lr, checkpoint_dir=ckpt / "lora",
-                                  progress=progress, batch_size=group.world if group else 1, data_parallel=group,
-                                  fsdp=distributed == "fsdp")
-        if "lora" not in res:
-            summary = _stage_summary(r2, time.perf_counter() - t0)
-            if teacher_s := sum(h.get("teacher_s", 0.0) for h in r2.history):  # the teacher view's forward passes
-                summary["teacher_forward_tokens_per_s"] = round(r2.history[-1]["tokens"] / teacher_s, 1)
-            state.record(lora=summary, lora_history=r2.history)
-        state.record(stage2_ppl=perplexity(model, heldout, desc="student perplexity (stage 2)", progress=progress))
-        log(f"student held-out perplexity after stage 2: {res['stage2_ppl']:.3f}")
-
-    if state.writer:
-        save_model(model, tokenizer, out)
-        write_json({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
-                           "layer_mse": res.get("layer_mse", [])}, out / CURVES)
-    state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
-                 heldout_tokens=int(heldout.numel()))
-    summary = {k: v for k, v in res.items() if not k.endswith("_history")}
-    if state.writer:
-        write_json({"settings": asdict(settings), **summary}, out / CONVERT)
-    if group is not None:
-        group.close()
+            state.writer = group.rank == 0
+            group.barrier()  # every rank has read progress.json before rank 0 first writes it
+            if group.rank:
+                log, progress = (lambda *a, **k: None), False
+        if state.results.get("done"):
+            log(f"{out} is already finished")
+            return state.results
+        torch.manual_seed(settings.seed)
+        t_start = time.perf_counter()
+        c = Conversion(settings, out, state, group, distributed, progress, log)
+        for stage in STAGES:
+            stage(c)
+        res = state.results
+        if state.writer:
+            save_model(c.model, c.tokenizer, out)
+            write_json({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
+                        "layer_mse": res.get("layer_mse", [])}, out / CURVES)
+        state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
+                     heldout_tokens=int(c.heldout.numel()))
+        if state.writer:
+            write_json({"settings": asdict(settings),
+                        **{k: v for k, v in res.items() if not k.endswith("_history")}}, out / CONVERT)
     return res
