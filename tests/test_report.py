@@ -28,7 +28,12 @@ def run_dir(tmp_path):
                "passkey": {"lengths": [256, 1024], "tokens": [250, 1030], "trials": 2,
                            "teacher": [1, 1], "student": [1, 0]},
                "mmlu": {"limit": 1, "num_fewshot": 5, "questions": 57,
-                        "teacher": {"acc": 0.3}, "student": {"acc": 0.28}}}
+                        "teacher": {"acc": 0.3}, "student": {"acc": 0.28}},
+               "baseline": {"attention": "streaming", "window": 129, "sinks": 4, "state_bytes": 3,
+                            "student_state_bytes": 3,
+                            "texts": {n: {**texts[n], "student_ppl": 13.5, "top1": 0.85} for n in texts}},
+               "generation": {"prompts": 50, "max_new_tokens": 64, "prefix": 32, "prefix_match": 7.5,
+                              "repetition": {"teacher": 0.05, "student": 0.31}}}
     points = [{"which": w, "context": c, "prefill_tokens_per_s": 1000.0, "prefill_peak_bytes": 2**20,
                "cache_bytes": 2**20, "decode_ms_per_token": 10.0, "decode_tokens_per_s": 100.0,
                "decode_peak_bytes": 2**21}
@@ -47,6 +52,8 @@ def test_report_embeds_every_figure(run_dir):
     assert page.count("data:image/png;base64,") == len(FIGURES)
     assert sorted(p.stem for p in (run_dir / "report").glob("*.png")) == sorted(FIGURES)
     assert "12.00" in page and "MMLU 5-shot" in page and "decode_speedup_16k" in page
+    assert "streaming 4+129" in page and "13.50" in page  # the baseline of equal state bytes, beside the student
+    assert "student 31.0%" in page  # the repetition rate of the generation part
     assert "<script" not in page and "http" not in page  # self-contained
 
 

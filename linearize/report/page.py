@@ -58,6 +58,12 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
                              fmt(b["top1"], ".1%")])
         parts.append("<h2>Quality vs teacher</h2>" + _table(
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
+    if results and results.get("generation"):
+        g = results["generation"]
+        parts.append(f"<p>Greedy answers to {g['prompts']} held-out prompts ({g['max_new_tokens']} tokens): repeated "
+                     f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; the "
+                     f"student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} tokens on "
+                     f"average</p>")
     if results and results.get("mmlu"):
         m = results["mmlu"]
         parts.append(f"<p>MMLU {m['num_fewshot']}-shot (lm-eval, {m['questions']} questions, limit {m['limit']} per "
