@@ -46,8 +46,8 @@ def _add_convert(sub):
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-init", default=d.lora_init, help="default | pissa")
     p.add_argument("--lora-loss", default=d.lora_loss, choices=LORA_LOSSES,
-                   help="stage 2 loss: ce (next token), kl (distil the teacher's logits; the teacher is the same model "
-                        "with adapters off and exact softmax on), kl+ce (default: %(default)s)")
+                   help="stage 2 loss: kl (distil the teacher's logits; the teacher is the same model with adapters "
+                        "off and exact softmax on), ce (next token), kl+ce (default: %(default)s)")
     p.add_argument("--lora-temperature", type=float, default=d.lora_temperature, help="of the kl loss (default: 1)")
     p.add_argument("--lora-targets", default=d.lora_targets, choices=sorted(LORA_TARGETS),
                    help="modules with LoRA adapters (default: %(default)s)")

@@ -45,7 +45,7 @@ class ConvertSettings:
     lora_lr: float = 1e-3
     lora_rank: int = 8
     lora_init: str = "default"
-    lora_loss: str = "ce"  # stage 2 loss: "ce" | "kl" (distil the teacher's logits) | "kl+ce"
+    lora_loss: str = "kl"  # stage 2 loss: "kl" (distil the teacher's logits) | "ce" (next token) | "kl+ce"
     lora_temperature: float = 1.0
     lora_targets: str = "attention"  # LoRA on "attention" (q/k/v/o) or "attention+mlp"
     lora_train_attention: bool = False  # stage 2 also trains the feature maps and mixing factors
@@ -90,6 +90,10 @@ class ConvertSettings:
         return placement(self.device, self.dtype, distributed)
 
 
+# What a run made before a setting existed did: its progress.json lacks the key, --resume reads this value.
+SETTINGS_BEFORE_THEY_EXISTED = {"lora_loss": "ce"}
+
+
 class RunState:
     """progress.json in the output folder (run_folder.py): settings plus the results of each finished step."""
 
@@ -99,15 +103,20 @@ class RunState:
         self.path = out / PROGRESS
         if self.path.exists() and not resume:
             raise LinearizeError(f"{out} already holds a run; add --resume to continue it or choose another --out")
+        attention = settings.attention_config().to_dict()  # what the preset meant when the run started
         if resume and self.path.exists():
             self.data = read_json(self.path, fix=f"delete it to start again, or choose another --out")
-            defaults = asdict(ConvertSettings())  # settings added later read as their defaults in older runs
+            # settings added later read as what older runs did (then: the defaults of that time)
+            defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k, defaults[k]) != v]
+            if self.data.get("attention", attention) != attention:
+                changed.append(f"--attention {settings.attention} now means {attention}, the run has "
+                               f"{self.data['attention']}")
             if changed:
                 raise LinearizeError(f"--resume with different settings ({', '.join(changed)}); "
                                      "use the original ones or a new --out")
         else:  # written by the first record(), once the inputs have loaded: a failed start leaves no run behind
-            self.data = {"settings": asdict(settings), "results": {}}
+            self.data = {"settings": asdict(settings), "attention": attention, "results": {}}
 
     @property
     def results(self) -> dict:

@@ -69,3 +69,24 @@ def test_bad_lora_settings_are_clear():
 
     with pytest.raises(LinearizeError, match="lora-init"):
         LoraSettings(init="svd")
+
+
+def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
+    """--resume of a run made before a default or a preset changed: refused with the difference named, never a
+    silent mix (a stage-1 checkpoint of another attention would load into the new students)."""
+    import json
+    from dataclasses import asdict
+
+    from linearize.errors import LinearizeError
+    from linearize.pipeline import ConvertSettings, RunState
+
+    old = asdict(ConvertSettings())
+    del old["lora_loss"]  # a run from before --lora-loss existed: it trained stage 2 with next-token CE
+    attention = {**ConvertSettings().attention_config().to_dict(), "sinks": 0}  # and lolcats had no sinks
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": old, "attention": attention, "results": {}}))
+    with pytest.raises(LinearizeError) as e:
+        RunState(tmp_path, ConvertSettings(), resume=True)
+    assert "lora_loss" in str(e.value) and "now means" in str(e.value)
+    with pytest.raises(LinearizeError, match="now means"):
+        RunState(tmp_path, ConvertSettings(lora_loss="ce"), resume=True)
+    RunState(tmp_path, ConvertSettings(lora_loss="ce", sinks=0), resume=True)  # the run's own settings: accepted

@@ -35,7 +35,7 @@ class LoraSettings:
     init: str = "default"  # "default" (B = 0) or "pissa"
     target_modules: tuple[str, ...] = LORA_TARGETS["attention"]
     train_attention: bool = False  # also train LinearAttention.TRANSFER_PARAMETERS (feature maps, mixing, beta)
-    loss: str = "ce"  # "ce" | "kl" | "kl+ce"
+    loss: str = "ce"  # "ce" | "kl" | "kl+ce" (`linearize convert` defaults to "kl": ConvertSettings.lora_loss)
     temperature: float = 1.0  # of the distillation loss
 
     def __post_init__(self):
