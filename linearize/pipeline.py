@@ -108,7 +108,10 @@ class RunState:
             self.data = read_json(self.path, fix=f"delete it to start again, or choose another --out")
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
-            changed = [k for k, v in asdict(settings).items() if self.data["settings"].get(k, defaults[k]) != v]
+            # the resolved attention is compared below when the run recorded it: then the overrides may differ
+            overrides = ("window", "sinks", "feature_map") if "attention" in self.data else ()
+            changed = [k for k, v in asdict(settings).items()
+                       if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
             if self.data.get("attention", attention) != attention:
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")
