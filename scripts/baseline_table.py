@@ -39,19 +39,13 @@ def sh(args: list[str], log: Path) -> float:
     return round(time.time() - t0, 1)
 
 
-def state_bytes(run: Path, context: int, device: str) -> int:
-    """Bytes of the decoding state after a `context`-token prompt (random tokens)."""
-    import torch
-
+def run_state_bytes(run: Path, context: int, device: str) -> int:
+    """Bytes of a converted model's decoding state after a `context`-token prompt."""
     import linearize
-    from linearize.decoding import Decoder
+    from linearize.evaluate.baseline import state_bytes
 
     model, _ = linearize.load(run)
-    model.to(device)
-    ids = torch.randint(model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    dec = Decoder(model)
-    dec.prefill(ids.to(device))
-    return dec.cache_bytes()
+    return state_bytes(model.to(device), context)
 
 
 def row_name(attention: str, window: int, sinks: int) -> str:
@@ -76,7 +70,7 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
     pk = ev["passkey"]
     return {
         "name": name, "attention": attention, "window": window, "sinks": sinks,
-        "state_bytes": state_bytes(run, 4 * K, args.device),
+        "state_bytes": run_state_bytes(run, 4 * K, args.device),
         "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},
         "top1": {t: v["top1"] for t, v in texts.items()},
         "kl": {t: v["kl"] for t, v in texts.items()},
@@ -89,22 +83,17 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
 
 
 def equal_state_window(attention: str, window: int, sinks: int, context: int = 2 * K) -> int:
-    """The streaming window whose decoding state (keys and values of sinks + window, every layer) takes as many
-    bytes as `attention` with this window and sinks. The state's size depends on the shapes only: it is measured
-    on an untrained model of the bundled teacher, on the CPU."""
-    import torch
-
-    from linearize.decoding import Decoder
+    """The streaming window whose decoding state takes as many bytes as `attention` with this window and sinks
+    (evaluate/baseline.py; the size depends on the shapes only: an untrained model of the bundled teacher, CPU)."""
+    from linearize.evaluate.baseline import streaming_baseline
     from linearize.layers.linear_attention import attention_preset
     from linearize.loading.teacher import load_teacher
     from linearize.models.linearized import LinearizedForCausalLM
 
     teacher, _ = load_teacher(None)
-    c = teacher.config
-    per_token = c.num_hidden_layers * c.num_key_value_heads * 2 * (c.hidden_size // c.num_attention_heads) * 4
-    dec = Decoder(LinearizedForCausalLM.from_teacher(teacher, attention_preset(attention, window=window, sinks=sinks)))
-    dec.prefill(torch.randint(c.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)))
-    return dec.cache_bytes() // per_token - sinks
+    student = LinearizedForCausalLM.from_teacher(load_teacher(None)[0], attention_preset(attention, window=window,
+                                                                                         sinks=sinks))
+    return streaming_baseline(teacher, student, sinks, context)[1]
 
 
 def markdown(rows: list[dict]) -> str:
