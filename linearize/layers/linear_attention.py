@@ -135,18 +135,16 @@ class LinearAttention(nn.Module):
         exact_part = config.window > 0 or config.sinks > 0 if linear_and_window else False
         self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if exact_part else None
         self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
+        # the mode of this layer's attention calls, made once (not on every decoding step)
+        self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
+                                      linear=config.linear)
+        self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
     TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit")
 
     def trainable_transfer_parameters(self):
         """What attention transfer trains: the feature maps, the mixing factor and the delta-rule strength."""
         return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
-
-    @property
-    def spec(self) -> ops.AttentionSpec:
-        """The mode of this layer's attention calls."""
-        c = self.config
-        return ops.AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear)
 
     def project(self, hidden_states, position_embeddings, projected=None) -> ops.Streams:
         """(B, T, D) -> Streams q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log
@@ -191,7 +189,7 @@ class LinearAttention(nn.Module):
         """Streams q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
         prefill (a prompt, or its next block) or decode (one token)."""
         if self.exact_softmax and self.config.linear and state is None:  # causal softmax (SDPA)
-            return ops.attention_chunked(streams, ops.AttentionSpec(None, self.scaling, linear=False), None)[0]
+            return ops.attention_chunked(streams, self.teacher_spec, None)[0]
         streams, spec, mix = self.features(streams), self.spec, self.mix(streams.q)
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
             previous = state[self.layer_idx]
