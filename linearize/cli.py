@@ -36,6 +36,8 @@ def _add_convert(sub):
     p.add_argument("--sinks", type=int, help="attention sinks: the first S tokens stay in exact softmax and out of the "
                                              "linear memory (default from --attention)")
     p.add_argument("--feature-map", help="hedgehog | t2r | elu (default from --attention)")
+    p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
+                                             "recalls worst in exact softmax (LoLA; default from --attention: 0)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,
                    help="stage 1 training tokens (default: %(default)s)")

@@ -30,6 +30,9 @@ def add(sub):
                    help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
+    p.add_argument("--cache", type=int, metavar="M",
+                   help="evaluate the student with a sparse cache of M exact keys per KV head (training-free; "
+                        "0: none; default: as converted)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -45,7 +48,7 @@ def run(args):
                             passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             limit=args.limit, skip=names(args.skip), device=args.device,
-                            dtype=args.dtype)
+                            dtype=args.dtype, cache=args.cache)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")

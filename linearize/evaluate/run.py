@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..device import device_name, placement
 from ..errors import LinearizeError
+from ..models.linearized import set_sparse_cache
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, eval_sequences
 
@@ -43,6 +44,7 @@ class EvalSettings:
     skip: tuple[str, ...] = ()
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -71,6 +73,8 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
     student, tokenizer = load_student(path, device, dtype)
+    if settings.cache is not None:
+        set_sparse_cache(student, settings.cache)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

@@ -34,7 +34,10 @@ class LinearAttentionConfig:
       with no new parameters (Liger): log g_t = logsigmoid(mean over head_dim of k_t) / gate_norm (pre-RoPE k);
     rule: "sum" (linear attention) | "delta" (delta rule; with gate="key" the gated delta rule), write strength
       beta = sigmoid(a learned per-KV-head logit), phi(q), phi(k) L2-normalised;
-    linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters)."""
+    linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters);
+    cache: a sparse cache of the `cache` keys per KV head that the linear memory recalls worst, kept exact (LoLA;
+      ops/sparse_cache.py), re-selected every `cache_every` tokens; 0 = none. Sum rule without a gate only; it
+      needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache)."""
 
     feature_map: str = "hedgehog"
     feature_dim: int | None = None
@@ -45,6 +48,8 @@ class LinearAttentionConfig:
     gate_norm: float = 16.0
     rule: str = "sum"
     linear: bool = True
+    cache: int = 0
+    cache_every: int = 64
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -58,6 +63,11 @@ class LinearAttentionConfig:
         if self.sinks < 0 or (self.sinks and self.window is None):
             raise LinearizeError(f"sinks must be >= 0, and need a bounded window (got sinks={self.sinks}, "
                                  f"window={self.window})")
+        if self.cache < 0 or self.cache_every < 1:
+            raise LinearizeError(f"cache must be >= 0 and cache_every >= 1 (got {self.cache}, {self.cache_every})")
+        if self.cache and (self.window is None or self.rule != "sum" or self.gate != "none"):
+            raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
+                                 "gate: drop --cache, or choose such an attention (e.g. --attention lolcats)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,12 +142,12 @@ class LinearAttention(nn.Module):
             self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim)
             self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
         linear_and_window = config.linear and config.window is not None
-        exact_part = config.window > 0 or config.sinks > 0 if linear_and_window else False
+        exact_part = config.window > 0 or config.sinks > 0 or config.cache > 0 if linear_and_window else False
         self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if exact_part else None
         self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
         # the mode of this layer's attention calls, made once (not on every decoding step)
         self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
-                                      linear=config.linear)
+                                      linear=config.linear, cache=config.cache, cache_every=config.cache_every)
         self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
     TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit")
@@ -202,7 +212,7 @@ class LinearAttention(nn.Module):
             return ops.attention_quadratic(streams, spec, mix)
         if fla_kernels.fla_applies(self.config, streams.q, streams.log_gate, streams.beta):  # CUDA + fla
             return fla_kernels.linear_attention_fla(streams.fq, streams.fk, streams.v)
-        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size)[0]
+        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size, key_features=self.key_features)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from ..errors import LinearizeError
 from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttention, LinearAttentionConfig
 from ..loading.architectures import architecture_of
 
@@ -50,6 +51,22 @@ def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softm
             cfg = replace(FULL_SOFTMAX, chunk_size=student.config.chunk_size)
             student = LinearAttention(student, cfg, c.num_attention_heads, c.num_key_value_heads)
         setattr(layer, arch.attention_attr, student)
+    return model
+
+
+def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None) -> "LinearizedForCausalLM":
+    """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
+    every `every` tokens (ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
+    layers = [m for m in model.attention_modules() if m.config.linear and m.config.window is not None]
+    if size and any(m.mix_logit is None for m in layers):
+        raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
+                             "convert with --window or --sinks to use --cache")
+    for m in layers:
+        m.config = replace(m.config, cache=size, cache_every=every or m.config.cache_every)
+        LinearAttentionConfig(**m.config.to_dict())  # validated: the cache needs the sum rule without a gate
+        m.spec = replace(m.spec, cache=m.config.cache, cache_every=m.config.cache_every)
+    model.config.attention = {**model.config.attention, "cache": size,
+                              "cache_every": every or model.config.attention.get("cache_every", 64)}
     return model
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from . import sparse_cache
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
@@ -50,10 +51,14 @@ class AttentionSpec:
     sinks: int = 0
     rule: str = "sum"
     linear: bool = True
+    cache: int = 0
+    cache_every: int = 64
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.cache and (self.window is None or self.delta or self.cache_every < 1):
+            raise ValueError("a sparse cache needs a bounded window, the sum rule and cache_every >= 1")
 
     @property
     def memory(self) -> bool:
@@ -132,20 +137,22 @@ class LinearAttentionState:
     win: the key streams (k, v, log_gate, beta) of the most recent <= W tokens, still in the softmax window. Once
     the window is full it is a ring: decoding overwrites the oldest key in place, `start` is the slot of the oldest
     key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
-    sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position)."""
+    sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position);
+    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached."""
 
     kv: torch.Tensor | None
     win: Streams
     start: int = 0
     sinks: Streams | None = None
     seen: int = 0
+    cache: Streams | None = None
 
     def in_order(self) -> Streams:
         """The window in time order, oldest first."""
         return self.win if self.start == 0 else self.win.roll(-self.start)
 
     def nbytes(self) -> int:
-        parts = [self.win.nbytes(), 0 if self.sinks is None else self.sinks.nbytes()]
+        parts = [self.win.nbytes()] + [0 if p is None else p.nbytes() for p in (self.sinks, self.cache)]
         return sum(parts) + (0 if self.kv is None else self.kv.numel() * self.kv.element_size())
 
 
@@ -205,6 +212,8 @@ def _exact_num(scores, values, m):
 
 def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
+    if spec.cache:
+        return _cached_quadratic(streams, spec, mix)
     q, k, v = streams.q, streams.k, streams.v
     B, H, T, d = q.shape
     Hkv = k.shape[1]
@@ -273,6 +282,10 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
     initial_state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this
     block's keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting
     ones (it is not modified)."""
+    if spec.cache:  # segment by segment between the cache's selections
+        state = _empty_state(streams, spec) if initial_state is None else replace(initial_state)
+        y = _attention_cached(streams, spec, mix, state, key_features, spec.cache_every)
+        return y, state if output_final_state else None
     state = initial_state
     w = 0 if state is None else len(state.win)
     seen = 0 if state is None else state.seen
@@ -360,6 +373,8 @@ def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_stat
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     state = _empty_state(streams, spec) if initial_state is None else initial_state
+    if spec.cache:
+        return _attention_cached(streams, spec, mix, state, key_features, 1), state if output_final_state else None
     ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
     y = torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
     return y, state if output_final_state else None
@@ -384,3 +399,94 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
+
+
+# ---- the sparse cache (sparse_cache.py): the exact part is every token not in the memory ----
+
+def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+    """Reference: replay the cache's selections on explicit per-head sets of memory keys, then explicit T x T weights:
+    query i attends exactly to every key j <= i outside the memory it reads, and reads the memory linearly."""
+    q, k, v = streams.q, streams.k, streams.v
+    B, H, T, d = q.shape
+    Hkv = k.shape[1]
+    pos = torch.arange(T, device=q.device)
+    in_memory = torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)  # after the latest selection
+    memory_of = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)  # [.., query i, key j]
+    for p in range(T):
+        memory_of[:, :, p] = in_memory
+        cached = (pos <= p - spec.window) & (pos >= spec.sinks) & ~in_memory  # (B, Hkv, T)
+        if (p + 1) % spec.cache_every or cached.sum(-1).max() <= spec.cache:
+            continue
+        memory = None
+        if spec.memory:
+            memory = (streams.fk * in_memory[..., None]).transpose(-1, -2) @ _ones_column(v)
+        errors = sparse_cache.self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
+        kept = torch.zeros_like(cached).scatter_(-1, errors.topk(spec.cache, dim=-1).indices, True)
+        in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
+    exact = (pos[None, :] <= pos[:, None]) & ~memory_of  # (B, Hkv, T, T)
+    s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    s = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
+    num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
+    lin = None
+    if spec.memory:
+        a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
+        lin = a @ _ones_column(v).unsqueeze(2)
+    return _combine(num_sm, lin, mix, Hkv)
+
+
+def _attention_cached(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                      longest: int) -> torch.Tensor:
+    """Feed the tokens in segments of at most `longest` that never cross a selection; `state` moves on in place.
+    Returns y (B, H, T, d)."""
+    ys, t, T = [], 0, len(streams)
+    while t < T:
+        n = min(longest, spec.cache_every - state.seen % spec.cache_every, T - t)
+        ys.append(_cached_segment(streams.slice(slice(t, t + n)), spec, mix, state, key_features))
+        t += n
+    return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
+
+
+def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+    """n tokens that end at or before the next selection: each query attends exactly to the state's sinks and cache
+    and (causally) to the window and the segment's keys, and reads the memory, which is fixed until the selection.
+    Then the keys that left the window join the sinks or the cache, and at a selection the cache keeps its worst
+    recalled keys (sparse_cache.py). Returns y (B, H, n, d); replaces the state's fields (no tensor is written)."""
+    if streams.log_gate is not None:
+        raise ValueError("the sparse cache supports the sum rule without a forget gate")
+    q = streams.q
+    n = q.shape[2]
+    keys = state.in_order().append(streams.keys())  # k, v (a cache has no gate or strength)
+    w, Hkv = len(keys) - n, keys.k.shape[1]
+    qg = _group(q, Hkv)
+    causal = torch.ones(n, w + n, dtype=torch.bool, device=q.device).tril(w)
+    parts = [(keys, causal)] + [(p, None) for p in (state.sinks, state.cache) if p is not None]
+    scores = []
+    for part, visible in parts:
+        s = (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(part))
+        scores.append(s if visible is None else s.masked_fill(~visible, float("-inf")))
+    m = torch.stack([s.amax(-1, keepdim=True) for s in scores]).amax(0)
+    num_sm = sum(_exact_num(s, part.v, m) for s, (part, _) in zip(scores, parts))
+    lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) if spec.memory else None
+    y = _combine(num_sm, lin, mix, Hkv)
+    left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
+    first = state.seen - w  # the position of keys[0]
+    n_sink = min(max(spec.sinks - first, 0), left)
+    if n_sink:
+        state.sinks = _then(state.sinks, keys.slice(slice(0, n_sink)))
+    if left > n_sink:
+        state.cache = _then(state.cache, keys.slice(slice(n_sink, left)))
+    state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
+    if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
+        _select(state, spec, key_features)
+    return y
+
+
+def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
+    """The cache keeps the spec.cache keys of each head the memory recalls worst; the rest enter the memory."""
+    cache = state.cache
+    fk = key_features(cache.k) if spec.memory else None
+    kept, evicted = sparse_cache.keep_worst_recalled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache)
+    if spec.memory:
+        state.kv = sparse_cache.write_memory(state.kv, sparse_cache.gather_time(fk, evicted),
+                                             sparse_cache.gather_time(cache.v, evicted))
+    state.cache = Streams(sparse_cache.gather_time(cache.k, kept), sparse_cache.gather_time(cache.v, kept))
