@@ -17,7 +17,7 @@ from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
 
 CASES = [  # (B, H, Hkv, T, d, window, sinks, cache, every)
     (2, 4, 2, 70, 8, 5, 2, 3, 8),  # GQA, selections every 8 tokens, sinks
-    (1, 2, 1, 40, 8, 0, 0, 2, 4),  # no window: keys leave it at once and wait in the cache
+    (1, 2, 1, 40, 8, 0, 1, 2, 4),  # no window: keys leave it at once and wait in the cache
     (1, 6, 2, 129, 8, 8, 4, 5, 16),  # GQA groups of 3, many selections
     (1, 2, 2, 10, 8, 16, 3, 2, 4),  # shorter than the window: nothing is ever cached
 ]

@@ -57,8 +57,8 @@ class AttentionSpec:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if self.cache and (self.window is None or self.delta or self.cache_every < 1):
-            raise ValueError("a sparse cache needs a bounded window, the sum rule and cache_every >= 1")
+        if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)):
+            raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule and cache_every >= 1")
 
     @property
     def memory(self) -> bool:
@@ -423,14 +423,17 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
         errors = sparse_cache.self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
         kept = torch.zeros_like(cached).scatter_(-1, errors.topk(spec.cache, dim=-1).indices, True)
         in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
-    exact = (pos[None, :] <= pos[:, None]) & ~memory_of  # (B, Hkv, T, T)
+    causal = pos[None, :] <= pos[:, None]
+    exact = causal & ~memory_of  # (B, Hkv, T, T)
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
-    s = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
-    num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
+    m = s.masked_fill(~exact.unsqueeze(2), float("-inf")).amax(-1, keepdim=True)
+    num_sm = _exact_num(s.masked_fill(~exact.unsqueeze(2), float("-inf")), v, m)
     lin = None
-    if spec.memory:
+    if spec.memory:  # in the units of the window and sinks: exp(s - m_ref)
+        reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
+        m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
         a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
-        lin = a @ _ones_column(v).unsqueeze(2)
+        lin = (a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m)
     return _combine(num_sm, lin, mix, Hkv)
 
 
@@ -458,18 +461,28 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     keys = state.in_order().append(streams.keys())  # k, v (a cache has no gate or strength)
     w, Hkv = len(keys) - n, keys.k.shape[1]
     qg = _group(q, Hkv)
-    causal = torch.ones(n, w + n, dtype=torch.bool, device=q.device).tril(w)
-    parts = [(keys, causal)] + [(p, None) for p in (state.sinks, state.cache) if p is not None]
-    scores = []
-    for part, visible in parts:
+    first = state.seen - w  # the position of keys[0]
+    pos_q = torch.arange(state.seen, state.seen + n, device=q.device)[:, None]
+    pos_k = torch.arange(first, first + w + n, device=q.device)[None, :]
+    causal = pos_k <= pos_q
+    reference = causal & ((pos_k > pos_q - spec.window) | (pos_k < spec.sinks))  # the window and the sinks
+    parts = [(keys, causal, reference)] + [(p, None, ref) for p, ref in ((state.sinks, True), (state.cache, False))
+                                           if p is not None]
+    scores, m_ref = [], None
+    for part, visible, ref in parts:
         s = (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(part))
-        scores.append(s if visible is None else s.masked_fill(~visible, float("-inf")))
+        s = s if visible is None else s.masked_fill(~visible, float("-inf"))
+        scores.append(s)
+        if ref is not False:
+            r = (s if ref is True else s.masked_fill(~ref, float("-inf"))).amax(-1, keepdim=True)
+            m_ref = r if m_ref is None else torch.maximum(m_ref, r)
     m = torch.stack([s.amax(-1, keepdim=True) for s in scores]).amax(0)
-    num_sm = sum(_exact_num(s, part.v, m) for s, (part, _) in zip(scores, parts))
-    lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) if spec.memory else None
+    num_sm = sum(_exact_num(s, part.v, m) for s, (part, _, _) in zip(scores, parts))
+    lin = None
+    if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
+        lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m)
     y = _combine(num_sm, lin, mix, Hkv)
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
-    first = state.seen - w  # the position of keys[0]
     n_sink = min(max(spec.sinks - first, 0), left)
     if n_sink:
         state.sinks = _then(state.sinks, keys.slice(slice(0, n_sink)))

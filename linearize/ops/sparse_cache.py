@@ -12,6 +12,12 @@ no linear part, dropped. So query i attends exactly to every token up to i that 
 cache, and the keys that left the window since the last selection) and reads the others from the memory, which
 changes only at selections. The state holds at most M + every cached keys per head: constant in context length.
 
+One normaliser, as in hybrid_attention.py, with one change of units: the memory was trained beside the window and
+sinks, as a stand-in for exp(s_ij - m_i) with m_i the largest window/sink score, so it keeps those units. A cached
+key weighs w_h exp(s_ij - m_i) too, which exceeds 1 when it outscores the window (the key the query looks for): it
+then outweighs the memory as in the teacher's softmax, however many tokens the memory holds. (With m_i the largest
+score of the whole exact set instead, the memory's mass, which grows with the context, drowns such a key.)
+
 Shapes: cached keys k, v (B, Hkv, n, d); their features fk (B, Hkv, n, F); memory S (B, Hkv, F, d + 1) or None.
 """
 
