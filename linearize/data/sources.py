@@ -80,6 +80,9 @@ def record_text(record: dict, tokenizer=None, where: str = "") -> str:
     """One JSON record with "text", "messages" or "conversations" -> text ("" for an empty chat)."""
     if isinstance(record.get("text"), str):
         return record["text"]
+    if record.get("text") is not None:
+        raise LinearizeError(f"{where}: 'text' is a {type(record['text']).__name__}, not a string; write each "
+                             "document's text as one JSON string")
     if "messages" in record:
         messages = _messages(record["messages"], "role", "content")
     elif "conversations" in record:
