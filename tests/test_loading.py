@@ -19,16 +19,22 @@ def tiny_gguf(tmp_path, tiny_tokenizer):
     return write_tiny_gguf(tmp_path / "tiny.gguf", tiny_tokenizer)
 
 
-def test_gguf_loads_and_no_progress_hides_the_dequantisation_bar(tiny_gguf, tiny_tokenizer, capfd):
+@pytest.fixture
+def progress_bars():
+    """transformers' process-wide progress-bar switch, restored after the test (--no-progress turns it off)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    yield
+    (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
+def test_gguf_loads_and_no_progress_hides_the_dequantisation_bar(tiny_gguf, tiny_tokenizer, capfd, progress_bars):
+    hf_logging.enable_progress_bar()
     model, tokenizer = load_teacher(str(tiny_gguf))
     assert model.config.num_hidden_layers == 2
     assert tokenizer("hello world").input_ids == tiny_tokenizer("hello world").input_ids
     assert "de-quantizing" in capfd.readouterr().err  # transformers draws it by default
     hf_logging.disable_progress_bar()  # what --no-progress does
-    try:
-        load_teacher(str(tiny_gguf))
-    finally:
-        hf_logging.enable_progress_bar()
+    load_teacher(str(tiny_gguf))
     assert "de-quantizing" not in capfd.readouterr().err
 
 
