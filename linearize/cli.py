@@ -74,6 +74,7 @@ def _add_convert(sub):
 
 
 def _quiet_libraries():
+    """--no-progress: no bars from transformers either (loading weights, GGUF de-quantisation: loading/teacher.py)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -82,8 +83,6 @@ def _quiet_libraries():
 def _run_convert(args):
     from .pipeline import ConvertSettings, convert
 
-    if args.no_progress:
-        _quiet_libraries()
     names = {f.name for f in fields(ConvertSettings)}
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
     res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
@@ -145,6 +144,8 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        if getattr(args, "no_progress", False):
+            _quiet_libraries()
         import torch
 
         torch.set_flush_denormal(True)  # trained feature maps make subnormal floats, which are very slow on CPU

@@ -92,6 +92,50 @@ def write_word_jsonl(path, lines: int = 1500):
     return path
 
 
+def write_tiny_gguf(path, tokenizer, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    ffn: int = 128):
+    """A random float32 Llama in GGUF (the format of the bundled model) with `tokenizer`'s BPE vocabulary, written
+    with the gguf package; transformers loads it like the bundled file. Returns path."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(len(vocab))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    w.add_bos_token_id(tokenizer.eos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    g = np.random.default_rng(0)
+    kv = hidden // heads * kv_heads
+    shapes = {"token_embd": (len(vocab), hidden), "output_norm": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in (
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)), ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)))})
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (0.02 * g.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer):
     """A saved tiny Llama teacher folder (config.json, model.safetensors, tokenizer) for CLI tests."""
