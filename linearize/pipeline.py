@@ -18,7 +18,7 @@ from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora
-from .layers.linear_attention import attention_preset
+from .layers.linear_attention import LinearAttentionConfig, attention_preset
 from .loading.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
 from .run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, read_json, save_model, write_json
@@ -112,7 +112,8 @@ class RunState:
             overrides = ("window", "sinks", "feature_map") if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
-            if self.data.get("attention", attention) != attention:
+            recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
+            if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")
             if changed:
