@@ -35,7 +35,7 @@ def _add_convert(sub):
     p.add_argument("--window", type=int, help="softmax sliding window (0 = pure linear; default from --attention)")
     p.add_argument("--sinks", type=int, help="attention sinks: the first S tokens stay in exact softmax and out of the "
                                              "linear memory (default from --attention)")
-    p.add_argument("--feature-map", help="hedgehog | t2r | elu (default from --attention)")
+    p.add_argument("--feature-map", help="hedgehog | t2r | elu | nala (default from --attention)")
     p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
                                              "recalls worst in exact softmax (LoLA; default from --attention: 0)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)

@@ -114,9 +114,8 @@ class RunState:
             overrides = ("window", "sinks", "feature_map", "cache") if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
-            if "attention" in self.data:  # fields added since read as their defaults
-                self.data["attention"] = LinearAttentionConfig(**self.data["attention"]).to_dict()
-            if self.data.get("attention", attention) != attention:
+            recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
+            if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")
             if changed:

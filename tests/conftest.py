@@ -176,10 +176,23 @@ def interrupted_at_step(monkeypatch, n: int, run):
 
 # ---- shared attention-op inputs: one family x form matrix (test_attention.py) and the sinks tests ----
 
-FAMILIES = {  # family -> (forget gate, delta rule); "sum:<map>" uses a real feature map, the others random features
-    "sum": (False, False), "gated": (True, False), "delta": (False, True), "gated-delta": (True, True),
-    "sum:hedgehog": (False, False), "sum:t2r": (False, False), "sum:elu": (False, False),
+FAMILIES = {  # family -> (forget gate, delta rule, output normalisation); "sum:<map>" uses a real feature map, the
+    # others random features; "norm" families normalise the linear part's output (norm_gain) instead of sharing the
+    # normaliser (TransNormer's NormAttention)
+    "sum": (False, False, False), "gated": (True, False, False), "delta": (False, True, False),
+    "gated-delta": (True, True, False), "sum:hedgehog": (False, False, False), "sum:t2r": (False, False, False),
+    "sum:elu": (False, False, False), "sum:nala": (False, False, False), "norm": (False, False, True),
+    "gated-delta-norm": (True, True, True),
 }
+
+
+def norm_gain(family, H, d, dtype=None, seed=1):
+    """The output normalisation's gain (H, d) of a "norm" family (random, positive); None for the others."""
+    import torch
+
+    if not FAMILIES[family][2]:
+        return None
+    return 0.5 + torch.rand(H, d, generator=torch.Generator().manual_seed(seed), dtype=dtype or torch.float64)
 
 
 def phi(delta: bool):
@@ -205,11 +218,12 @@ def attention_inputs(B, H, Hkv, T, d, family="sum", dtype=None, seed=0, linear=T
     from linearize.ops.hybrid_attention import Streams
 
     dtype = dtype or torch.float64
-    gate, delta = FAMILIES[family]
+    gate, delta, _ = FAMILIES[family]
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, T, d, generator=g, dtype=dtype) for h in (H, Hkv, Hkv))
     if family.startswith("sum:"):  # a learnable feature map moved away from its identity init
-        fmq, fmk = (make_feature_map(family[4:], h, d).to(dtype) for h in (H, Hkv))
+        fmq = make_feature_map(family[4:], H, d, query=True).to(dtype)
+        fmk = make_feature_map(family[4:], Hkv, d).to(dtype)
         with torch.no_grad():
             for p in list(fmq.parameters()) + list(fmk.parameters()):
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
@@ -234,7 +248,7 @@ def blocks(T: int) -> list:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None):
+def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, norm_gain=None):
     """Feed `streams` span by span, each span as (slice, "chunked" | "recurrent"), every call continuing the state
     of the last one. check(span, state) runs after each span. Returns (y over all spans, the final state)."""
     import torch
@@ -245,7 +259,7 @@ def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None):
     for s, form in spans:
         kw = dict(chunk=chunk) if form == "chunked" else {}
         run = attention_chunked if form == "chunked" else attention_recurrent
-        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, **kw)
+        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, norm_gain=norm_gain, **kw)
         ys.append(y)
         if check:
             check(s, state)

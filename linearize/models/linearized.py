@@ -27,18 +27,25 @@ TEACHER_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embe
 
 def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
     """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies).
-    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local (then all are linearized)."""
+    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local
+    (then all are linearized). The first config.local_layers layers keep the config's softmax window and sinks
+    only (no linear part: TransNormer's DiagAttention); the saved config holds local_layers, so loading repeats it."""
     arch = architecture_of(teacher.config)
     c = teacher.config
     attns = arch.attention_modules(teacher)
+    if config.local_layers >= len(attns):
+        raise LinearizeError(f"local_layers {config.local_layers} leaves no linearized layer in this "
+                             f"{len(attns)}-layer model; use at most {len(attns) - 1}")
     windows = [arch.local_window(a) for a in attns]
     if all(w is not None for w in windows):
         windows = [None] * len(attns)
     students = []
-    for attn, window in zip(attns, windows):
+    for i, (attn, window) in enumerate(zip(attns, windows)):
         cfg = config
         if window is not None:  # the teacher's own local layer: its exact window, no sinks
-            cfg = replace(config, window=window, linear=False, sinks=0)
+            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0)
+        elif i < config.local_layers:  # DiagAttention: the window (and sinks) of the config, exact softmax
+            cfg = replace(config, linear=False)
         student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
         students.append(student.to(attn.q_proj.weight.device))
     return students

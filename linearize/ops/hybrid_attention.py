@@ -9,6 +9,9 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
         decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate); m_i = max over E_i
     delta rule: y_i = w_h * softmax output over E_i + (1 - w_h) * phi(q_i) S_{i-W}, with S the
         (gated) delta-rule memory of keys S <= j <= i - W (no normaliser: the delta rule stores values directly).
+    output normalisation (norm_gain given; TransNormer's NormAttention): the linear part drops its denominator and is
+        normalised per head instead, y_i = w_h * softmax output over E_i + (1 - w_h) * g_h * RMSNorm(o_i), o_i the
+        sum-rule numerator sum_j decay_ij phi(q_i) . phi(k_j) v_j (or the delta-rule read-out), g_h (H, d) a gain.
 
 w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the same three things:
 
@@ -27,7 +30,8 @@ Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in t
 - attention_recurrent(streams, spec, mix, initial_state, output_final_state, key_features) -> (y, state|None):
   one token at a time, for decoding; advances its state in place (the window is a ring buffer).
 key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk: a state keeps its window keys, not
-their features, and recomputes them when the keys leave the window.
+their features, and recomputes them when the keys leave the window. norm_gain (H, d) or None: the gain of the
+output normalisation of the linear part (None: the shared normaliser); a per-token map, so the state is unchanged.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -167,14 +171,25 @@ def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.view(B, num_kv_heads, H // num_kv_heads, T, X)
 
 
-def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False):
+def _rms_normalized(lin, norm_gain, delta: bool):
+    """The linear part's output without a denominator, RMS-normalised over its d channels and scaled by the gain:
+    lin (B, Hkv, G, T, d[+1]: the sum rule's last column, its normaliser, is unused), norm_gain (H, d)."""
+    o = lin if delta else lin[..., :-1]
+    B, Hkv, G, T, d = o.shape
+    return F.rms_norm(o, (d,), eps=EPS) * norm_gain.view(Hkv, G, 1, d).to(o.dtype)
+
+
+def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False, norm_gain=None):
     """Mix the window numerator num_sm (B, Hkv, G, T, d+1) with the linear part lin (sum rule: a numerator of the
-    same shape sharing the normaliser; delta rule: an output (B, Hkv, G, T, d); None: no linear part)."""
+    same shape sharing the normaliser; delta rule: an output (B, Hkv, G, T, d); None: no linear part).
+    norm_gain (H, d): output normalisation of the linear part instead of the shared normaliser (None: shared)."""
     if lin is None:
         y = num_sm[..., :-1] / num_sm[..., -1:]  # the window max contributes exp(0) = 1: no epsilon needed
     else:
         w = mix.view(num_kv_heads, -1, 1, 1).to(lin.dtype)  # lerp(lin, sm, w) = w * sm + (1 - w) * lin
-        if delta:
+        if norm_gain is not None:
+            lin = _rms_normalized(lin, norm_gain, delta)
+        if delta or norm_gain is not None:  # lin is an output: mix it with the window's output
             y = lin if num_sm is None else torch.lerp(lin, num_sm[..., :-1] / num_sm[..., -1:], w)
         else:
             num = lin if num_sm is None else torch.lerp(lin, num_sm, w)
@@ -210,7 +225,7 @@ def _exact_num(scores, values, m):
     return torch.exp(scores - m) @ _ones_column(values).unsqueeze(2)
 
 
-def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=None) -> torch.Tensor:
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
     if spec.cache:
         return _cached_quadratic(streams, spec, mix)
@@ -230,7 +245,7 @@ def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Ten
         s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * spec.scale
         s = _group(s.masked_fill(~((j <= i) & ((j > i - W) | (j < spec.sinks))), float("-inf")), Hkv)
         num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
-    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
+    return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
 def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None):
@@ -276,7 +291,7 @@ def _sinks_outside_window(state, keys: Streams, n_sink: int, window: int):
 
 
 def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                      output_final_state: bool = False, chunk: int = 64, key_features=None):
+                      output_final_state: bool = False, chunk: int = 64, key_features=None, norm_gain=None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns (y (B, H, T, d), the
     LinearAttentionState after the last token if output_final_state else None).
     initial_state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this
@@ -322,7 +337,7 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         if s_sink is not None:
             num_sink = _exact_num(s_sink, sinks.v, m)
             num_sm = num_sink if num_sm is None else num_sm + num_sink
-        y = _combine(num_sm, lin, mix, Hkv, delta=spec.delta)[:, :, w:]
+        y = _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)[:, :, w:]
     if not output_final_state:
         return y, None
     old = 0 if spec.window is None else max(T - spec.window, 0)  # keys 0 .. old-1 have left the window
@@ -367,7 +382,7 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
 
 
 def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                        output_final_state: bool = False, key_features=None):
+                        output_final_state: bool = False, key_features=None, norm_gain=None):
     """Decode T >= 1 new tokens one at a time. Returns (y (B, H, T, d), the state after them if output_final_state
     else None). initial_state (None: an empty one) is advanced in place, so the returned state is that object:
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
@@ -375,12 +390,14 @@ def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_stat
     state = _empty_state(streams, spec) if initial_state is None else initial_state
     if spec.cache:
         return _attention_cached(streams, spec, mix, state, key_features, 1), state if output_final_state else None
-    ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
+    ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features, norm_gain)
+          for t in range(len(streams))]
     y = torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
     return y, state if output_final_state else None
 
 
-def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                    norm_gain=None):
     """One token (B, ., 1, .): update `state` in place, return y (B, H, 1, d)."""
     q = streams.q
     B, H, T, d = q.shape
@@ -398,7 +415,7 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
+    return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
 # ---- the sparse cache (sparse_cache.py): the exact part is every token not in the memory ----
