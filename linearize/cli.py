@@ -1,4 +1,4 @@
-"""The `linearize` command: convert, generate, prefill, serve, eval, bench, bench-transfer, report, compare, blocks.
+"""The `linearize` command: convert, generate, prefill, serve, eval, bench, serve-bench, report, compare, blocks.
 
 Every user error is one line on stderr and a non-zero exit code, never a traceback."""
 
@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from .bench import cli as bench_cli
+from .bench import serve_load
 from .bench import transfer_speed
 from .compare import cli as compare_cli
 from .errors import LinearizeError
@@ -196,7 +197,7 @@ def _run_prefill(args):
 
 
 COMMANDS = [_add_convert, _add_generate, _add_prefill, serve_cli.add, evaluate_cli.add, bench_cli.add,
-            transfer_speed.add, report_cli.add, compare_cli.add, blocks_cli.add]
+            serve_load.add, transfer_speed.add, report_cli.add, compare_cli.add, blocks_cli.add]
 
 
 def main(argv=None) -> int:

@@ -180,3 +180,17 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, client):
     assert status == 404 and "error" in body
     out = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_serve_bench_writes_its_results(tiny_converted, tmp_path):
+    """`linearize serve-bench` end to end at toy sizes: a child server process, 2 clients x 2 requests, a state."""
+    from linearize.bench.serve_load import ServeBenchSettings, serve_bench
+
+    settings = ServeBenchSettings(clients=2, requests=2, min_prompt=16, max_prompt=32, max_tokens=3, doc_tokens=64,
+                                  device="cpu")
+    res = serve_bench(tiny_converted[0], settings, tmp_path / "serve.json")
+    assert json.loads((tmp_path / "serve.json").read_text()) == res
+    assert res["load"]["requests"] == 4 and res["load"]["errors"] == 0 and res["load"]["requests_per_s"] > 0
+    assert [r["round"] for r in res["load"]["rounds"]] == [0, 1] and res["memory"]["rss_warmup_peak_mib"] > 0
+    reuse = res["state_reuse"]
+    assert reuse["doc_tokens"] > 40 and reuse["from_state_s"] > 0 and reuse["from_scratch_s"] > 0

@@ -215,8 +215,11 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        job = job_for(req, chat_prompt(tokenizer, messages), req.max_completion_tokens or req.max_tokens
-                      or default_max_tokens)
+        try:
+            prompt = chat_prompt(tokenizer, messages)
+        except Exception as e:  # a template that refuses the roles or their order raises its own errors
+            raise RequestError(400, f"the model's chat template refused these messages ({e})", param="messages") from e
+        job = job_for(req, prompt, req.max_completion_tokens or req.max_tokens or default_max_tokens)
 
         def choice(text, finish):
             if not req.stream:
