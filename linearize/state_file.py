@@ -7,9 +7,10 @@ File layout (safetensors, written atomically):
     layers.{i}.kv                      (B, Hkv, F, d+1) linear memory of layer i (absent without a linear part)
     layers.{i}.win.{k,v,log_gate,beta} the softmax window's key streams (a ring: metadata `start` is its oldest slot)
     layers.{i}.sinks.{k,v}             attention-sink keys that left the window (absent until one has)
+    layers.{i}.cache.{k,v}             the sparse cache's keys (ops/sparse_cache.py; absent without one)
     logits                             (1, V) next-token logits after the last token: lets an empty prompt continue
     metadata "linearize_state": JSON   {format, version, model (fingerprint), dtype, seen, layers: [null | {seen,
-                                        start, kv: bool, win: [streams], sinks: [streams] | null}], plus what the
+                                        start, kv: bool, win: [streams], sinks / cache: [streams] | null}], plus what the
                                         caller adds (document, ...)}
 
 The fingerprint names the model that made the state (its config and a sample of its weights file): a state made by
@@ -83,11 +84,13 @@ def save_state(path: str | Path, state: DecodingState, logits: torch.Tensor, mod
         part = _streams_tensors(f"layers.{i}.win", s.win)
         if s.kv is not None:
             part[f"layers.{i}.kv"] = s.kv
-        if s.sinks is not None:
-            part.update(_streams_tensors(f"layers.{i}.sinks", s.sinks))
+        held = {"sinks": s.sinks, "cache": s.cache}
+        for name, streams in held.items():
+            if streams is not None:
+                part.update(_streams_tensors(f"layers.{i}.{name}", streams))
         tensors.update({k: v.detach().clone() for k, v in part.items()})  # no shared storage (safetensors refuses it)
         layers.append({"seen": s.seen, "start": s.start, "kv": s.kv is not None, "win": _names(s.win),
-                       "sinks": None if s.sinks is None else _names(s.sinks)})
+                       **{name: None if x is None else _names(x) for name, x in held.items()}})
     meta = {"format": FORMAT, "version": VERSION, "model": model, "dtype": _dtype_name(dtype),
             "seen": state.seen, "layers": layers, **info}
     save_tensors(tensors, path, metadata={META_KEY: json.dumps(meta)})
@@ -139,10 +142,10 @@ def load_state(path: str | Path, model: str, dtype: torch.dtype, device="cpu"):
             def streams(part, names):
                 return Streams(**{n: tensors[f"layers.{i}.{part}.{n}"] for n in names})
 
+            held = {name: None if layer.get(name) is None else streams(name, layer[name]) for name in ("sinks", "cache")}
             state[i] = LinearAttentionState(kv=tensors[f"layers.{i}.kv"] if layer["kv"] else None,
                                             win=streams("win", layer["win"]), start=layer["start"],
-                                            sinks=None if layer["sinks"] is None else streams("sinks", layer["sinks"]),
-                                            seen=layer["seen"])
+                                            seen=layer["seen"], **held)
         return state, tensors["logits"], meta
     except (KeyError, TypeError) as e:
         raise LinearizeError(f"state {path} is incomplete (missing {e}); {REPREFILL}") from e
