@@ -50,13 +50,16 @@ def main():
     from linearize.run_folder import COMPARE, write_json
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("compare_dir", help="a `linearize compare --out` folder (holds compare.json)")
+    p.add_argument("compare_dir", nargs="+", help="`linearize compare --out` folders (each holds compare.json); "
+                                                  "several (compares run in parallel, same settings) are joined")
     p.add_argument("--out", default="docs/results/families.json")
     args = p.parse_args()
-    path = Path(args.compare_dir) / COMPARE
-    if not path.is_file():
-        sys.exit(f"error: {path} not found; run `linearize compare ... --out {args.compare_dir}` first")
-    result = families(json.loads(path.read_text()), str(path))
+    paths = [Path(d) / COMPARE for d in args.compare_dir]
+    if missing := [str(p) for p in paths if not p.is_file()]:
+        sys.exit(f"error: {', '.join(missing)} not found; run `linearize compare ... --out DIR` first")
+    compares = [json.loads(p.read_text()) for p in paths]
+    joined = {**compares[0], "variants": {k: v for c in compares for k, v in c["variants"].items()}}
+    result = families(joined, ", ".join(map(str, paths)))
     write_json(result, args.out)
     for r in result["rows"]:
         ratios = ", ".join(f"{t} {v:.3f}" for t, v in r["ppl_ratio"].items())
