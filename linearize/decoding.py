@@ -62,14 +62,15 @@ class Decoder:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, state=None) -> torch.Tensor:
-        """ids (1, T) -> logits (1, V); a new cache, or (student) continuing from `state`."""
+        """ids (1, T) -> logits (1, V); a new cache, or continuing from `state` (a DecodingState or KV cache a
+        prefill left: copy it first to continue it more than once, decoding writes it in place)."""
         ids = ids.to(self.device)
         if self.linear:
             logits, self.cache = prefill(self.model, ids, state)
             return logits
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = state if state is not None else DynamicCache(config=self.model.config)
         return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
@@ -91,8 +92,8 @@ class Decoder:
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
                  eos_token_id: int | None = None, on_token=None, state=None) -> list[int]:
-        """Continue ids (1, T): the new token ids, at most max_new_tokens, ending after eos_token_id.
-        on_token(id) is called for each new token (streaming)."""
+        """Continue ids (1, T) (after `state`, if given): the new token ids, at most max_new_tokens, ending after
+        eos_token_id. on_token(id) is called for each new token (streaming)."""
         logits, new = self.prefill(ids, state), []
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_p)
