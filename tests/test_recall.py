@@ -145,7 +145,8 @@ def test_kv_cache_bytes_from_the_config_are_what_a_prefill_holds():
     assert kv_cache_bytes(teacher.config, 50, 4) == state_bytes(teacher, 50) == 2 * 4 * 2 * 16 * 50 * 4
 
 
-def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, tmp_path):
+def run_recall_table(run, out, *options):
+    """scripts/recall_table.py's main on a tiny run: the small sizes below plus `options`; returns recall.json."""
     import importlib.util
     import json
     from pathlib import Path
@@ -154,12 +155,15 @@ def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, 
     spec = importlib.util.spec_from_file_location("recall_table", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    script.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
+                 "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
+                 "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80", "--out", str(out), *options])
+    return json.loads(out.read_text())
+
+
+def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, tmp_path):
     out = tmp_path / "recall.json"
-    script.main(["--run", str(tiny_converted[0]), "--select", "recall,first", "--keep", "0,1,2", "--trials", "1",
-                 "--passkey-lengths", "100", "--multikey-lengths", "120", "--multikey-keys", "2",
-                 "--state-contexts", "64,256", "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80",
-                 "--device", "cpu", "--out", str(out)])
-    res = json.loads(out.read_text())
+    res = run_recall_table(tiny_converted[0], out, "--select", "recall,first", "--device", "cpu")
     v = res["variants"]
     assert set(v) == {"teacher", "student", "recall-k1", "recall-k2", "first-k1", "first-k2"}
     for r in v.values():
@@ -171,3 +175,36 @@ def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, 
     assert v["recall-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=1e-4) != v["student"]["ppl"]
     assert v["first-k2"]["same_as"] == "recall-k2" and sorted(res["ranking"]["recall"]["order"]) == [0, 1]
     assert "| recall-k1 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recall_table_script_on_cuda_in_bfloat16(tiny_converted, tmp_path):
+    """What the GPU run uses: --device cuda --dtype bfloat16, layers chosen by transfer error (a run's layer_mse)."""
+    import json
+    import shutil
+
+    from conftest import write_word_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_converted[0], run)
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)  # held-out rows for ppl without the ShareGPT file
+    settings = json.loads((run / "convert.json").read_text())["settings"]
+    (run / "convert.json").write_text(json.dumps({"settings": {**settings, "data": str(data)},
+                                                  "layer_mse": [0.2, 0.1]}))
+    res = run_recall_table(run, tmp_path / "recall.json", "--select", "transfer,recall", "--device", "cuda",
+                           "--dtype", "bfloat16")
+    v = res["variants"]
+    assert res["device"]["dtype"] == "bfloat16" and res["device"]["device"].startswith("cuda")
+    assert v["transfer-k1"]["softmax_layers"] == [0] and res["ranking"]["transfer"]["order"] == [0, 1]
+    assert v["student"]["state_bytes"]["64"] == v["student"]["state_bytes"]["256"]
+    assert v["teacher"]["state_bytes"]["64"] == 2 * 2 * 2 * 16 * 64 * 2  # bf16 KV cache from the config
+    assert v["transfer-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=0.05)
+
+
+def test_a_run_loads_entirely_in_the_asked_dtype(tiny_converted):
+    """--dtype bfloat16 puts every weight of the student in bfloat16 (the teacher's skeleton was left in float32),
+    so a layer switched to the teacher's bfloat16 attention fits the student's activations."""
+    from linearize.run_folder import load_student
+
+    student, _ = load_student(tiny_converted[0], "cpu", torch.bfloat16)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
