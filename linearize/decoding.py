@@ -91,16 +91,16 @@ class Decoder:
                    if t is not None)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
-                 eos_token_id: int | None = None, on_token=None, state=None) -> list[int]:
+                 eos_token_id: int | None = None, on_token=None, state=None, stop=None) -> list[int]:
         """Continue ids (1, T) (after `state`, if given): the new token ids, at most max_new_tokens, ending after
-        eos_token_id. on_token(id) is called for each new token (streaming)."""
+        eos_token_id or once stop(new ids) is true. on_token(id) is called for each new token (streaming)."""
         logits, new = self.prefill(ids, state), []
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_p)
             new.append(token.item())
             if on_token is not None:
                 on_token(new[-1])
-            if new[-1] == eos_token_id or len(new) == max_new_tokens:
+            if new[-1] == eos_token_id or len(new) == max_new_tokens or (stop is not None and stop(new)):
                 break
             logits = self.step(token)
         return new

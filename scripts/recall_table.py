@@ -100,8 +100,9 @@ def markdown(result: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in variants.items():
         layers = r["softmax_layers"]
+        shown = "all" if name == "teacher" else ",".join(map(str, layers)) or "-"
         lines.append("| " + " | ".join([
-            name, "all" if name == "teacher" else ",".join(map(str, layers)) or "-", f"{r['ppl']:.3f}",
+            name, shown + (f" (= {r['same_as']})" if "same_as" in r else ""), f"{r['ppl']:.3f}",
             *[f"{r['passkey'][n]:.0%}" for n in lengths],
             *[f"{r['multikey'][k][n]:.0%}" for k, ns in keys.items() for n in ns],
             *[f"{r['state_bytes'][c] / 2**20:.2f}" for c in contexts]]) + " |")

@@ -86,7 +86,7 @@ def test_passkey_scores_a_reader_that_finds_the_key_and_one_that_does_not(pair, 
             def prefill(self, ids):
                 self.cache = [tokenizer.decode(ids[0])]
 
-            def generate(self, ids, n, eos_token_id=None, state=None):
+            def generate(self, ids, n, eos_token_id=None, state=None, stop=None):
                 key = int(re.findall(r"pass key is (\d+)", state[0] + tokenizer.decode(ids[0]))[0])
                 return tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
 

@@ -61,7 +61,7 @@ def reader(tokenizer, shift: int):
         def prefill(self, ids):
             self.cache = {"context": tokenizer.decode(ids[0])}
 
-        def generate(self, ids, n, eos_token_id=None, state=None):
+        def generate(self, ids, n, eos_token_id=None, state=None, stop=None):
             assert state == self.cache and state is not self.cache  # a copy of the context's state
             name = re.search(r"code for (\w+)\?", tokenizer.decode(ids[0]))
             pattern = rf"code for {name.group(1)} is (\d+)" if name else r"pass key is (\d+)"
@@ -80,6 +80,21 @@ def test_scoring_counts_a_reader_that_finds_the_asked_code_and_one_that_does_not
     assert r["trials"] == 6 and r["tokens"]["4"][0] < r["tokens"]["4"][1]
     pk = passkey.passkey_accuracy(None, tiny_tokenizer, [200], trials=3)
     assert pk["accuracy"] == [expected]
+
+
+@pytest.mark.parametrize("text, done", [("", False), (" is", False), (" 1", False), (" 12345", False),
+                                        (" 12345.", True), (" 13", True), (" 123456", True), (" 1234 5", True)])
+def test_decoding_stops_once_the_first_number_decides_the_trial(text, done):
+    from linearize.evaluate.passkey import decided
+
+    assert decided(text, "12345") == done
+
+
+def test_generate_stops_when_asked():
+    teacher, _ = four_layer_pair()
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
+    full = Decoder(teacher).generate(ids, 8)
+    assert Decoder(teacher).generate(ids, 8, stop=lambda new: len(new) == 3) == full[:3]
 
 
 @pytest.mark.parametrize("which", ["teacher", "student"])
@@ -145,25 +160,35 @@ def test_kv_cache_bytes_from_the_config_are_what_a_prefill_holds():
     assert kv_cache_bytes(teacher.config, 50, 4) == state_bytes(teacher, 50) == 2 * 4 * 2 * 16 * 50 * 4
 
 
-def run_recall_table(run, out, *options):
-    """scripts/recall_table.py's main on a tiny run: the small sizes below plus `options`; returns recall.json."""
+def run_recall_table(tiny_converted, tmp_path, *options):
+    """scripts/recall_table.py's main on a copy of the tiny run (its held-out text a small .jsonl, a made-up
+    layer_mse), at the small sizes below plus `options`; returns (recall.json, its path)."""
     import importlib.util
     import json
+    import shutil
     from pathlib import Path
 
+    from conftest import write_word_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_converted[0], run)
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    settings = json.loads((run / "convert.json").read_text())["settings"]
+    (run / "convert.json").write_text(json.dumps({"settings": {**settings, "data": str(data)},
+                                                  "layer_mse": [0.2, 0.1]}))
     path = Path(__file__).resolve().parents[1] / "scripts" / "recall_table.py"
     spec = importlib.util.spec_from_file_location("recall_table", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    out = tmp_path / "recall.json"
     script.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
                  "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
                  "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80", "--out", str(out), *options])
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), out
 
 
 def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, tmp_path):
-    out = tmp_path / "recall.json"
-    res = run_recall_table(tiny_converted[0], out, "--select", "recall,first", "--device", "cpu")
+    res, out = run_recall_table(tiny_converted, tmp_path, "--select", "recall,first", "--device", "cpu")
     v = res["variants"]
     assert set(v) == {"teacher", "student", "recall-k1", "recall-k2", "first-k1", "first-k2"}
     for r in v.values():
@@ -180,19 +205,8 @@ def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_recall_table_script_on_cuda_in_bfloat16(tiny_converted, tmp_path):
     """What the GPU run uses: --device cuda --dtype bfloat16, layers chosen by transfer error (a run's layer_mse)."""
-    import json
-    import shutil
-
-    from conftest import write_word_jsonl
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_converted[0], run)
-    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)  # held-out rows for ppl without the ShareGPT file
-    settings = json.loads((run / "convert.json").read_text())["settings"]
-    (run / "convert.json").write_text(json.dumps({"settings": {**settings, "data": str(data)},
-                                                  "layer_mse": [0.2, 0.1]}))
-    res = run_recall_table(run, tmp_path / "recall.json", "--select", "transfer,recall", "--device", "cuda",
-                           "--dtype", "bfloat16")
+    res, _ = run_recall_table(tiny_converted, tmp_path, "--select", "transfer,recall", "--device", "cuda",
+                              "--dtype", "bfloat16")
     v = res["variants"]
     assert res["device"]["dtype"] == "bfloat16" and res["device"]["device"].startswith("cuda")
     assert v["transfer-k1"]["softmax_layers"] == [0] and res["ranking"]["transfer"]["order"] == [0, 1]

@@ -62,6 +62,14 @@ def first_number(text: str) -> str | None:
     return found.group() if found else None
 
 
+def decided(text: str, answer: str) -> bool:
+    """True once more tokens cannot change whether the first number of `text` is `answer`: that number is followed
+    by another character, or its digits so far are not the start of `answer` (decoding stops there: a wrong answer
+    costs a step or two, not NEW_TOKENS)."""
+    found = re.search(r"\d+", text)
+    return found is not None and (found.end() < len(text) or not answer.startswith(found.group()))
+
+
 def hide(tokenizer, intro: str, needles: list[str], depths: list[float], question: str, length: int,
          filler: str = FILLER) -> str:
     """intro + filler sentences with needles[j] at depths[j] (increasing, in [0, 1]) of them, no trailing space:
@@ -102,7 +110,7 @@ def answers_correct(decoder, tokenizer, context: str, questions: list[tuple[str,
     cache, hits = decoder.cache, []
     for question, answer in questions:
         new = decoder.generate(token_ids(tokenizer, question), NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
-                               state=copy.deepcopy(cache))
+                               state=copy.deepcopy(cache), stop=lambda ids: decided(tokenizer.decode(ids), str(answer)))
         hits.append(first_number(tokenizer.decode(new)) == str(answer))
     return hits
 
