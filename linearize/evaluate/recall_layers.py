@@ -7,8 +7,8 @@ free) and rank the layers by what that does to retrieval.
 
 A switched layer is the teacher's layer: the teacher's projections (not the student's, which stage 2 may have
 changed with LoRA) in a FULL_SOFTMAX LinearAttention, so its decoding state is a KV cache. Every linearized layer
-switched, and the model is the teacher again (MLPs are the teacher's unless stage 2 had --lora-targets
-attention+mlp).
+switched, and the model is the teacher again, unless stage 2 put LoRA on the MLPs (--lora-targets attention+mlp)
+or on a teacher's own local-window layers (Gemma 3), which are not switched.
 
 The recall ranking: for each linearized layer alone, switched, the gain in log-probability of the right answer on
 a few probe prompts (a number stated once in filler text, asked at the end). The probes' wording, names and
