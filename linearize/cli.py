@@ -1,4 +1,4 @@
-"""The `linearize` command: convert | generate | eval | bench | bench-transfer | report | compare | blocks.
+"""The `linearize` command: convert, generate, prefill, serve, eval, bench, serve-bench, report, compare, blocks.
 
 Every user error is one line on stderr and a non-zero exit code, never a traceback."""
 
@@ -8,12 +8,14 @@ import sys
 from dataclasses import fields
 
 from .bench import cli as bench_cli
+from .bench import serve_load
 from .bench import transfer_speed
 from .compare import cli as compare_cli
 from .errors import LinearizeError
 from .evaluate import cli as evaluate_cli
 from .options import add_placement, comma_ints
 from .report import cli as report_cli
+from .serve import cli as serve_cli
 from .transfer import cli as blocks_cli
 
 
@@ -35,7 +37,9 @@ def _add_convert(sub):
     p.add_argument("--window", type=int, help="softmax sliding window (0 = pure linear; default from --attention)")
     p.add_argument("--sinks", type=int, help="attention sinks: the first S tokens stay in exact softmax and out of the "
                                              "linear memory (default from --attention)")
-    p.add_argument("--feature-map", help="hedgehog | t2r | elu (default from --attention)")
+    p.add_argument("--feature-map", help="hedgehog | t2r | elu | nala (default from --attention)")
+    p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
+                                             "recalls worst in exact softmax (LoLA; default from --attention: 0)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,
                    help="stage 1 training tokens (default: %(default)s)")
@@ -75,6 +79,7 @@ def _add_convert(sub):
 
 
 def _quiet_libraries():
+    """--no-progress: no bars from transformers either (loading weights, GGUF de-quantisation: loading/teacher.py)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -83,8 +88,6 @@ def _quiet_libraries():
 def _run_convert(args):
     from .pipeline import ConvertSettings, convert
 
-    if args.no_progress:
-        _quiet_libraries()
     names = {f.name for f in fields(ConvertSettings)}
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
     res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
@@ -111,29 +114,94 @@ def _print_summary(res, out):
 def _add_generate(sub):
     p = sub.add_parser("generate", help="continue a prompt with a converted model (constant-memory decoding)")
     p.add_argument("path", help="converted model folder")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="with --state: what follows the document (may be empty)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--state", help="start from this saved state (`linearize prefill --save`): the prompt continues "
+                                   "the document it holds, which is not read again")
+    add_placement(p, "the model")
     p.set_defaults(run=_run_generate)
+
+
+def _load_for_decoding(args, state=None):
+    """(model, tokenizer, the model's fingerprint) on --device in --dtype, with CPU decoding linears. state: a
+    state file the model must be able to use (checked first: a wrong one fails before the model loads)."""
+    from .device import placement
+    from .ops.decode_linear import use_decode_linears
+    from .run_folder import load_student
+    from .state_file import check_state, model_fingerprint
+
+    device, dtype = placement(args.device, args.dtype)
+    if state is not None:
+        check_state(state, model_fingerprint(args.path), dtype)
+    model, tokenizer = load_student(args.path, device, dtype)
+    use_decode_linears(model)  # one-token products on every CPU thread (CUDA layers are left alone)
+    return model, tokenizer, model_fingerprint(args.path)
 
 
 def _run_generate(args):
     import linearize
 
-    from .ops.decode_linear import use_decode_linears
-    from .run_folder import load_student
+    from .decoding import Decoder, chat_prompt, has_chat_template
+    from .state_file import load_state
 
-    model, tokenizer = load_student(args.path)
+    model, tokenizer, fingerprint = _load_for_decoding(args, args.state)
+    if args.state is None:
+        linearize.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                chat=not args.raw, stream=lambda s: print(s, end="", flush=True))
+        print()
+        return
+    state, logits, _ = load_state(args.state, fingerprint, model.dtype, model.device)
+    text = args.prompt
+    if not args.raw and has_chat_template(tokenizer):
+        text = chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    new = Decoder(model).generate(ids, args.max_new_tokens, args.temperature, eos_token_id=tokenizer.eos_token_id,
+                                  state=state, state_logits=logits)
+    print(tokenizer.decode(new, skip_special_tokens=True))
 
-    use_decode_linears(model)  # one-token products on every CPU thread (CUDA layers are left alone)
-    linearize.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw,
-                            stream=lambda s: print(s, end="", flush=True))
-    print()
+
+def _add_prefill(sub):
+    p = sub.add_parser("prefill", help="read a document once and save its fixed-size decoding state",
+                       description="Prefill a text file and save the decoding state after it (safetensors): "
+                                   "`linearize generate DIR --state FILE \"question\"` and `linearize serve --states` "
+                                   "then answer prompts about the document without reading it again.")
+    p.add_argument("path", help="converted model folder")
+    p.add_argument("document", help="text file (UTF-8), fed as raw text")
+    p.add_argument("--save", required=True, metavar="FILE", help="state file to write (.safetensors)")
+    add_placement(p, "the model")
+    p.set_defaults(run=_run_prefill)
 
 
-COMMANDS = [_add_convert, _add_generate, evaluate_cli.add, bench_cli.add, transfer_speed.add, report_cli.add,
-            compare_cli.add, blocks_cli.add]
+def _run_prefill(args):
+    import time
+    from pathlib import Path
+
+    from .decoding import prefill
+    from .state_file import save_state
+
+    doc = Path(args.document)
+    if not doc.is_file():
+        raise LinearizeError(f"document {doc} not found")
+    try:
+        text = doc.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LinearizeError(f"{doc} is not UTF-8 text ({e}); convert it to UTF-8 first") from e
+    model, tokenizer, fingerprint = _load_for_decoding(args)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:
+        raise LinearizeError(f"{doc} is empty; give a document with some text")
+    t0 = time.perf_counter()
+    logits, state = prefill(model, ids)
+    seconds = time.perf_counter() - t0
+    save_state(args.save, state, logits, fingerprint, model.dtype, document=str(doc))
+    print(f"{ids.shape[1]} tokens prefilled in {seconds:.1f} s; state ({state.nbytes() / 2**20:.2f} MiB) saved to "
+          f"{args.save}")
+
+
+COMMANDS = [_add_convert, _add_generate, _add_prefill, serve_cli.add, evaluate_cli.add, bench_cli.add,
+            serve_load.add, transfer_speed.add, report_cli.add, compare_cli.add, blocks_cli.add]
 
 
 def main(argv=None) -> int:
@@ -146,6 +214,8 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        if getattr(args, "no_progress", False):
+            _quiet_libraries()
         import torch
 
         torch.set_flush_denormal(True)  # trained feature maps make subnormal floats, which are very slow on CPU

@@ -9,6 +9,7 @@
     logits = dec.prefill(ids)       # ids (1, T) -> next-token logits (1, V)
     logits = dec.step(token)        # token (1, 1) -> (1, V)
     new = dec.generate(ids, 64, temperature=0.7, on_token=print)   # list of new token ids
+    for token in dec.tokens(logits, 64): ...                        # the same, one token at a time
 """
 
 import torch
@@ -27,27 +28,35 @@ def step_forward(model: LinearizedForCausalLM, ids: torch.Tensor, state, **kwarg
     return model(input_ids=ids, linear_state=state, position_ids=positions, **kwargs)
 
 
-@torch.no_grad()
-def prefill(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, block: int = PREFILL_BLOCK):
+def prefill_blocks(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, block: int = PREFILL_BLOCK):
     """Feed prompt_ids (1, T) through the model `block` tokens at a time, each block continuing from the decoding
-    state the last one left (chunked form), so activations never exceed one block.
-    Returns (next-token logits (1, V), decoding state)."""
+    state the last one left (chunked form), so activations never exceed one block. Yields (next-token logits
+    (1, V), decoding state) after each block: a server interleaves other requests' work between blocks."""
     state = state if state is not None else model.new_decoding_state()
     prompt_ids = prompt_ids.to(model_device(model))
     for start in range(0, prompt_ids.shape[1], block):
-        logits = step_forward(model, prompt_ids[:, start : start + block], state, logits_to_keep=1).logits
-    return logits[:, -1], state
+        with torch.no_grad():
+            logits = step_forward(model, prompt_ids[:, start : start + block], state, logits_to_keep=1).logits
+        yield logits[:, -1], state
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = TOP_P) -> torch.Tensor:
-    """logits (1, V) -> next token (1, 1): the argmax when temperature <= 0, else nucleus sampling."""
+def prefill(model: LinearizedForCausalLM, prompt_ids: torch.Tensor, state=None, block: int = PREFILL_BLOCK):
+    """prefill_blocks to the end: (next-token logits (1, V), decoding state); prompt_ids must not be empty."""
+    for logits, state in prefill_blocks(model, prompt_ids, state, block):
+        pass
+    return logits, state
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = TOP_P, generator=None) -> torch.Tensor:
+    """logits (1, V) -> next token (1, 1): the argmax when temperature <= 0, else nucleus sampling (drawn with
+    `generator`, a torch.Generator on the logits' device, when given: a seeded request)."""
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest set with mass >= top_p
     sorted_p = sorted_p * keep
-    return order.gather(-1, torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1))
+    return order.gather(-1, torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator))
 
 
 class Decoder:
@@ -61,10 +70,14 @@ class Decoder:
         self.cache = None
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, state=None) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, state=None, logits=None) -> torch.Tensor:
         """ids (1, T) -> logits (1, V); a new cache, or continuing from `state` (a DecodingState or KV cache a
-        prefill left: copy it first to continue it more than once, decoding writes it in place)."""
+        prefill left: copy it first to continue it more than once, decoding writes it in place). With T = 0 and
+        the state's next-token `logits` (a saved state): the state as it is."""
         ids = ids.to(self.device)
+        if ids.shape[1] == 0 and state is not None and logits is not None:
+            self.cache = state
+            return logits.to(self.device)
         if self.linear:
             logits, self.cache = prefill(self.model, ids, state)
             return logits
@@ -90,19 +103,26 @@ class Decoder:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values)
                    if t is not None)
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
-                 eos_token_id: int | None = None, on_token=None, state=None, stop=None) -> list[int]:
-        """Continue ids (1, T) (after `state`, if given): the new token ids, at most max_new_tokens, ending after
-        eos_token_id or once stop(new ids) is true. on_token(id) is called for each new token (streaming)."""
-        logits, new = self.prefill(ids, state), []
-        for _ in range(max_new_tokens):
-            token = sample(logits, temperature, top_p)
-            new.append(token.item())
-            if on_token is not None:
-                on_token(new[-1])
-            if new[-1] == eos_token_id or len(new) == max_new_tokens or (stop is not None and stop(new)):
-                break
+    def tokens(self, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
+               eos_token_id: int | None = None, generator=None):
+        """Yield new token ids one at a time from the next-token logits (1, V) of a prefill, stepping the cache
+        between them: at most max_new_tokens, ending after eos_token_id. Stop iterating to stop early."""
+        for n in range(1, max_new_tokens + 1):
+            token = sample(logits, temperature, top_p, generator)
+            yield token.item()
+            if token.item() == eos_token_id or n == max_new_tokens:
+                return
             logits = self.step(token)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = TOP_P,
+                 eos_token_id: int | None = None, on_token=None, state=None, state_logits=None) -> list[int]:
+        """Continue ids (1, T): the new token ids, at most max_new_tokens, ending after eos_token_id.
+        on_token(id) is called for each new token (streaming). state (student): continue it (see prefill)."""
+        new, logits = [], self.prefill(ids, state, state_logits)
+        for token in self.tokens(logits, max_new_tokens, temperature, top_p, eos_token_id):
+            new.append(token)
+            if on_token is not None:
+                on_token(token)
         return new
 
 
@@ -116,15 +136,28 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int = 64, temp
     return ids, dec.cache
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """[{"role", "content"}] -> the text the assistant's answer continues: the tokenizer's chat template with the
+    generation prompt, else plain "Role: content" lines and "Assistant:"."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .data.sources import PLAIN_NAMES
+
+    lines = [f"{PLAIN_NAMES.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages]
+    return "".join(lines) + "Assistant:"
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                   chat: bool = True, stream=None) -> str:
     """Continue `prompt` (wrapped in the tokenizer's chat template when it has one and chat=True);
     stream(text) is called with each new token's text."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = prompt
+    text = prompt
+    if chat and has_chat_template(tokenizer):
+        text = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
     def on_token(t):

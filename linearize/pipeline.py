@@ -19,7 +19,7 @@ from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
 from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora
-from .layers.linear_attention import attention_preset
+from .layers.linear_attention import LinearAttentionConfig, attention_preset
 from .loading.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention
 from .run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, read_json, save_model, write_json
@@ -38,6 +38,7 @@ class ConvertSettings:
     window: int | None = None  # override the preset's window
     sinks: int | None = None  # override the preset's attention sinks
     feature_map: str | None = None  # override the preset's feature map
+    cache: int | None = None  # override the preset's sparse cache (exact keys per KV head; ops/sparse_cache.py)
     seq_len: int = 1024
     transfer_tokens: int = 131_072
     lora_tokens: int = 65_536
@@ -60,7 +61,8 @@ class ConvertSettings:
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
 
     def attention_config(self):
-        return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map)
+        return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
+                                cache=self.cache)
 
     def check(self):
         attention = self.attention_config()
@@ -113,10 +115,11 @@ class RunState:
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
-            overrides = ("window", "sinks", "feature_map") if "attention" in self.data else ()
+            overrides = ("window", "sinks", "feature_map", "cache") if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
-            if self.data.get("attention", attention) != attention:
+            recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
+            if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")
             if changed:

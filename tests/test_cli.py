@@ -71,7 +71,7 @@ def test_bad_inputs_give_one_clear_line(model_dir, data_file, tmp_path, capsys):
     one_error_line(capsys, ["convert", "--model", str(tmp_path / "nope.gguf"), *d], "not found")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     one_error_line(capsys, ["convert", "--model", str(tmp_path / "junk.gguf"), *d],
-                   "could not load model")
+                   "is truncated or not a GGUF file")
     BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=64).save_pretrained(tmp_path / "bert")
     one_error_line(capsys, ["convert", "--model", str(tmp_path / "bert"), *d], "'bert' is not supported")

@@ -23,20 +23,25 @@ def inputs(tmp_path, tiny_tokenizer):
 
 SMALL = ["--seq-len", "32", "--tokens", "64", "--lora-tokens", "32", "--eval-tokens", "64", "--kl-sequences", "1",
          "--passkey-length", "48", "--passkey-trials", "1", "--decode-context", "40", "--decode-tokens", "2",
-         "--no-progress"]
+         "--layer-sequences", "1", "--texts", "sharegpt,shakespeare", "--no-progress"]
 
 
 def test_compare_two_families_and_reuse(inputs, tmp_path, capsys):
     model, data = inputs
     out = tmp_path / "cmp"
-    argv = ["compare", "--model", str(model), "--data", str(data), "--out", str(out), "--attention", "hedgehog,liger",
-            *SMALL]
+    argv = ["compare", "--model", str(model), "--data", str(data), "--out", str(out), "--attention",
+            "nalaformer,liger", "--window", "8", *SMALL]
     assert main(argv) == 0
     res = json.loads((out / "compare.json").read_text())
-    assert set(res["variants"]) == {"hedgehog", "liger"}
+    assert set(res["variants"]) == {"nalaformer", "liger"} and res["device"]["name"] == "cpu"
     for r in res["variants"].values():
         assert r["student_ppl"] > 1 and r["kl"] >= 0 and 0 <= r["passkey"] <= 1 and r["decode_tokens_per_s"] > 0
-    assert res["variants"]["hedgehog"]["teacher_ppl"] == res["variants"]["liger"]["teacher_ppl"]  # same rows
+        assert set(r["texts"]) == {"sharegpt", "shakespeare"} and r["kl"] == r["texts"]["sharegpt"]["kl"]
+        for t in r["texts"].values():
+            assert t["ppl_ratio"] == t["student_ppl"] / t["teacher_ppl"] and 0 <= t["top1"] <= 1
+        assert len(r["layer_relative_error"]) == 3 and all(e > 0 for e in r["layer_relative_error"])
+    assert res["variants"]["nalaformer"]["config"]["feature_map"] == "nala"
+    assert res["variants"]["nalaformer"]["teacher_ppl"] == res["variants"]["liger"]["teacher_ppl"]  # same rows
     assert "| liger |" in (out / "compare.md").read_text()
     assert "liger" in capsys.readouterr().out
     # finished variants are reused, not retrained
@@ -59,6 +64,27 @@ def test_compare_keep_softmax_values(inputs, tmp_path):
     k0 = json.loads((out / "lolcats-k0" / "convert.json").read_text())
     assert k1["stage1_ppl"] != k1["teacher_ppl"] and k1["layer_mse"] == k0["layer_mse"]
     assert "reuse the stage 1" in (out / "compare.md").read_text()
+
+
+def test_families_table_from_compare(tmp_path):
+    """scripts/families_table.py turns a compare.json into docs/results/families.json rows."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("families_table", Path(__file__).parents[1] / "scripts/families_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    texts = {"sharegpt": {"teacher_ppl": 2.0, "student_ppl": 3.0, "ppl_ratio": 1.5, "kl": 0.1, "top1": 0.8}}
+    variant = {"attention": "nalaformer", "config": {"feature_map": "nala"}, "teacher_ppl": 2.0, "student_ppl": 2.5,
+               "texts": texts, "layer_relative_error": [0.1, 0.3], "passkey": 0.4, "decode_tokens_per_s": 50.0,
+               "state_bytes": 1024, "convert_seconds": 9.0, "keep_softmax": []}
+    settings = {"convert": {"transfer_tokens": 64, "lora_tokens": 32, "seq_len": 32, "eval_tokens": 64},
+                "compare": {"texts": ["sharegpt"], "kl_sequences": 1, "layer_sequences": 1, "passkey_length": 48,
+                            "passkey_trials": 1, "decode_context": 16384, "decode_tokens": 2}}
+    row = table.families({"settings": settings, "teacher": {"ppl": 2.0}, "variants": {"nalaformer": variant}},
+                         "x")["rows"][0]
+    assert row["heldout_ppl_ratio"] == 1.25 and row["ppl_ratio"] == {"sharegpt": 1.5} and row["top1"]["sharegpt"] == 0.8
+    assert row["layer_relative_error_mean"] == pytest.approx(0.2) and row["layer_relative_error_max"] == 0.3
 
 
 def test_compare_rejects_unknown_family(inputs, tmp_path, capsys):

@@ -133,6 +133,9 @@ def test_jsonl_errors(tmp_path):
     write_jsonl(bad, [{"body": "wrong key"}])
     with pytest.raises(LinearizeError, match="no 'text', 'messages' or 'conversations'"):
         list(iter_documents(str(bad)))
+    write_jsonl(bad, [{"text": ["a", "list"]}])
+    with pytest.raises(LinearizeError, match="line 1: 'text' is a list, not a string"):
+        list(iter_documents(str(bad)))
 
 
 def test_directory_reads_supported_files_sorted(tmp_path):

@@ -2,6 +2,7 @@
 and a distilling stage 2 resumes exactly."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,11 +40,13 @@ def test_kl_is_zero_when_the_student_is_the_teacher(tiny_teacher):
     assert distillation_loss(student, teacher) < 1e-9
 
 
-def test_teacher_view_reproduces_the_teacher(tiny_teacher):
+@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, local_layers=1, norm="rms")], ids=["lolcats", "diag"])
+def test_teacher_view_reproduces_the_teacher(tiny_teacher, config):
+    """Also with a DiagAttention layer (local_layers): it has no linear part, yet it is not the teacher's attention."""
     x = ids()
     with torch.no_grad():
         expected = tiny_teacher(input_ids=x).logits
-    model = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), CONFIG)
+    model = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), config)
     peft_model = add_lora(model, LoraSettings(rank=2))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

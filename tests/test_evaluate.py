@@ -13,6 +13,8 @@ from linearize.run_folder import load_student, load_teacher_of, teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
 
+from conftest import write_word_jsonl
+
 
 @pytest.fixture(scope="module")
 def pair(tiny_converted):
@@ -51,8 +53,45 @@ def test_shakespeare_text_has_no_markdown_marks():
 
 
 def test_unknown_text_is_a_clear_error(tiny_tokenizer):
-    with pytest.raises(LinearizeError, match="unknown evaluation text"):
+    with pytest.raises(LinearizeError, match="'klingon' is neither one of sharegpt, shakespeare, python-docs nor an"):
         eval_sequences("klingon", tiny_tokenizer, 64, 1)
+
+
+def test_own_text_files_are_read_like_data(tiny_tokenizer, tmp_path):
+    from linearize.data import pack_sequences
+
+    words = write_word_jsonl(tmp_path / "words.jsonl", lines=40)
+    txt = tmp_path / "words.txt"
+    txt.write_text("\n\n".join(json.loads(line)["text"] for line in words.read_text().splitlines()))
+    for path in (words, txt):
+        rows = eval_sequences(str(path), tiny_tokenizer, 32, 3)
+        assert rows.shape == (3, 32)
+        everything = pack_sequences(str(path), tiny_tokenizer, 32, 3, heldout_percent=0)  # no held-out split
+        assert torch.equal(rows, everything)
+    assert not torch.equal(eval_sequences(str(words), tiny_tokenizer, 32, 3), eval_sequences(str(txt), tiny_tokenizer, 32, 3))
+
+
+def test_prompt_files(tiny_tokenizer, tmp_path):
+    from linearize.evaluate.generation import file_prompts
+
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("hello world\n\nthe quick brown fox\nlinear attention\n")
+    assert [tiny_tokenizer.decode(p[0]) for p in file_prompts(str(lines), tiny_tokenizer, 2)] == [
+        "hello world", "the quick brown fox"]
+    chats = tmp_path / "prompts.jsonl"
+    chats.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "hello"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello, how can I help?"},
+                      {"role": "user", "content": "more"}]}]))
+    templated = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<eos>")
+    templated.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    assert [templated.decode(p[0]) for p in file_prompts(str(chats), templated, 5)] == [
+        "user: hello\nassistant:", "user: hi\nassistant:"]  # a chat's prompt: its turns before the first answer
+    for bad, match in (("missing.txt", "not found"), ("prompts.csv", "is not .txt or .jsonl")):
+        (tmp_path / "prompts.csv").write_text("x")
+        with pytest.raises(LinearizeError, match=match):
+            file_prompts(str(tmp_path / bad), tiny_tokenizer, 1)
 
 
 def test_passkey_prompt_hides_the_key_at_the_depth(tiny_tokenizer):
@@ -83,12 +122,12 @@ def test_passkey_scores_a_reader_that_finds_the_key_and_one_that_does_not(pair, 
             def __init__(self, model):
                 self.cache = None
 
-            def prefill(self, ids):
-                self.cache = [tokenizer.decode(ids[0])]
+            def prefill(self, ids, state=None):
+                self.cache = [tokenizer.decode(ids[0])] if state is None else state
+                return None if state is None else int(re.findall(r"pass key is (\d+)", state[0])[0])
 
-            def generate(self, ids, n, eos_token_id=None, state=None, stop=None):
-                key = int(re.findall(r"pass key is (\d+)", state[0] + tokenizer.decode(ids[0]))[0])
-                return tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
+            def tokens(self, key, n, eos_token_id=None):
+                yield from tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
 
         monkeypatch.setattr(passkey, "Decoder", Reader)
         r = passkey_accuracy(teacher, tokenizer, [120, 300], trials=3)
@@ -157,6 +196,25 @@ def test_eval_command_writes_eval_json(tiny_converted, capsys):
     assert res["generation"]["prompts"] == 3 and set(res["generation"]["repetition"]) == {"teacher", "student"}
     out = capsys.readouterr().out
     assert "top-1" in out and "repeated 4-grams" in out and "multi-key recall" in out
+
+
+def test_eval_command_with_own_texts_and_prompts(tiny_converted, tmp_path, capsys):
+    student_dir = tiny_converted[0]
+    words = write_word_jsonl(tmp_path / "words.jsonl", lines=40)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe quick brown fox\n")
+    rc = main(["eval", str(student_dir), "--texts", f"sharegpt,{words}", "--prompts", str(prompts), "--seq-len", "32",
+               "--sequences", "2", "--generation-tokens", "4", "--skip", "baseline,layers,passkey,mmlu", "--no-progress"])
+    assert rc == 0
+    res = json.loads((student_dir / "eval.json").read_text())
+    assert list(res["texts"]) == ["sharegpt", str(words)] and res["texts"][str(words)]["tokens"] == 62
+    assert res["generation"]["prompts"] == 2 and res["generation"]["source"] == str(prompts)
+    out = capsys.readouterr().out
+    assert "words.jsonl" in out and f"2 {prompts} prompts" in out.replace("\n", "")
+    assert main(["eval", str(student_dir), "--texts", "sharegpt,nope.txt"]) == 2
+    assert "'nope.txt' is neither one of" in capsys.readouterr().err
+    assert main(["eval", str(student_dir), "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "prompts file" in capsys.readouterr().err
 
 
 def test_eval_command_rejects_bad_options(tiny_converted, capsys):

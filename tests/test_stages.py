@@ -83,6 +83,7 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
     old = asdict(ConvertSettings())
     del old["lora_loss"]  # a run from before --lora-loss existed: it trained stage 2 with next-token CE
     attention = {**ConvertSettings().attention_config().to_dict(), "sinks": 0}  # and lolcats had no sinks
+    del attention["norm"], attention["local_layers"]  # nor these fields: they read as their defaults
     (tmp_path / "progress.json").write_text(json.dumps({"settings": old, "attention": attention, "results": {}}))
     with pytest.raises(LinearizeError) as e:
         RunState(tmp_path, ConvertSettings(), resume=True)

@@ -27,6 +27,9 @@ def add(sub):
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
+    p.add_argument("--cache", type=int, metavar="M",
+                   help="the student with a sparse cache of M exact keys per KV head (training-free; default: as "
+                        "converted)")
     add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
@@ -40,7 +43,7 @@ def run(args):
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
                              timeout=args.timeout, linears=args.linears, device=args.device, dtype=args.dtype,
-                             in_process=args.in_process)
+                             in_process=args.in_process, cache=args.cache)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {Path(args.path) / BENCH}")

@@ -123,13 +123,17 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dic
     return out
 
 
-def load_model(path, which: str, teacher: str | None, device, dtype, linears: str):
-    """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied."""
-    from ..run_folder import load_student, load_teacher_of
+def load_model(path, which: str, teacher: str | None, device, dtype, linears: str, cache: int | None = None):
+    """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied; `cache`:
+    give the student a sparse cache of that many keys per KV head (None: as converted)."""
+    from ..models.linearized import set_sparse_cache
     from ..ops.decode_linear import use_decode_linears
+    from ..run_folder import load_student, load_teacher_of
 
     if which == "student":
         model = load_student(path, device, dtype)[0]
+        if cache is not None:
+            set_sparse_cache(model, cache)
     else:
         model = load_teacher_of(path, teacher, device, dtype)[0]
     if linears == "decode":
@@ -146,6 +150,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--linears", choices=LINEARS, default="decode")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache", type=int)
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -155,7 +160,8 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     torch.set_flush_denormal(True)  # as the `linearize` command does: subnormal floats are very slow on CPU
     try:
-        model = load_model(args.path, args.which, args.teacher, *placement("cpu", args.dtype), args.linears)
+        model = load_model(args.path, args.which, args.teacher, *placement("cpu", args.dtype), args.linears,
+                           args.cache)
     except LinearizeError as e:
         sys.exit(f"linearize: error: {e}")
     print(json.dumps({"which": args.which, "linears": args.linears, **measure_point(model, args.context, args.decode_tokens)}))

@@ -4,7 +4,7 @@ On the CPU each (model, context) point runs in its own process (bench/measure.py
 is that point's alone. On CUDA (or with --in-process) both models are loaded once and every point runs in this
 process: clocks are read after torch.cuda.synchronize() and memory is the peak of allocated tensor memory per
 phase. Both models run the same nn.Linear kernel (settings.linears), so the ratios measure the attention.
-Writes DIR/bench.json after every point:
+Writes DIR/bench.json (with --cache M: DIR/bench_cacheM.json) after every point:
 
     model, teacher, machine {cpus, torch, threads, device, dtype; on CUDA also device_name, cuda}, settings
     points      [{which, context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes,
@@ -50,6 +50,7 @@ class BenchSettings:
     device: str = "auto"  # "auto" (CUDA when torch sees one) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
+    cache: int | None = None  # the student with a sparse cache of this many keys per KV head (None: as converted)
     # the targets (issue: SmolLM2-135M on a 2-core CPU), judged at context target_at
     target_at: int = 16 * K
     flat_band: tuple[float, float] = (0.85, 1.15)  # student decode tokens/s vs the shortest context
@@ -71,11 +72,12 @@ class BenchSettings:
 
 
 def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
-              linears: str = "decode", dtype: str = "float32") -> dict:
+              linears: str = "decode", dtype: str = "float32", cache: int | None = None) -> dict:
     """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
            "--decode-tokens", str(decode_tokens), "--linears", linears, "--dtype", dtype]
     cmd += ["--teacher", teacher] if teacher else []
+    cmd += ["--cache", str(cache)] if cache is not None else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -121,11 +123,12 @@ class InProcess:
     """Both models loaded once on `device`; point() measures one in this process (errors come back as
     {"error": ...}, a CUDA out-of-memory included, with the cache emptied after it)."""
 
-    def __init__(self, path, teacher: str | None, device, dtype, linears: str):
+    def __init__(self, path, teacher: str | None, device, dtype, linears: str, cache: int | None = None):
         from .measure import load_model
 
         self.device = device
-        self.models = {which: load_model(path, which, teacher, device, dtype, linears) for which in ("student", "teacher")}
+        self.models = {which: load_model(path, which, teacher, device, dtype, linears, cache)
+                       for which in ("student", "teacher")}
 
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
         import torch
@@ -160,7 +163,7 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
     if device.type == "cuda":
         machine.update(device_name=device_name(device), cuda=torch.version.cuda)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [], "machine": machine}
-    here = InProcess(path, spec, device, dtype, settings.linears) if settings.in_process else None
+    here = InProcess(path, spec, device, dtype, settings.linears, settings.cache) if settings.in_process else None
     for context in sorted(set(settings.contexts) | set(settings.decode_contexts)):
         n_decode = settings.decode_tokens if context in settings.decode_contexts else 0
         for which in ("student", "teacher"):
@@ -170,10 +173,11 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
             if here is not None:
                 point = here.point(which, context, n_decode, settings.linears)
             else:
-                point = run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears, dtype_name)
+                point = run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears, dtype_name,
+                                  settings.cache)
             res["points"].append(point)
             if "error" in point:
                 log(f"bench: {which} at {context}: {point['error']}")
             res["targets"] = targets(res["points"], settings)
-            write_json(res, path / BENCH)
+            write_json(res, path / (BENCH if settings.cache is None else f"bench_cache{settings.cache}.json"))
     return res

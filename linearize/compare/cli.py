@@ -1,6 +1,6 @@
 """`linearize compare`: parser, run and the terminal table."""
 
-from ..options import comma_ints, names, token_count
+from ..options import add_placement, comma_ints, names, token_count
 
 
 def add(sub):
@@ -10,8 +10,10 @@ def add(sub):
     d, c = ConvertSettings(), CompareSettings()
     p = sub.add_parser("compare", help="convert with several attention families at one budget, one table",
                        description="Run `linearize convert` for each --attention (and --keep-softmax K) into "
-                                   "OUT/NAME with the same token budget, then print held-out ppl, KL, passkey and "
-                                   "decode speed side by side. Finished runs are reused. Writes OUT/compare.json.")
+                                   "OUT/NAME with the same token budget, then print held-out ppl, KL, top-1, the "
+                                   "relative per-layer transfer error, passkey and decode speed side by side (ppl "
+                                   "ratio, KL and top-1 per evaluation text in the JSON). Finished runs are reused. "
+                                   "Writes OUT/compare.json.")
     p.add_argument("--attention", type=names, default=c.attentions,
                    help=f"comma-separated families (default: {','.join(c.attentions)})")
     p.add_argument("--keep-softmax", type=comma_ints, default=c.keep_softmax, metavar="K[,K...]",
@@ -29,12 +31,16 @@ def add(sub):
     p.add_argument("--tokens", type=int, default=d.transfer_tokens, help="stage 1 tokens per variant")
     p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 tokens per variant")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--kl-sequences", type=int, default=c.kl_sequences)
+    p.add_argument("--kl-sequences", type=int, default=c.kl_sequences, help="rows of each text for ppl / KL / top-1")
+    p.add_argument("--texts", type=names, default=c.texts, help=f"evaluation texts (default: {','.join(c.texts)})")
+    p.add_argument("--layer-sequences", type=int, default=c.layer_sequences,
+                   help="held-out rows for the per-layer relative transfer error")
     p.add_argument("--passkey-length", type=token_count, default=c.passkey_length)
     p.add_argument("--passkey-trials", type=int, default=c.passkey_trials)
     p.add_argument("--decode-context", type=token_count, default=c.decode_context)
     p.add_argument("--decode-tokens", type=int, default=c.decode_tokens)
     p.add_argument("--skip", type=names, default=(), help=f"parts to skip: {', '.join(PARTS)}")
+    add_placement(p, "where every variant is converted and measured")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -48,8 +54,10 @@ def run(args):
 
     base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, seq_len=args.seq_len,
                            transfer_tokens=args.tokens, lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens,
-                           softmax_layers=args.softmax_layers, transfer_state=args.transfer_state)
+                           softmax_layers=args.softmax_layers, transfer_state=args.transfer_state,
+                           device=args.device, dtype=args.dtype)
     cs = CompareSettings(attentions=args.attention, keep_softmax=args.keep_softmax, kl_sequences=args.kl_sequences,
+                         texts=args.texts, layer_sequences=args.layer_sequences,
                          passkey_length=args.passkey_length, passkey_trials=args.passkey_trials,
                          decode_context=args.decode_context, decode_tokens=args.decode_tokens, skip=args.skip)
     res = compare(base, cs, args.out, progress=not args.no_progress)

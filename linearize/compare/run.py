@@ -1,10 +1,15 @@
 """Run `linearize convert` once per variant into OUT/NAME (resumable), then measure every model the same way:
 
     ppl          held-out perplexity of teacher and student (from each run's convert.json: the same rows)
-    kl           mean KL(teacher || student) per token on the first `kl_sequences` held-out rows (evaluate.agreement)
+    kl           per evaluation text (evaluate/texts.py; "sharegpt" is the held-out split of the training data) on
+                 its first `kl_sequences` rows: teacher and student perplexity, their ratio, mean KL(teacher ||
+                 student) per token and top-1 agreement (evaluate.agreement); the KL column is sharegpt's
+    layers       per layer: the attention output MSE of the student vs the teacher on `layer_sequences` held-out rows
+                 divided by the mean square of the teacher's output (transfer.layer_transfer_errors, relative)
     passkey      accuracy at `passkey_length` tokens (evaluate.passkey), teacher and student
     decode       tokens/s of greedy decoding after a `decode_context`-token prefill (bench.measure, in-process;
                  `linearize bench` runs each point in a fresh process for publishable numbers)
+Teacher and students are measured on the conversion's --device / --dtype (ConvertSettings.placement).
 
 Variants of one family with several --keep-softmax values share stage 1: it is trained in the first of them and
 loaded by the others (`--transfer-state`), whose convert time then counts stage 2 only.
@@ -15,14 +20,17 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..device import device_name
 from ..errors import LinearizeError
+from ..evaluate.texts import EVAL_TEXTS
 from ..layers.linear_attention import ATTENTION_PRESETS
 from ..options import fmt as f
 from ..pipeline import ConvertSettings, convert
 from ..run_folder import COMPARE, COMPARE_TABLE, load, transfer_tensors, write_json, write_text
 
-PARTS = ("kl", "passkey", "decode")
-COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "passkey", "decode tok/s", "state MiB", "convert s")
+PARTS = ("kl", "layers", "passkey", "decode")
+COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "top-1", "layer err", "passkey", "decode tok/s", "state MiB",
+           "convert s")
 
 
 @dataclass
@@ -31,6 +39,8 @@ class CompareSettings:
     attentions: tuple[str, ...] = ("streaming", "lolcats", "hedgehog", "t2r", "liger", "liger-swa", "gated-delta")
     keep_softmax: tuple[int, ...] = (0,)
     kl_sequences: int = 4
+    texts: tuple[str, ...] = EVAL_TEXTS
+    layer_sequences: int = 2
     passkey_length: int = 2048
     passkey_trials: int = 5
     decode_context: int = 8192
@@ -42,7 +52,10 @@ class CompareSettings:
             raise LinearizeError(f"unknown attention {unknown[0]!r}; choose from {', '.join(sorted(ATTENTION_PRESETS))}")
         if unknown := set(self.skip) - set(PARTS):
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
-        if min(self.keep_softmax) < 0 or min(self.kl_sequences, self.passkey_trials, self.decode_tokens) < 1:
+        if unknown := set(self.texts) - set(EVAL_TEXTS):
+            raise LinearizeError(f"unknown text(s) {sorted(unknown)}; choose from {', '.join(EVAL_TEXTS)}")
+        if min(self.keep_softmax) < 0 or min(self.kl_sequences, self.layer_sequences, self.passkey_trials,
+                                             self.decode_tokens) < 1:
             raise LinearizeError("--keep-softmax values must be >= 0 and counts >= 1")
 
     def variants(self) -> list[tuple[str, str, int]]:
@@ -51,14 +64,24 @@ class CompareSettings:
                 for a in self.attentions for k in self.keep_softmax]
 
 
-def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
+def _measure(model, tokenizer, teacher, texts: dict, cs: CompareSettings) -> dict:
+    """The parts of one model (the teacher itself when `teacher` is None); texts: name -> token rows (N, T)."""
     from ..bench.measure import measure_point
     from ..evaluate.agreement import agreement
     from ..evaluate.passkey import passkey_accuracy
+    from ..transfer.attention_transfer import layer_transfer_errors
 
     row = {}
     if "kl" not in cs.skip and teacher is not None:
-        row["kl"] = agreement(teacher, model, heldout[: cs.kl_sequences], progress=False)["kl"]
+        row["texts"] = {}
+        for name, rows in texts.items():
+            r = agreement(teacher, model, rows[: cs.kl_sequences], progress=False)
+            row["texts"][name] = {**r, "ppl_ratio": r["student_ppl"] / r["teacher_ppl"]}
+        row["kl"] = row["texts"].get("sharegpt", {}).get("kl")
+        row["top1"] = row["texts"].get("sharegpt", {}).get("top1")
+    if "layers" not in cs.skip and teacher is not None and "sharegpt" in texts:
+        row["layer_relative_error"] = layer_transfer_errors(teacher, model.attention_modules(),
+                                                            texts["sharegpt"][: cs.layer_sequences], relative=True)
     if "passkey" not in cs.skip:
         row["passkey"] = passkey_accuracy(model, tokenizer, [cs.passkey_length], cs.passkey_trials)["accuracy"][0]
     if "decode" not in cs.skip:
@@ -69,7 +92,7 @@ def _measure(model, tokenizer, teacher, heldout, cs: CompareSettings) -> dict:
 
 def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progress: bool = True, log=print) -> dict:
     """Convert and measure every variant; returns the compare.json dict."""
-    from ..data import pack_sequences
+    from ..evaluate.texts import eval_sequences
     from ..loading.teacher import load_teacher
 
     cs.check()
@@ -90,20 +113,25 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
         res = convert(settings, out / name, resume=True, progress=progress, log=log)
         if shared is None and "transfer" in res:
             stage1[attention] = str(transfer_tensors(out / name))
-        runs[name] = {"attention": attention, "keep_softmax": res.get("keep_softmax", []),
+        runs[name] = {"attention": attention, "config": settings.attention_config().to_dict(),
+                      "keep_softmax": res.get("keep_softmax", []),
                       "teacher_ppl": res["teacher_ppl"], "student_ppl": res.get("stage2_ppl", res["stage1_ppl"]),
                       "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1)),
                       "stage1_from": shared}
-    teacher, tokenizer = load_teacher(base.model)
-    heldout = pack_sequences(base.data, tokenizer, base.seq_len, base.eval_tokens // base.seq_len, split="heldout")
-    result = {"settings": {"convert": asdict(base), "compare": asdict(cs)}, "teacher": {}, "variants": runs}
+    device, dtype = base.placement()
+    teacher, tokenizer = load_teacher(base.model, dtype=dtype)
+    teacher = teacher.to(device)
+    n = max(cs.kl_sequences, cs.layer_sequences)
+    texts = {t: eval_sequences(t, tokenizer, base.seq_len, n, data=base.data) for t in cs.texts}
+    result = {"settings": {"convert": asdict(base), "compare": asdict(cs)}, "teacher": {}, "variants": runs,
+              "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}
     log("measuring the teacher")
     result["teacher"] = {"ppl": next(iter(runs.values()))["teacher_ppl"],
-                         **_measure(teacher, tokenizer, None, heldout, cs)}
+                         **_measure(teacher, tokenizer, None, texts, cs)}
     for name in runs:
         log(f"measuring {name}")
-        model, _ = load(out / name)
-        runs[name].update(_measure(model, tokenizer, teacher, heldout, cs))
+        model = load(out / name, dtype=dtype)[0].to(device)
+        runs[name].update(_measure(model, tokenizer, teacher, texts, cs))
         del model
     write_json(result, out / COMPARE)
     write_text(markdown_table(result), out / COMPARE_TABLE)
@@ -113,11 +141,13 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
 def table_rows(result: dict) -> list[list[str]]:
     t = result["teacher"]
     mib = lambda r: r.get("state_bytes") and r["state_bytes"] / 2**20  # noqa: E731
-    rows = [["teacher (softmax)", f(t["ppl"], ".3f"), "", "", f(t.get("passkey"), ".0%"),
+    rows = [["teacher (softmax)", f(t["ppl"], ".3f"), "", "", "", "", f(t.get("passkey"), ".0%"),
              f(t.get("decode_tokens_per_s"), ".1f"), f(mib(t), ".2f"), ""]]
     for name, r in result["variants"].items():
         kept = f" (softmax in {r['keep_softmax']})" if r["keep_softmax"] else ""
+        errors = r.get("layer_relative_error")
         rows.append([name + kept, f(r["teacher_ppl"], ".3f"), f(r["student_ppl"], ".3f"), f(r.get("kl"), ".4f"),
+                     f(r.get("top1"), ".1%"), f(errors and sum(errors) / len(errors), ".3f"),
                      f(r.get("passkey"), ".0%"), f(r.get("decode_tokens_per_s"), ".1f"), f(mib(r), ".2f"),
                      f(r["convert_seconds"], ".0f")])
     return rows
@@ -126,8 +156,9 @@ def table_rows(result: dict) -> list[list[str]]:
 def markdown_table(result: dict) -> str:
     cs = result["settings"]["compare"]
     head = (f"passkey at {cs['passkey_length']} tokens ({cs['passkey_trials']} trials); decode after a "
-            f"{cs['decode_context']}-token prefill (median of {cs['decode_tokens']} steps); KL on "
-            f"{cs['kl_sequences']} held-out rows\n")
+            f"{cs['decode_context']}-token prefill (median of {cs['decode_tokens']} steps); KL and top-1 on "
+            f"{cs['kl_sequences']} held-out rows; layer err: mean over layers of the attention output MSE / the "
+            f"teacher output's mean square ({cs['layer_sequences']} held-out rows)\n")
     if shared := sorted({r["attention"] for r in result["variants"].values() if r.get("stage1_from")}):
         head += (f"{', '.join(shared)}: the --keep-softmax variants reuse the stage 1 of the first one; their "
                  "convert time is stage 2 only\n")

@@ -76,17 +76,26 @@ def _messages(turns: list, role_key: str, text_key: str) -> list[dict]:
     return out
 
 
+def record_messages(record: dict, where: str = "") -> list[dict] | None:
+    """A chat record ("messages" or "conversations") -> its turns [{"role", "content"}]; None for a "text" record."""
+    if isinstance(record.get("text"), str):
+        return None
+    if record.get("text") is not None:
+        raise LinearizeError(f"{where}: 'text' is a {type(record['text']).__name__}, not a string; write each "
+                             "document's text as one JSON string")
+    if "messages" in record:
+        return _messages(record["messages"], "role", "content")
+    if "conversations" in record:
+        return _messages(record["conversations"], "from", "value")
+    raise LinearizeError(f"{where}: record has no 'text', 'messages' or 'conversations' field "
+                         f"(keys: {sorted(record)[:8]}); write one document per record in one of those forms")
+
+
 def record_text(record: dict, tokenizer=None, where: str = "") -> str:
     """One JSON record with "text", "messages" or "conversations" -> text ("" for an empty chat)."""
-    if isinstance(record.get("text"), str):
+    messages = record_messages(record, where)
+    if messages is None:
         return record["text"]
-    if "messages" in record:
-        messages = _messages(record["messages"], "role", "content")
-    elif "conversations" in record:
-        messages = _messages(record["conversations"], "from", "value")
-    else:
-        raise LinearizeError(f"{where}: record has no 'text', 'messages' or 'conversations' field "
-                             f"(keys: {sorted(record)[:8]}); write one document per record in one of those forms")
     if not any(m["content"].strip() for m in messages):
         return ""
     return format_chat(messages, tokenizer)
@@ -163,8 +172,8 @@ def iter_txt(path) -> Iterator[tuple[str, str]]:
         yield f"{path}:{k}", "\n\n".join(group)
 
 
-def iter_jsonl(path, tokenizer=None) -> Iterator[tuple[str, str]]:
-    """Yield (f"{path}:{line}", text), one document per non-empty line."""
+def iter_jsonl_records(path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, JSON object), one per non-empty line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -176,9 +185,15 @@ def iter_jsonl(path, tokenizer=None) -> Iterator[tuple[str, str]]:
                                      "write one JSON object per line") from None
             if not isinstance(record, dict):
                 raise LinearizeError(f"{path} line {n} is not a JSON object; write one object per line")
-            text = record_text(record, tokenizer, where=f"{path} line {n}")
-            if text.strip():
-                yield f"{path}:{n}", text
+            yield n, record
+
+
+def iter_jsonl(path, tokenizer=None) -> Iterator[tuple[str, str]]:
+    """Yield (f"{path}:{line}", text), one document per non-empty line."""
+    for n, record in iter_jsonl_records(path):
+        text = record_text(record, tokenizer, where=f"{path} line {n}")
+        if text.strip():
+            yield f"{path}:{n}", text
 
 
 def iter_file(path: pathlib.Path, tokenizer=None) -> Iterator[tuple[str, str]]:

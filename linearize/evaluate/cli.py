@@ -15,7 +15,9 @@ def add(sub):
                                    "in linearize/evaluate/run.py) and prints a table.")
     p.add_argument("path", help="converted model folder")
     p.add_argument("--teacher", help="teacher model (default: the one in DIR/convert.json, else bundled SmolLM2)")
-    p.add_argument("--texts", default=",".join(d.texts), help=f"texts for ppl/KL/top-1 among {', '.join(EVAL_TEXTS)}")
+    p.add_argument("--texts", default=",".join(d.texts),
+                   help=f"texts for ppl/KL/top-1: {', '.join(EVAL_TEXTS)} or your own .txt/.jsonl/.json files or "
+                        "folders (as --data reads them), comma-separated (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=d.sequences, help="rows per text (default: %(default)s)")
     p.add_argument("--layer-sequences", type=int, default=d.layer_sequences,
@@ -32,10 +34,15 @@ def add(sub):
                    help="questions per (keys, length) (default: %(default)s)")
     p.add_argument("--generation-prompts", type=int, default=d.generation_prompts,
                    help="held-out prompts both models answer greedily (default: %(default)s)")
+    p.add_argument("--prompts", help="prompts for the generation comparison: a .txt file (one per line) or .jsonl "
+                                     "({\"text\"} or chat records); default: held-out documents of the training data")
     p.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
                    help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
+    p.add_argument("--cache", type=int, metavar="M",
+                   help="evaluate the student with a sparse cache of M exact keys per KV head (training-free; "
+                        "0: none; default: as converted)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,8 +59,9 @@ def run(args):
                             multikey_keys=tuple(args.multikey_keys), multikey_lengths=args.multikey_lengths,
                             multikey_trials=args.multikey_trials,
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
+                            prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
-                            dtype=args.dtype)
+                            dtype=args.dtype, cache=args.cache)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")
@@ -66,13 +74,14 @@ def print_tables(res: dict):
     console = Console()
     if "texts" in res:
         t = Table(title="teacher vs student on held-out text")
-        t.caption = "KL = mean KL(teacher || student) per token; top-1 = argmax agreement; MSE = mean layer error"
+        t.caption = ("KL = mean KL(teacher || student) per token; top-1 = argmax agreement; MSE = mean layer error; "
+                     "a file by its name (eval.json: its path)")
         for col in ("text", "tokens", "ppl teacher", "ppl student", "KL", "top-1", "MSE"):
             t.add_column(col, justify="right", no_wrap=True)
         base = res.get("baseline")
         for name, r in res["texts"].items():
             mse = res.get("layer_mse", {}).get(name)
-            t.add_row(name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
+            t.add_row(Path(name).name, str(r["tokens"]), f"{r['teacher_ppl']:.2f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
                       f"{r['top1']:.1%}", f"{sum(mse) / len(mse):.2e}" if mse else "-")
             if base and name in base["texts"]:
                 b = base["texts"][name]
@@ -85,7 +94,8 @@ def print_tables(res: dict):
         console.print(t)
     if "generation" in res:
         g = res["generation"]
-        console.print(f"generation ({g['prompts']} held-out prompts, {g['max_new_tokens']} greedy tokens): repeated "
+        source = g.get("source", "held-out")
+        console.print(f"generation ({g['prompts']} {source} prompts, {g['max_new_tokens']} greedy tokens): repeated "
                       f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; "
                       f"the student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} "
                       f"tokens on average ({g['prefix_equal']:.0%} all equal)", markup=False)

@@ -109,8 +109,11 @@ def answers_correct(decoder, tokenizer, context: str, questions: list[tuple[str,
     decoder.prefill(token_ids(tokenizer, context))
     cache, hits = decoder.cache, []
     for question, answer in questions:
-        new = decoder.generate(token_ids(tokenizer, question), NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
-                               state=copy.deepcopy(cache), stop=lambda ids: decided(tokenizer.decode(ids), str(answer)))
+        logits, new = decoder.prefill(token_ids(tokenizer, question), state=copy.deepcopy(cache)), []
+        for token in decoder.tokens(logits, NEW_TOKENS, eos_token_id=tokenizer.eos_token_id):
+            new.append(token)
+            if decided(tokenizer.decode(new), str(answer)):
+                break
         hits.append(first_number(tokenizer.decode(new)) == str(answer))
     return hits
 

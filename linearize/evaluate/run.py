@@ -2,7 +2,8 @@
 
     model, teacher             the folder evaluated and its teacher (None = bundled SmolLM2)
     settings                   the EvalSettings used
-    texts.NAME                 per evaluation text (see texts.py): tokens, teacher_ppl, student_ppl,
+    texts.NAME                 per evaluation text (see texts.py; NAME: a built-in text or a file as given):
+                               tokens, teacher_ppl, student_ppl,
                                kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
     layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
     passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
@@ -11,7 +12,8 @@
     baseline                   the teacher as StreamingLLM (4 sinks + the window W whose state has the student's
                                bytes; evaluate/baseline.py): attention, window, sinks, state_bytes,
                                student_state_bytes, texts.NAME as above (teacher vs baseline)
-    generation                 greedy answers to held-out prompts: repetition {teacher, student} (repeated 4-gram
+    generation                 greedy answers to held-out prompts (or settings.prompts, a file): source,
+                               repetition {teacher, student} (repeated 4-gram
                                share), prefix_match (first 32 tokens shared with the teacher), examples
     mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
                                {acc, acc_stderr, subjects: {subject: acc}}
@@ -25,9 +27,9 @@ from pathlib import Path
 
 from ..device import device_name, placement
 from ..errors import LinearizeError
+from ..models.linearized import set_sparse_cache
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
-from .passkey import NAMES
-from .texts import EVAL_TEXTS, eval_sequences
+from .texts import EVAL_TEXTS, check_text, eval_sequences
 
 PARTS = ("ppl", "baseline", "layers", "passkey", "multikey", "generation", "mmlu")
 
@@ -44,21 +46,29 @@ class EvalSettings:
     multikey_lengths: tuple[int, ...] = (1024, 2048, 4096)  # 8k, 16k by option: minutes per length on a CPU
     multikey_trials: int = 20
     generation_prompts: int = 50  # held-out prompts answered greedily by both models (evaluate/generation.py)
+    prompts: str | None = None  # a prompts file instead of held-out ones (generation.file_prompts)
     generation_tokens: int = 64
     limit: int | None = 5  # MMLU questions per subject (None = all 14,042)
     skip: tuple[str, ...] = ()
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
-        if unknown := set(self.texts) - set(EVAL_TEXTS):
-            raise LinearizeError(f"unknown text(s) {sorted(unknown)}; choose from {', '.join(EVAL_TEXTS)}")
+        for name in self.texts:
+            check_text(name)
+        if self.prompts is not None:
+            from .generation import check_prompts  # (imports transformers: not at `linearize --help` time)
+
+            check_prompts(self.prompts)
         if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths,
                self.multikey_trials, *self.multikey_keys, *self.multikey_lengths, self.generation_prompts,
                self.generation_tokens) < 1:
             raise LinearizeError("sizes and counts must be >= 1")
+        from .passkey import NAMES  # (imports transformers: not at `linearize --help` time)
+
         if max(self.multikey_keys) > len(NAMES):
             raise LinearizeError(f"--multikey-keys takes at most {len(NAMES)} keys per prompt (the names there are); "
                                  f"got {max(self.multikey_keys)}")
@@ -72,7 +82,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     from ..transfer.attention_transfer import layer_transfer_errors
     from .agreement import agreement
     from .baseline import streaming_baseline
-    from .generation import generation_agreement, heldout_prompts
+    from .generation import file_prompts, generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
     from .passkey import multikey_accuracy, passkey_accuracy
 
@@ -81,6 +91,8 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
     student, tokenizer = load_student(path, device, dtype)
+    if settings.cache is not None:
+        set_sparse_cache(student, settings.cache)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}
@@ -141,9 +153,13 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["mmlu"] = mmlu_accuracy(models, tokenizer, settings.limit, max_length=max_length)
 
     def generation():
-        prompts = heldout_prompts(training_data(path), tokenizer, settings.generation_prompts)
-        res["generation"] = generation_agreement(teacher_model, student, tokenizer, prompts,
-                                                 settings.generation_tokens)
+        if settings.prompts:
+            prompts = file_prompts(settings.prompts, tokenizer, settings.generation_prompts)
+        else:
+            prompts = heldout_prompts(training_data(path), tokenizer, settings.generation_prompts)
+        res["generation"] = {"source": settings.prompts or "held-out",
+                             **generation_agreement(teacher_model, student, tokenizer, prompts,
+                                                    settings.generation_tokens)}
 
     for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey),
                      ("multikey", multikey), ("generation", generation), ("mmlu", mmlu)):

@@ -6,6 +6,8 @@
                  with the markdown emphasis marks removed
     python-docs  the Python 3.11 tutorial: the reStructuredText sources of Debian's python3.11-doc
                  (/usr/share/doc/python3.11/html/_sources/tutorial), chapters in file-name order
+    FILE         your own text: a .txt/.jsonl/.json file or a folder of them, read as `convert --data` reads it
+                 (data/sources.py), all of it (no held-out split); reported under the name given
 """
 
 import importlib.util
@@ -16,6 +18,7 @@ import torch
 
 from ..data import pack_sequences
 from ..data.packing import document_tokens, token_rows
+from ..data.sources import SUPPORTED
 from ..errors import LinearizeError
 
 EVAL_TEXTS = ("sharegpt", "shakespeare", "python-docs")
@@ -47,12 +50,20 @@ def rows_from_documents(documents: list[str], tokenizer, seq_len: int, num_seque
     return token_rows(tokens, seq_len, rows)
 
 
+def check_text(name: str) -> None:
+    """A LinearizeError unless `name` is one of EVAL_TEXTS or an existing file or folder."""
+    if name not in EVAL_TEXTS and not Path(name).expanduser().exists():
+        raise LinearizeError(f"evaluation text {name!r} is neither one of {', '.join(EVAL_TEXTS)} nor an existing "
+                             f"file; give a {'/'.join(SUPPORTED)} file or a folder of them")
+
+
 def eval_sequences(name: str, tokenizer, seq_len: int, num_sequences: int, data: str | None = None) -> torch.LongTensor:
-    """Token rows (N, T) of one of EVAL_TEXTS; `data`: the conversion's training source (for "sharegpt")."""
+    """Token rows (N, T) of one of EVAL_TEXTS or a file; `data`: the conversion's training source (for "sharegpt")."""
+    check_text(name)
     if name == "sharegpt":
         return pack_sequences(data, tokenizer, seq_len, num_sequences, split="heldout")
     if name == "shakespeare":
         return rows_from_documents(shakespeare_documents(), tokenizer, seq_len, num_sequences)
     if name == "python-docs":
         return rows_from_documents(python_docs_documents(), tokenizer, seq_len, num_sequences)
-    raise LinearizeError(f"unknown evaluation text {name!r}; choose from {', '.join(EVAL_TEXTS)}")
+    return pack_sequences(str(Path(name).expanduser()), tokenizer, seq_len, num_sequences, heldout_percent=0)

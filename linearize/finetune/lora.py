@@ -70,7 +70,8 @@ def add_lora(model, settings: LoraSettings):
 @contextmanager
 def teacher_view(peft_model):
     """Inside, the LoRA-wrapped student computes its teacher's logits: adapters off and exact causal softmax in
-    every layer that has a linear part (the projections, norms and MLPs are the teacher's own, shared)."""
+    every layer that approximates it (LinearAttention.approximates_teacher; the projections, norms and MLPs are the
+    teacher's own, shared)."""
     attention = [m for m in peft_model.modules() if isinstance(m, LinearAttention)]
     with peft_model.disable_adapter():
         for m in attention:

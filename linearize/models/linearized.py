@@ -2,33 +2,50 @@
 
 LinearizedConfig stores the teacher's config and the attention config; LinearizedForCausalLM rebuilds the
 teacher skeleton from it and swaps the attention, so `save_pretrained` / `from_pretrained` (safetensors) and
-`AutoModelForCausalLM.from_pretrained(dir)` work once `linearize` is imported (it registers the classes).
+`AutoModelForCausalLM.from_pretrained(dir)` work once `linearize` is imported (it registers the classes), and
+with `trust_remote_code=True` in a process that never imported it (remote_code.py). `generate()` decodes with
+the constant-size DecodingState (state_cache.py).
 """
 
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
+from ..errors import LinearizeError
 from ..layers.linear_attention import FULL_SOFTMAX, DecodingState, LinearAttention, LinearAttentionConfig
 from ..loading.architectures import architecture_of
+from .remote_code import AUTO_MAP, write_modeling_file
+from .state_cache import state_cache
+
+# teacher config entries the linearized config repeats at its top level, where transformers and tools (lm_eval's
+# max length, generate's special tokens) look for them
+TEACHER_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "max_position_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
     """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies).
-    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local (then all are linearized)."""
+    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local
+    (then all are linearized). The first config.local_layers layers keep the config's softmax window and sinks
+    only (no linear part: TransNormer's DiagAttention); the saved config holds local_layers, so loading repeats it."""
     arch = architecture_of(teacher.config)
     c = teacher.config
     attns = arch.attention_modules(teacher)
+    if config.local_layers >= len(attns):
+        raise LinearizeError(f"local_layers {config.local_layers} leaves no linearized layer in this "
+                             f"{len(attns)}-layer model; use at most {len(attns) - 1}")
     windows = [arch.local_window(a) for a in attns]
     if all(w is not None for w in windows):
         windows = [None] * len(attns)
     students = []
-    for attn, window in zip(attns, windows):
+    for i, (attn, window) in enumerate(zip(attns, windows)):
         cfg = config
         if window is not None:  # the teacher's own local layer: its exact window, no sinks
-            cfg = replace(config, window=window, linear=False, sinks=0)
+            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0)
+        elif i < config.local_layers:  # DiagAttention: the window (and sinks) of the config, exact softmax
+            cfg = replace(config, linear=False)
         student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
         students.append(student.to(attn.q_proj.weight.device))
     return students
@@ -53,26 +70,59 @@ def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softm
     return model
 
 
-class LinearizedConfig(PretrainedConfig):
+def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None) -> "LinearizedForCausalLM":
+    """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
+    every `every` tokens (ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
+    layers = [m for m in model.attention_modules() if m.config.linear and m.config.window is not None]
+    if size and any(m.mix_logit is None for m in layers):
+        raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
+                             "convert with --window or --sinks to use --cache")
+    for m in layers:
+        m.config = replace(m.config, cache=size, cache_every=every or m.config.cache_every)
+        LinearAttentionConfig(**m.config.to_dict())  # validated: the cache needs the sum rule without a gate
+        m.spec = replace(m.spec, cache=m.config.cache, cache_every=m.config.cache_every)
+    model.config.attention = {**model.config.attention, "cache": size,
+                              "cache_every": every or model.config.attention.get("cache_every", 64)}
+    return model
+
+
+class NoCodeCopy:
+    """transformers' register_for_auto_class makes save_pretrained copy the defining module into the folder (this
+    package's modules import their siblings, so the copy would not load); the folder gets remote_code.py's small
+    modeling file and auto_map instead."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class=None):
+        pass
+
+
+class LinearizedConfig(NoCodeCopy, PretrainedConfig):
     model_type = "linearized"
 
     def __init__(self, teacher: dict | None = None, attention: dict | None = None, keep_softmax=(), **kwargs):
         self.teacher = teacher or {}
         self.attention = attention or LinearAttentionConfig().to_dict()
         self.keep_softmax = list(keep_softmax)
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
-            if key in self.teacher:
+        for key in TEACHER_KEYS:
+            if self.teacher.get(key) is not None:
                 kwargs.setdefault(key, self.teacher[key])
-        kwargs.setdefault("use_cache", False)  # HF's KV cache does not apply; decode with linearize.decoding
+        kwargs.setdefault("use_cache", False)  # training and scoring keep no state; generate() asks for one
+        kwargs["auto_map"] = dict(AUTO_MAP)
         super().__init__(**kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """config.json (with auto_map) and the modeling file it names."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_modeling_file(save_directory)
 
     def teacher_config(self) -> PretrainedConfig:
         cfg = dict(self.teacher)
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-class LinearizedForCausalLM(PreTrainedModel):
-    """forward(input_ids, ..., linear_state=DecodingState | None) -> the teacher class's CausalLMOutput."""
+class LinearizedForCausalLM(NoCodeCopy, PreTrainedModel, GenerationMixin):
+    """forward(input_ids, ..., linear_state=DecodingState | None) -> the teacher class's CausalLMOutput; with
+    use_cache=True or cache=LinearStateCache it decodes from that cache's state and returns it as `.cache`."""
 
     config_class = LinearizedConfig
     base_model_prefix = "model"
@@ -112,18 +162,33 @@ class LinearizedForCausalLM(PreTrainedModel):
     def new_decoding_state(self) -> DecodingState:
         return DecodingState(self.config.num_hidden_layers)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, linear_state=None, **kwargs):
-        kwargs.pop("use_cache", None)
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("cache", None)
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() makes no KV cache: the first forward returns a LinearStateCache
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, linear_state=None,
+                cache=None, use_cache=None, **kwargs):
+        legacy = kwargs.pop("past_key_values", None)  # the name transformers used before `cache`
+        cache = state_cache(legacy if cache is None else cache, use_cache, self.config.num_hidden_layers)
+        if cache is not None:
+            linear_state = cache.state
         if linear_state is not None:
+            if attention_mask is not None:
+                if not bool(attention_mask.all()):
+                    raise LinearizeError("padded batches cannot be decoded with a linear-attention state; generate "
+                                         "one prompt at a time (batch size 1; lm_eval: --batch_size 1) or prompts "
+                                         "of equal length")
+                attention_mask = None  # all ones: the mask of the whole sequence, this call sees only its end
             if position_ids is None:  # continue the positions the state has seen
                 x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
                 position_ids = torch.arange(linear_state.seen, linear_state.seen + x.shape[1], device=x.device)[None]
             linear_state.seen += position_ids.shape[-1]
             kwargs["linear_state"] = linear_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          labels=labels, use_cache=False, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         labels=labels, use_cache=False, **kwargs)
+        if cache is not None:
+            out["cache"] = cache
+        return out
 
 
 AutoConfig.register("linearized", LinearizedConfig, exist_ok=True)

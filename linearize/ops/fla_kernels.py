@@ -29,8 +29,9 @@ def fla_usable(x: torch.Tensor) -> bool:
 
 
 def fla_applies(config, x: torch.Tensor, log_gate=None, beta=None) -> bool:
-    """The kernels cover pure linear attention (window 0, no sinks, no gate, sum rule) on CUDA with fla installed."""
-    pure = config.linear and config.window == 0 and not config.sinks
+    """The kernels cover pure linear attention (window 0, no sinks or cache, no gate, sum rule, the shared normaliser)
+    on CUDA with fla installed."""
+    pure = config.linear and config.window == 0 and not config.sinks and not config.cache and config.norm == "shared"
     return pure and log_gate is None and beta is None and fla_usable(x)
 
 

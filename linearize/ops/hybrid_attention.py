@@ -9,6 +9,9 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
         decay_ij = prod of the forget gates g_l of the keys j < l <= i - W (1 without a gate); m_i = max over E_i
     delta rule: y_i = w_h * softmax output over E_i + (1 - w_h) * phi(q_i) S_{i-W}, with S the
         (gated) delta-rule memory of keys S <= j <= i - W (no normaliser: the delta rule stores values directly).
+    output normalisation (norm_gain given; TransNormer's NormAttention): the linear part drops its denominator and is
+        normalised per head instead, y_i = w_h * softmax output over E_i + (1 - w_h) * g_h * RMSNorm(o_i), o_i the
+        sum-rule numerator sum_j decay_ij phi(q_i) . phi(k_j) v_j (or the delta-rule read-out), g_h (H, d) a gain.
 
 w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the same three things:
 
@@ -27,7 +30,8 @@ Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in t
 - attention_recurrent(streams, spec, mix, initial_state, output_final_state, key_features) -> (y, state|None):
   one token at a time, for decoding; advances its state in place (the window is a ring buffer).
 key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk: a state keeps its window keys, not
-their features, and recomputes them when the keys leave the window.
+their features, and recomputes them when the keys leave the window. norm_gain (H, d) or None: the gain of the
+output normalisation of the linear part (None: the shared normaliser); a per-token map, so the state is unchanged.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -35,6 +39,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from . import sparse_cache
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
@@ -50,10 +55,14 @@ class AttentionSpec:
     sinks: int = 0
     rule: str = "sum"
     linear: bool = True
+    cache: int = 0
+    cache_every: int = 64
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)):
+            raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule and cache_every >= 1")
 
     @property
     def memory(self) -> bool:
@@ -132,20 +141,22 @@ class LinearAttentionState:
     win: the key streams (k, v, log_gate, beta) of the most recent <= W tokens, still in the softmax window. Once
     the window is full it is a ring: decoding overwrites the oldest key in place, `start` is the slot of the oldest
     key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
-    sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position)."""
+    sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position);
+    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached."""
 
     kv: torch.Tensor | None
     win: Streams
     start: int = 0
     sinks: Streams | None = None
     seen: int = 0
+    cache: Streams | None = None
 
     def in_order(self) -> Streams:
         """The window in time order, oldest first."""
         return self.win if self.start == 0 else self.win.roll(-self.start)
 
     def nbytes(self) -> int:
-        parts = [self.win.nbytes(), 0 if self.sinks is None else self.sinks.nbytes()]
+        parts = [self.win.nbytes()] + [0 if p is None else p.nbytes() for p in (self.sinks, self.cache)]
         return sum(parts) + (0 if self.kv is None else self.kv.numel() * self.kv.element_size())
 
 
@@ -160,14 +171,25 @@ def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.view(B, num_kv_heads, H // num_kv_heads, T, X)
 
 
-def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False):
+def _rms_normalized(lin, norm_gain, delta: bool):
+    """The linear part's output without a denominator, RMS-normalised over its d channels and scaled by the gain:
+    lin (B, Hkv, G, T, d[+1]: the sum rule's last column, its normaliser, is unused), norm_gain (H, d)."""
+    o = lin if delta else lin[..., :-1]
+    B, Hkv, G, T, d = o.shape
+    return F.rms_norm(o, (d,), eps=EPS) * norm_gain.view(Hkv, G, 1, d).to(o.dtype)
+
+
+def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False, norm_gain=None):
     """Mix the window numerator num_sm (B, Hkv, G, T, d+1) with the linear part lin (sum rule: a numerator of the
-    same shape sharing the normaliser; delta rule: an output (B, Hkv, G, T, d); None: no linear part)."""
+    same shape sharing the normaliser; delta rule: an output (B, Hkv, G, T, d); None: no linear part).
+    norm_gain (H, d): output normalisation of the linear part instead of the shared normaliser (None: shared)."""
     if lin is None:
         y = num_sm[..., :-1] / num_sm[..., -1:]  # the window max contributes exp(0) = 1: no epsilon needed
     else:
         w = mix.view(num_kv_heads, -1, 1, 1).to(lin.dtype)  # lerp(lin, sm, w) = w * sm + (1 - w) * lin
-        if delta:
+        if norm_gain is not None:
+            lin = _rms_normalized(lin, norm_gain, delta)
+        if delta or norm_gain is not None:  # lin is an output: mix it with the window's output
             y = lin if num_sm is None else torch.lerp(lin, num_sm[..., :-1] / num_sm[..., -1:], w)
         else:
             num = lin if num_sm is None else torch.lerp(lin, num_sm, w)
@@ -203,8 +225,10 @@ def _exact_num(scores, values, m):
     return torch.exp(scores - m) @ _ones_column(values).unsqueeze(2)
 
 
-def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=None) -> torch.Tensor:
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
+    if spec.cache:
+        return _cached_quadratic(streams, spec, mix)
     q, k, v = streams.q, streams.k, streams.v
     B, H, T, d = q.shape
     Hkv = k.shape[1]
@@ -221,7 +245,7 @@ def attention_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Ten
         s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * spec.scale
         s = _group(s.masked_fill(~((j <= i) & ((j > i - W) | (j < spec.sinks))), float("-inf")), Hkv)
         num_sm = _exact_num(s, v, s.amax(-1, keepdim=True))
-    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
+    return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
 def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None):
@@ -267,12 +291,16 @@ def _sinks_outside_window(state, keys: Streams, n_sink: int, window: int):
 
 
 def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                      output_final_state: bool = False, chunk: int = 64, key_features=None):
+                      output_final_state: bool = False, chunk: int = 64, key_features=None, norm_gain=None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns (y (B, H, T, d), the
     LinearAttentionState after the last token if output_final_state else None).
     initial_state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this
     block's keys (with w placeholder queries whose outputs are dropped), its sinks and memory are the starting
     ones (it is not modified)."""
+    if spec.cache:  # segment by segment between the cache's selections
+        state = _empty_state(streams, spec) if initial_state is None else replace(initial_state)
+        y = _attention_cached(streams, spec, mix, state, key_features, spec.cache_every)
+        return y, state if output_final_state else None
     state = initial_state
     w = 0 if state is None else len(state.win)
     seen = 0 if state is None else state.seen
@@ -309,7 +337,7 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         if s_sink is not None:
             num_sink = _exact_num(s_sink, sinks.v, m)
             num_sm = num_sink if num_sm is None else num_sm + num_sink
-        y = _combine(num_sm, lin, mix, Hkv, delta=spec.delta)[:, :, w:]
+        y = _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)[:, :, w:]
     if not output_final_state:
         return y, None
     old = 0 if spec.window is None else max(T - spec.window, 0)  # keys 0 .. old-1 have left the window
@@ -354,18 +382,22 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
 
 
 def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                        output_final_state: bool = False, key_features=None):
+                        output_final_state: bool = False, key_features=None, norm_gain=None):
     """Decode T >= 1 new tokens one at a time. Returns (y (B, H, T, d), the state after them if output_final_state
     else None). initial_state (None: an empty one) is advanced in place, so the returned state is that object:
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     state = _empty_state(streams, spec) if initial_state is None else initial_state
-    ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
+    if spec.cache:
+        return _attention_cached(streams, spec, mix, state, key_features, 1), state if output_final_state else None
+    ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features, norm_gain)
+          for t in range(len(streams))]
     y = torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
     return y, state if output_final_state else None
 
 
-def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                    norm_gain=None):
     """One token (B, ., 1, .): update `state` in place, return y (B, H, 1, d)."""
     q = streams.q
     B, H, T, d = q.shape
@@ -383,4 +415,108 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-    return _combine(num_sm, lin, mix, Hkv, delta=spec.delta)
+    return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
+
+
+# ---- the sparse cache (sparse_cache.py): the exact part is every token not in the memory ----
+
+def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+    """Reference: replay the cache's selections on explicit per-head sets of memory keys, then explicit T x T weights:
+    query i attends exactly to every key j <= i outside the memory it reads, and reads the memory linearly."""
+    q, k, v = streams.q, streams.k, streams.v
+    B, H, T, d = q.shape
+    Hkv = k.shape[1]
+    pos = torch.arange(T, device=q.device)
+    in_memory = torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)  # after the latest selection
+    memory_of = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)  # [.., query i, key j]
+    for p in range(T):
+        memory_of[:, :, p] = in_memory
+        cached = (pos <= p - spec.window) & (pos >= spec.sinks) & ~in_memory  # (B, Hkv, T)
+        if (p + 1) % spec.cache_every or cached.sum(-1).max() <= spec.cache:
+            continue
+        memory = None
+        if spec.memory:
+            memory = (streams.fk * in_memory[..., None]).transpose(-1, -2) @ _ones_column(v)
+        errors = sparse_cache.self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
+        kept = torch.zeros_like(cached).scatter_(-1, errors.topk(spec.cache, dim=-1).indices, True)
+        in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
+    causal = pos[None, :] <= pos[:, None]
+    exact = causal & ~memory_of  # (B, Hkv, T, T)
+    s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    m = s.masked_fill(~exact.unsqueeze(2), float("-inf")).amax(-1, keepdim=True)
+    num_sm = _exact_num(s.masked_fill(~exact.unsqueeze(2), float("-inf")), v, m)
+    lin = None
+    if spec.memory:  # in the units of the window and sinks: exp(s - m_ref)
+        reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
+        m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
+        a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
+        lin = (a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m)
+    return _combine(num_sm, lin, mix, Hkv)
+
+
+def _attention_cached(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                      longest: int) -> torch.Tensor:
+    """Feed the tokens in segments of at most `longest` that never cross a selection; `state` moves on in place.
+    Returns y (B, H, T, d)."""
+    ys, t, T = [], 0, len(streams)
+    while t < T:
+        n = min(longest, spec.cache_every - state.seen % spec.cache_every, T - t)
+        ys.append(_cached_segment(streams.slice(slice(t, t + n)), spec, mix, state, key_features))
+        t += n
+    return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
+
+
+def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+    """n tokens that end at or before the next selection: each query attends exactly to the state's sinks and cache
+    and (causally) to the window and the segment's keys, and reads the memory, which is fixed until the selection.
+    Then the keys that left the window join the sinks or the cache, and at a selection the cache keeps its worst
+    recalled keys (sparse_cache.py). Returns y (B, H, n, d); replaces the state's fields (no tensor is written)."""
+    if streams.log_gate is not None:
+        raise ValueError("the sparse cache supports the sum rule without a forget gate")
+    q = streams.q
+    n = q.shape[2]
+    keys = state.in_order().append(streams.keys())  # k, v (a cache has no gate or strength)
+    w, Hkv = len(keys) - n, keys.k.shape[1]
+    qg = _group(q, Hkv)
+    first = state.seen - w  # the position of keys[0]
+    pos_q = torch.arange(state.seen, state.seen + n, device=q.device)[:, None]
+    pos_k = torch.arange(first, first + w + n, device=q.device)[None, :]
+    causal = pos_k <= pos_q
+    reference = causal & ((pos_k > pos_q - spec.window) | (pos_k < spec.sinks))  # the window and the sinks
+    parts = [(keys, causal, reference)] + [(p, None, ref) for p, ref in ((state.sinks, True), (state.cache, False))
+                                           if p is not None]
+    scores, m_ref = [], None
+    for part, visible, ref in parts:
+        s = (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(part))
+        s = s if visible is None else s.masked_fill(~visible, float("-inf"))
+        scores.append(s)
+        if ref is not False:
+            r = (s if ref is True else s.masked_fill(~ref, float("-inf"))).amax(-1, keepdim=True)
+            m_ref = r if m_ref is None else torch.maximum(m_ref, r)
+    m = torch.stack([s.amax(-1, keepdim=True) for s in scores]).amax(0)
+    num_sm = sum(_exact_num(s, part.v, m) for s, (part, _, _) in zip(scores, parts))
+    lin = None
+    if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
+        lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m)
+    y = _combine(num_sm, lin, mix, Hkv)
+    left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
+    n_sink = min(max(spec.sinks - first, 0), left)
+    if n_sink:
+        state.sinks = _then(state.sinks, keys.slice(slice(0, n_sink)))
+    if left > n_sink:
+        state.cache = _then(state.cache, keys.slice(slice(n_sink, left)))
+    state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
+    if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
+        _select(state, spec, key_features)
+    return y
+
+
+def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
+    """The cache keeps the spec.cache keys of each head the memory recalls worst; the rest enter the memory."""
+    cache = state.cache
+    fk = key_features(cache.k) if spec.memory else None
+    kept, evicted = sparse_cache.keep_worst_recalled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache)
+    if spec.memory:
+        state.kv = sparse_cache.write_memory(state.kv, sparse_cache.gather_time(fk, evicted),
+                                             sparse_cache.gather_time(cache.v, evicted))
+    state.cache = Streams(sparse_cache.gather_time(cache.k, kept), sparse_cache.gather_time(cache.v, kept))

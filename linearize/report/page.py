@@ -60,7 +60,8 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
     if results and results.get("generation"):
         g = results["generation"]
-        parts.append(f"<p>Greedy answers to {g['prompts']} held-out prompts ({g['max_new_tokens']} tokens): repeated "
+        parts.append(f"<p>Greedy answers to {g['prompts']} {html.escape(g.get('source', 'held-out'))} prompts "
+                     f"({g['max_new_tokens']} tokens): repeated "
                      f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; the "
                      f"student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} tokens on "
                      f"average</p>")

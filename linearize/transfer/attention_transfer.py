@@ -39,6 +39,7 @@ class _TransferHooks:
     def __init__(self, teacher, students: list[LinearAttention], layers=None):
         self.students = students
         self.losses = [0.0] * len(students)
+        self.powers = [0.0] * len(students)  # mean square of each teacher layer's output (the last batch)
         attn = architecture_of(teacher.config).attention_modules(teacher)
         layers = range(len(attn)) if layers is None else layers
         self.projected = {i: {} for i in layers}  # the teacher's own q/k/v projections, reused by the student
@@ -69,6 +70,7 @@ class _TransferHooks:
                 if loss.requires_grad:  # a layer with nothing to train (exact softmax) only reports its error
                     loss.backward()
             self.losses[i] = loss.item()
+            self.powers[i] = output[0].detach().float().square().mean().item()
 
         return hook
 
@@ -77,18 +79,23 @@ class _TransferHooks:
             h.remove()
 
 
-def layer_transfer_errors(teacher, students: list[LinearAttention], sequences: torch.Tensor) -> list[float]:
-    """Mean output MSE per layer (no training) over sequences (N, T): the quantity transfer minimises."""
+def layer_transfer_errors(teacher, students: list[LinearAttention], sequences: torch.Tensor,
+                          relative: bool = False) -> list[float]:
+    """Mean output MSE per layer (no training) over sequences (N, T): the quantity transfer minimises.
+    relative: divided by the mean square of the teacher layer's output over the same rows (layers compare)."""
     hooks = _TransferHooks(teacher, students)
-    totals = [0.0] * len(students)
+    totals, powers = [0.0] * len(students), [0.0] * len(students)
     try:
         device = next(teacher.parameters()).device
         for row in sequences:
             with torch.no_grad():
                 teacher.get_decoder()(row[None].to(device))
             totals = [t + l for t, l in zip(totals, hooks.losses)]
+            powers = [t + p for t, p in zip(powers, hooks.powers)]
     finally:
         hooks.remove()
+    if relative:
+        return [t / p for t, p in zip(totals, powers)]
     return [t / len(sequences) for t in totals]
 
 

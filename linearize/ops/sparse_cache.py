@@ -1,0 +1,55 @@
+"""Sparse cache (the idea of LoLA, McDermott et al. 2025): the keys a linear memory recalls worst stay exact.
+
+With a cache of M keys per KV head, a key that leaves the softmax window (and is not a sink) does not enter the
+linear memory at once: it joins the cached keys and stays exact. Every `every` tokens (after the tokens at absolute
+positions p with (p + 1) % every == 0) the cached keys are ranked by their self-recall error against the memory S
+(sum rule, S = [S_v | s] of shape (F, d + 1), the last column the normaliser):
+
+    e_j = || v_j - phi(k_j) S_v / (phi(k_j) . s) ||^2      (|| v_j ||^2 while the memory is empty or absent)
+
+the M keys with the largest error stay, the others are written into the memory (S += phi(k_j)^T [v_j, 1]) or, with
+no linear part, dropped. So query i attends exactly to every token up to i that is not in the memory (window, sinks,
+cache, and the keys that left the window since the last selection) and reads the others from the memory, which
+changes only at selections. The state holds at most M + every cached keys per head: constant in context length.
+
+One normaliser, as in hybrid_attention.py, with one change of units: the memory was trained beside the window and
+sinks, as a stand-in for exp(s_ij - m_i) with m_i the largest window/sink score, so it keeps those units. A cached
+key weighs w_h exp(s_ij - m_i) too, which exceeds 1 when it outscores the window (the key the query looks for): it
+then outweighs the memory as in the teacher's softmax, however many tokens the memory holds. (With m_i the largest
+score of the whole exact set instead, the memory's mass, which grows with the context, drowns such a key.)
+
+Shapes: cached keys k, v (B, Hkv, n, d); their features fk (B, Hkv, n, F); memory S (B, Hkv, F, d + 1) or None.
+"""
+
+import torch
+
+EPS = 1e-6
+
+
+def self_recall_error(fk: torch.Tensor | None, v: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+    """(B, Hkv, n): how badly the memory recalls each value from its key (the squared error of its read-out)."""
+    wide = torch.promote_types(v.dtype, torch.float32)  # rank in float32 at least (bf16 ties)
+    if memory is None:
+        return v.to(wide).pow(2).sum(-1)
+    read = (fk @ memory).to(wide)  # (B, Hkv, n, d + 1)
+    return (v.to(wide) - read[..., :-1] / (read[..., -1:] + EPS)).pow(2).sum(-1)
+
+
+def keep_worst_recalled(errors: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """errors (B, Hkv, n) with n > size -> (kept (B, Hkv, size), evicted (B, Hkv, n - size)): indices in position
+    order, the kept ones the `size` largest errors of each head."""
+    n = errors.shape[-1]
+    keep = torch.zeros(errors.shape, dtype=torch.bool, device=errors.device)
+    keep.scatter_(-1, errors.topk(size, dim=-1).indices, True)
+    order = torch.argsort(keep.to(torch.uint8), dim=-1, stable=True)  # evicted first, then kept, each in order
+    return order[..., n - size:], order[..., : n - size]
+
+
+def gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, n, X), index (B, Hkv, m) -> (B, Hkv, m, X)"""
+    return torch.take_along_dim(x, index[..., None], dim=2)
+
+
+def write_memory(memory: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """S + sum_j phi(k_j)^T [v_j, 1]: fk (B, Hkv, n, F), v (B, Hkv, n, d) -> the new S (a new tensor)."""
+    return memory + fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)

@@ -1,0 +1,1 @@
+"""`linearize serve`: an OpenAI-compatible server with reusable decoding states (engine.py, app.py)."""

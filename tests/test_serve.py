@@ -1,0 +1,196 @@
+"""`linearize serve` against a real uvicorn server on localhost (tiny random converted model), through the `openai`
+client: completions, chat, streaming, concurrent requests, named states reused token for token, and 4xx JSON errors
+for bad requests after which the server keeps serving."""
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+DOC = ("the quick brown fox jumps over the lazy dog. hello world, this is a tiny tokenizer. linear attention is "
+       "fast. ") * 3
+QUESTION = " User: hi there\nAssistant:"
+MAX_CONTEXT = 400
+
+
+@pytest.fixture(scope="module")
+def server(tiny_converted, tmp_path_factory):
+    """(base url, states folder, run folder): `linearize serve` of the tiny model on a free localhost port."""
+    from linearize.serve.cli import build
+
+    run = tiny_converted[0]
+    states = tmp_path_factory.mktemp("states")
+    app, engine = build(run, name="tiny", states=states, max_context=MAX_CONTEXT, device="cpu")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        thread.join(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", states, run
+    srv.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_converted):
+    """greedy(prompt, n, state_text=None) -> the text the model itself continues with (in this process, the server's
+    decoding linears): what the server must answer at temperature 0."""
+    from linearize.decoding import Decoder, prefill
+    from linearize.ops.decode_linear import use_decode_linears
+    from linearize.run_folder import load_student
+
+    model, tok = load_student(tiny_converted[0])
+    use_decode_linears(model)
+
+    def greedy(prompt, n, state_text=None):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        state = logits = None
+        if state_text is not None:
+            logits, state = prefill(model, tok(state_text, return_tensors="pt", add_special_tokens=False).input_ids)
+        new = Decoder(model).generate(ids, n, eos_token_id=tok.eos_token_id, state=state, state_logits=logits)
+        return tok.decode(new, skip_special_tokens=True)
+
+    return greedy
+
+
+def post(url, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_completion_and_chat(client, reference):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=0)
+    assert out.choices[0].text == reference("hello world", 8)
+    assert out.usage.completion_tokens <= 8 and out.usage.prompt_tokens > 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi there"}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == reference("User: hi there\nAssistant:", 6)  # no chat template
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 6
+    sampled = [client.completions.create(model="tiny", prompt="the", max_tokens=6, temperature=1, seed=s).choices[0]
+               .text for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+
+
+def test_streaming_equals_the_whole_answer(client):
+    whole = client.completions.create(model="tiny", prompt="linear attention", max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="linear attention", max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_string_ends_the_text(client):
+    whole = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0).choices[0].text
+    stop = whole[3:5]
+    assert len(stop) == 2
+    out = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].text == whole[: whole.index(stop)] and out.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_all_answered_like_alone(client):
+    prompts = ["hello", "the lazy dog", "linear", "fox jumps over", "world, this", "tiny"]
+
+    def ask(p):
+        return client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    alone = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(ask, prompts)) == alone
+
+
+def test_named_state_answers_like_prefilling_again(server, client, reference):
+    url, states, run = server
+    status, made = post(f"{url}/states", {"name": "doc", "text": DOC})
+    assert status == 200 and made["tokens"] > 50 and (states / "doc.safetensors").is_file()
+    assert {s.get("id") for s in client.get("/states", cast_to=object)["data"]} >= {"doc"}
+
+    def ask(state):
+        return client.completions.create(model="tiny", prompt=QUESTION, max_tokens=10, temperature=0,
+                                         extra_body={"state": state})
+
+    first, again = ask("doc"), ask("doc")  # the stored state is not changed by answering from it
+    assert first.choices[0].text == again.choices[0].text == reference(QUESTION, 10, state_text=DOC)
+    assert first.choices[0].text != reference(QUESTION, 10)  # the document mattered
+    assert first.usage.prompt_tokens_details.cached_tokens == made["tokens"]
+    assert post(f"{url}/states", {"name": "doc2", "text": DOC})[0] == 200  # prefill the document again
+    assert ask("doc2").choices[0].text == first.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, extra_body={"state": "doc"})
+    assert chat.choices[0].message.content == reference("User: hi\nAssistant:", 5, state_text=DOC)
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, client):
+    url = server[0]
+    status, body = post(f"{url}/completions", b'{"model": "tiny", "prompt": ')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post(f"{url}/completions", {"model": "tiny"})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = post(f"{url}/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = post(f"{url}/states", {"name": "../escape", "text": "hi"})
+    assert status == 400 and "bad state name" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' not found"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 400") as e:
+        client.completions.create(model="tiny", prompt="hello world " * 200, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError, match="state 'nope' not found"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"state": "nope"})
+    from linearize.layers.linear_attention import DecodingState
+    from linearize.state_file import save_state
+
+    save_state(server[1] / "alien.safetensors", DecodingState(2), torch.zeros(1, 300), "another", torch.float32)
+    with pytest.raises(openai.ConflictError, match="made by another model"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"state": "alien"})
+    status, body = post(f"{url}/nowhere", {})
+    assert status == 404 and "error" in body
+    out = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_serve_bench_writes_its_results(tiny_converted, tmp_path):
+    """`linearize serve-bench` end to end at toy sizes: a child server process, 2 clients x 2 requests, a state."""
+    from linearize.bench.serve_load import ServeBenchSettings, serve_bench
+
+    settings = ServeBenchSettings(clients=2, requests=2, min_prompt=16, max_prompt=32, max_tokens=3, doc_tokens=64,
+                                  device="cpu")
+    res = serve_bench(tiny_converted[0], settings, tmp_path / "serve.json")
+    assert json.loads((tmp_path / "serve.json").read_text()) == res
+    assert res["load"]["requests"] == 4 and res["load"]["errors"] == 0 and res["load"]["requests_per_s"] > 0
+    assert [r["round"] for r in res["load"]["rounds"]] == [0, 1] and res["memory"]["rss_warmup_peak_mib"] > 0
+    reuse = res["state_reuse"]
+    assert reuse["doc_tokens"] > 40 and reuse["from_state_s"] > 0 and reuse["from_scratch_s"] > 0

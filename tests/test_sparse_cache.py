@@ -1,0 +1,120 @@
+"""The sparse cache (ops/sparse_cache.py): the keys the linear memory recalls worst stay in exact softmax.
+Every form (chunked, recurrent, prefill in uneven blocks, prefill then decoding) equals the quadratic reference,
+which replays the selections on explicit sets; a cache that holds everything is exact softmax attention; a key
+kept in the cache is retrieved exactly; the decoding state does not grow; a converted model takes a cache without
+training and then, with room for every key, equals its teacher."""
+
+import pytest
+import torch
+
+from linearize import LinearAttentionConfig, LinearizedForCausalLM
+from linearize.errors import LinearizeError
+from linearize.models.linearized import set_sparse_cache
+from linearize.ops.hybrid_attention import AttentionSpec, Streams, attention_quadratic
+from linearize.ops.sparse_cache import keep_worst_recalled, self_recall_error
+
+from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
+
+CASES = [  # (B, H, Hkv, T, d, window, sinks, cache, every)
+    (2, 4, 2, 70, 8, 5, 2, 3, 8),  # GQA, selections every 8 tokens, sinks
+    (1, 2, 1, 40, 8, 0, 1, 2, 4),  # no window: keys leave it at once and wait in the cache
+    (1, 6, 2, 129, 8, 8, 4, 5, 16),  # GQA groups of 3, many selections
+    (1, 2, 2, 10, 8, 16, 3, 2, 4),  # shorter than the window: nothing is ever cached
+]
+SPANS = {
+    "chunked": lambda T: [(slice(0, T), "chunked")],
+    "recurrent": lambda T: [(slice(0, T), "recurrent")],
+    "prefill-blocks": lambda T: [(s, "chunked") for s in blocks(T)],
+    "prefill+decode": lambda T: [(slice(0, T // 2), "chunked"), (slice(T // 2, T), "recurrent")],
+}
+
+
+@pytest.mark.parametrize("form", sorted(SPANS))
+@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("B,H,Hkv,T,d,window,sinks,cache,every", CASES)
+def test_form_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, linear, form):
+    streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, cache=cache, cache_every=every)
+    ref = attention_quadratic(streams, spec, mix)
+    y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    left = max(T - window - sinks, 0)  # keys that left the window and are no sinks
+    held = 0 if state.cache is None else len(state.cache)
+    assert held == (left if left <= cache else cache + (T - (T // every) * every))  # M + those since the selection
+    if left > cache and linear:  # the cache changed the result
+        assert (ref - attention_quadratic(streams, AttentionSpec(window, d**-0.5, sinks=sinks), mix)).abs().max() > 1e-3
+
+
+def test_cache_for_every_key_is_exact_softmax():
+    streams, mix, _, _ = attention_inputs(1, 4, 2, 50, 8)
+    full = attention_quadratic(streams, AttentionSpec(None, 8**-0.5, linear=False), mix)
+    got = attention_quadratic(streams, AttentionSpec(4, 8**-0.5, cache=50, cache_every=8), mix)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_key_kept_in_the_cache_is_retrieved_exactly():
+    """Linear part off: only window + cache. A needle whose value the memory cannot recall (here: the largest) is
+    kept; a query that matches its key reads its value exactly, 90 tokens later, far outside the window."""
+    T, d, needle = 100, 8, 7
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, T, d, generator=g), torch.randn(1, 1, T, d, generator=g)
+    v[0, 0, needle] *= 20
+    q = torch.randn(1, 1, T, d, generator=g)
+    q[0, 0, -1] = 50 * k[0, 0, needle]  # the last query asks for the needle
+    streams, mix = Streams(k, v, q=q), torch.ones(1)
+    with_cache = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), mix)
+    y, state = run_in_spans(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), mix, None,
+                            SPANS["recurrent"](T))
+    torch.testing.assert_close(y[0, 0, -1], v[0, 0, needle], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_cache, y)
+    assert any(torch.equal(row, k[0, 0, needle]) for row in state.cache.k[0, 0])
+    window_only = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False), mix)
+    assert (window_only[0, 0, -1] - v[0, 0, needle]).abs().max() > 1.0
+
+
+def test_self_recall_error_and_selection():
+    fk = torch.rand(1, 1, 5, 6, dtype=torch.float64)
+    v = torch.randn(1, 1, 5, 3, dtype=torch.float64)
+    memory = fk[:, :, :2].transpose(-1, -2) @ torch.cat([v[:, :, :2], torch.ones(1, 1, 2, 1, dtype=v.dtype)], -1)
+    errors = self_recall_error(fk, v, memory)
+    read = fk @ memory
+    assert torch.allclose(errors, (v - read[..., :3] / (read[..., 3:] + 1e-6)).pow(2).sum(-1))
+    assert torch.equal(self_recall_error(None, v, None), v.pow(2).sum(-1))
+    kept, evicted = keep_worst_recalled(torch.tensor([[[0.5, 3.0, 0.1, 2.0, 1.0]]]), 2)
+    assert kept.tolist() == [[[1, 3]]] and evicted.tolist() == [[[0, 2, 4]]]  # position order both
+
+
+def test_model_with_cache_for_everything_equals_teacher_and_state_is_constant(tiny_teacher):
+    """A converted model takes a cache without training. With room for every key nothing enters the memory, so it
+    is its teacher (full forward and step-wise decoding); with a small cache its state has the same bytes at
+    every selection, however long the context."""
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny_teacher(input_ids=ids).logits
+    student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
+    student = set_sparse_cache(student.eval(), 48, every=8)
+    assert student.config.attention["cache"] == 48
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        stepwise, _ = decode_stepwise(student, ids, prompt=13)
+        torch.testing.assert_close(stepwise, expected, rtol=1e-4, atol=1e-4)
+        set_sparse_cache(student, 3, every=8)
+        long = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(2))
+        state, sizes = student.new_decoding_state(), {}
+        for t in range(0, 200, 8):
+            student(input_ids=long[:, t : t + 8], linear_state=state)
+            sizes[t + 8] = state.nbytes()
+    assert len(set(list(sizes.values())[3:])) == 1  # from the first full cache on, every selection leaves M keys
+    assert all(len(s.cache) == 3 for s in state)
+
+
+def test_bad_cache_settings_are_refused(tiny_teacher):
+    with pytest.raises(LinearizeError, match="sparse cache"):
+        LinearAttentionConfig(cache=8, rule="delta")
+    with pytest.raises(LinearizeError, match="sparse cache"):
+        LinearAttentionConfig(cache=8, gate="key")
+    with pytest.raises(LinearizeError, match="cache"):
+        LinearAttentionConfig(cache=-1)
+    pure = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=0))
+    with pytest.raises(LinearizeError, match="--cache"):
+        set_sparse_cache(pure, 8)
