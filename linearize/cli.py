@@ -61,6 +61,9 @@ def _add_convert(sub):
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
     p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",
                    help="keep exact softmax attention in exactly these layers (instead of --keep-softmax K)")
+    p.add_argument("--retrieval-fraction", type=float, default=d.retrieval_fraction, metavar="F",
+                   help="make a share F of the stage 1 and 2 training rows look-up exercises: facts hidden in the "
+                        "text, one asked at the end (data/retrieval.py; default: 0)")
     p.add_argument("--skip-transfer", action="store_true", help="LoRA only (baseline: shows what transfer buys)")
     p.add_argument("--transfer-state", help="stage 1 result from `linearize blocks stitch` (.safetensors): load it "
                                             "instead of running stage 1")

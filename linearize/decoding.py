@@ -71,8 +71,9 @@ class Decoder:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, state=None, logits=None) -> torch.Tensor:
-        """ids (1, T) -> logits (1, V); a new cache, or (student) continuing from `state`. With T = 0 and the
-        state's next-token `logits` (a saved state): the state as it is."""
+        """ids (1, T) -> logits (1, V); a new cache, or continuing from `state` (a DecodingState or KV cache a
+        prefill left: copy it first to continue it more than once, decoding writes it in place). With T = 0 and
+        the state's next-token `logits` (a saved state): the state as it is."""
         ids = ids.to(self.device)
         if ids.shape[1] == 0 and state is not None and logits is not None:
             self.cache = state
@@ -82,7 +83,7 @@ class Decoder:
             return logits
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = state if state is not None else DynamicCache(config=self.model.config)
         return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import pack_sequences
+from .data.retrieval import mix_retrieval
 from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
@@ -54,6 +55,7 @@ class ConvertSettings:
     transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
+    retrieval_fraction: float = 0.0  # share of stage 1 and 2 training rows made look-up exercises (data/retrieval.py)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
@@ -72,6 +74,8 @@ class ConvertSettings:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_tokens < self.seq_len:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
+        if not 0 <= self.retrieval_fraction <= 1:
+            raise LinearizeError(f"--retrieval-fraction must be between 0 and 1 (got {self.retrieval_fraction})")
         if self.keep_softmax and self.softmax_layers:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
         if self.dtype != "auto":
@@ -215,6 +219,11 @@ def load_inputs(c: Conversion):
     c.heldout = pack_sequences(num_sequences=s.eval_tokens // s.seq_len, split="heldout", **pack)
     c.train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, s.seq_len, dtype=torch.long)
     c.train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
+    if s.retrieval_fraction:  # the held-out rows stay as they are
+        c.train1 = mix_retrieval(c.train1, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage1")
+        if c.train2 is not None:
+            c.train2 = mix_retrieval(c.train2, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage2")
+        c.log(f"look-up exercises: {s.retrieval_fraction:.0%} of the training rows (data/retrieval.py)")
     ppl = c.state.once("teacher_ppl", lambda: perplexity(c.teacher, c.heldout, desc="teacher perplexity",
                                                          progress=c.progress))
     c.log(f"teacher held-out perplexity: {ppl:.3f}")

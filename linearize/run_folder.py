@@ -159,7 +159,8 @@ def load(path: str | Path, dtype=None):
         raise LinearizeError(f"could not read {path / WEIGHTS} ({str(e).splitlines()[0][:200]}); "
                              "the file is corrupt or incomplete: re-run `linearize convert`") from e
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / TOKENIZER).exists() else None
-    return model.eval(), tokenizer
+    # from_pretrained leaves the teacher skeleton built inside __init__ in float32: every weight in `dtype`
+    return model.to(dtype or torch.float32).eval(), tokenizer
 
 
 def load_student(path: str | Path, device="cpu", dtype=None):

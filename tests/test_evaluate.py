@@ -118,13 +118,16 @@ def test_passkey_scores_a_reader_that_finds_the_key_and_one_that_does_not(pair, 
 
     teacher, _, tokenizer = pair
     for shift, expected in ((0, 1.0), (1, 0.0)):
-        class Reader:
+        class Reader:  # the prompt's context is prefilled, the question continues (a copy of) its state
             def __init__(self, model):
-                pass
+                self.cache = None
 
-            def generate(self, ids, n, eos_token_id=None):
-                key = int(re.findall(r"pass key is (\d+)", tokenizer.decode(ids[0]))[0])
-                return tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
+            def prefill(self, ids, state=None):
+                self.cache = [tokenizer.decode(ids[0])] if state is None else state
+                return None if state is None else int(re.findall(r"pass key is (\d+)", state[0])[0])
+
+            def tokens(self, key, n, eos_token_id=None):
+                yield from tokenizer(f" {key + shift}.", add_special_tokens=False).input_ids
 
         monkeypatch.setattr(passkey, "Decoder", Reader)
         r = passkey_accuracy(teacher, tokenizer, [120, 300], trials=3)
@@ -175,19 +178,24 @@ def test_mmlu_of_a_model_that_always_answers_a_is_the_share_of_as(pair, tmp_path
 def test_eval_command_writes_eval_json(tiny_converted, capsys):
     student_dir = tiny_converted[0]
     rc = main(["eval", str(student_dir), "--seq-len", "64", "--sequences", "2", "--layer-sequences", "1",
-               "--passkey-lengths", "200", "--passkey-trials", "1", "--generation-prompts", "3",
+               "--passkey-lengths", "200", "--passkey-trials", "1", "--multikey-keys", "2,4",
+               "--multikey-lengths", "150,250", "--multikey-trials", "2", "--generation-prompts", "3",
                "--generation-tokens", "6", "--skip", "mmlu", "--no-progress"])
     assert rc == 0
     res = json.loads((student_dir / "eval.json").read_text())
     assert set(res["texts"]) == {"sharegpt", "shakespeare", "python-docs"}
     assert all(len(v) == 2 for v in res["layer_mse"].values())
     assert res["passkey"]["lengths"] == [200] and "mmlu" not in res
+    mk = res["multikey"]
+    assert mk["keys"] == [2, 4] and mk["lengths"] == [150, 250] and mk["trials"] == 2
+    assert all(len(mk[who][k]) == 2 and all(0 <= a <= 1 for a in mk[who][k]) for who in ("teacher", "student")
+               for k in ("2", "4"))
     base = res["baseline"]
     assert set(base["texts"]) == set(res["texts"]) and base["attention"] == "streaming"
     assert base["state_bytes"] <= base["student_state_bytes"]
     assert res["generation"]["prompts"] == 3 and set(res["generation"]["repetition"]) == {"teacher", "student"}
     out = capsys.readouterr().out
-    assert "top-1" in out and "repeated 4-grams" in out
+    assert "top-1" in out and "repeated 4-grams" in out and "multi-key recall" in out
 
 
 def test_eval_command_with_own_texts_and_prompts(tiny_converted, tmp_path, capsys):
@@ -212,6 +220,8 @@ def test_eval_command_with_own_texts_and_prompts(tiny_converted, tmp_path, capsy
 def test_eval_command_rejects_bad_options(tiny_converted, capsys):
     assert main(["eval", str(tiny_converted[0]), "--skip", "everything"]) == 2
     assert "unknown part" in capsys.readouterr().err
+    assert main(["eval", str(tiny_converted[0]), "--multikey-keys", "4,64"]) == 2
+    assert "at most 24 keys" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse: one line "argument --limit: ..." and exit 2
         main(["eval", str(tiny_converted[0]), "--limit", "some"])
     assert e.value.code == 2 and "--limit takes" in capsys.readouterr().err

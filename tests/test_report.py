@@ -27,6 +27,10 @@ def run_dir(tmp_path):
     results = {"texts": texts, "layer_mse": {"sharegpt": [1e-3, 2e-3, 4e-3]},
                "passkey": {"lengths": [256, 1024], "tokens": [250, 1030], "trials": 2,
                            "teacher": [1, 1], "student": [1, 0]},
+               "multikey": {"keys": [4, 16], "lengths": [1024, 2048], "trials": 20,
+                            "tokens": {"4": [1000, 2010], "16": [1030, 2040]},
+                            "teacher": {"4": [1.0, 0.95], "16": [0.9, 0.85]},
+                            "student": {"4": [0.35, 0.1], "16": [0.05, 0.0]}},
                "mmlu": {"limit": 1, "num_fewshot": 5, "questions": 57,
                         "teacher": {"acc": 0.3}, "student": {"acc": 0.28}},
                "baseline": {"attention": "streaming", "window": 129, "sinks": 4, "state_bytes": 3,
@@ -54,6 +58,7 @@ def test_report_embeds_every_figure(run_dir):
     assert "12.00" in page and "MMLU 5-shot" in page and "decode_speedup_16k" in page
     assert "streaming 4+129" in page and "13.50" in page  # the baseline of equal state bytes, beside the student
     assert "student 31.0%" in page  # the repetition rate of the generation part
+    assert "<td>16 keys, one asked</td><td>2048</td><td>85%</td><td>0%</td>" in page  # the recall table
     assert "<script" not in page and "http" not in page  # self-contained
 
 

@@ -31,3 +31,10 @@ def streaming_baseline(teacher, student, sinks: int = 4, context: int = 2048):
     baseline = LinearizedForCausalLM.from_teacher(probe.model, attention_preset("streaming", window=window,
                                                                                 sinks=sinks)).eval()
     return baseline, window, state_bytes(baseline, context), target
+
+
+def kv_cache_bytes(config, context: int, element_size: int) -> int:
+    """Bytes of a teacher's KV cache (keys and values, every layer) after `context` tokens, from its config: what a
+    DynamicCache holds when every layer attends globally (no sliding-window layers)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * element_size

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, mmlu_limit, names, token_counts
+from ..options import add_placement, comma_ints, mmlu_limit, names, token_counts
 
 
 def add(sub):
@@ -10,7 +10,7 @@ def add(sub):
     from .texts import EVAL_TEXTS
 
     d = EvalSettings()
-    p = sub.add_parser("eval", help="quality vs the teacher: ppl, KL, top-1, layer error, passkey, MMLU -> eval.json",
+    p = sub.add_parser("eval", help="quality vs the teacher: ppl, KL, top-1, layer error, passkey, multi-key recall, MMLU -> eval.json",
                        description="Compare a converted model with its teacher. Writes DIR/eval.json (keys documented "
                                    "in linearize/evaluate/run.py) and prints a table.")
     p.add_argument("path", help="converted model folder")
@@ -26,6 +26,12 @@ def add(sub):
                    help="passkey prompt lengths in tokens (default: 256,512,1k,2k,4k)")
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
                    help="trials per length (default: %(default)s)")
+    p.add_argument("--multikey-keys", type=comma_ints, default=d.multikey_keys,
+                   help="multi-key recall: facts hidden per prompt, one asked (default: 4,16)")
+    p.add_argument("--multikey-lengths", type=token_counts, default=d.multikey_lengths,
+                   help="multi-key prompt lengths in tokens (default: 1k,2k,4k; the issue's full set: 1k,2k,4k,8k,16k)")
+    p.add_argument("--multikey-trials", type=int, default=d.multikey_trials,
+                   help="questions per (keys, length) (default: %(default)s)")
     p.add_argument("--generation-prompts", type=int, default=d.generation_prompts,
                    help="held-out prompts both models answer greedily (default: %(default)s)")
     p.add_argument("--prompts", help="prompts for the generation comparison: a .txt file (one per line) or .jsonl "
@@ -50,6 +56,8 @@ def run(args):
     settings = EvalSettings(texts=names(args.texts), seq_len=args.seq_len,
                             sequences=args.sequences, layer_sequences=args.layer_sequences,
                             passkey_lengths=args.passkey_lengths, passkey_trials=args.passkey_trials,
+                            multikey_keys=tuple(args.multikey_keys), multikey_lengths=args.multikey_lengths,
+                            multikey_trials=args.multikey_trials,
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
@@ -99,6 +107,14 @@ def print_tables(res: dict):
         t.add_column("student", justify="right")
         for i, n in enumerate(pk["tokens"]):
             t.add_row(str(n), f"{pk['teacher'][i]:.0%}", f"{pk['student'][i]:.0%}")
+        console.print(t)
+    if "multikey" in res:
+        mk = res["multikey"]
+        t = Table(title=f"multi-key recall: k facts hidden, one asked ({mk['trials']} questions per cell)")
+        for col in ("length (tokens)", *(f"{who} k={k}" for k in mk["keys"] for who in ("teacher", "student"))):
+            t.add_column(col, justify="right")
+        for i, n in enumerate(mk["lengths"]):
+            t.add_row(str(n), *(f"{mk[who][str(k)][i]:.0%}" for k in mk["keys"] for who in ("teacher", "student")))
         console.print(t)
     if "mmlu" in res:
         m = res["mmlu"]

@@ -7,6 +7,8 @@
                                kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
     layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
     passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
+    multikey                   keys (k facts per prompt), lengths, trials, tokens {k: mean prompt length per length},
+                               teacher / student: {k: accuracy per length} (evaluate/passkey.py)
     baseline                   the teacher as StreamingLLM (4 sinks + the window W whose state has the student's
                                bytes; evaluate/baseline.py): attention, window, sinks, state_bytes,
                                student_state_bytes, texts.NAME as above (teacher vs baseline)
@@ -29,7 +31,7 @@ from ..models.linearized import set_sparse_cache
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, check_text, eval_sequences
 
-PARTS = ("ppl", "baseline", "layers", "passkey", "generation", "mmlu")
+PARTS = ("ppl", "baseline", "layers", "passkey", "multikey", "generation", "mmlu")
 
 
 @dataclass
@@ -39,7 +41,10 @@ class EvalSettings:
     sequences: int = 8  # rows per text for ppl / KL / top-1
     layer_sequences: int = 2  # rows per text for the per-layer error
     passkey_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
-    passkey_trials: int = 5
+    passkey_trials: int = 20
+    multikey_keys: tuple[int, ...] = (4, 16)  # facts hidden per prompt (one is asked)
+    multikey_lengths: tuple[int, ...] = (1024, 2048, 4096)  # 8k, 16k by option: minutes per length on a CPU
+    multikey_trials: int = 20
     generation_prompts: int = 50  # held-out prompts answered greedily by both models (evaluate/generation.py)
     prompts: str | None = None  # a prompts file instead of held-out ones (generation.file_prompts)
     generation_tokens: int = 64
@@ -59,8 +64,14 @@ class EvalSettings:
 
             check_prompts(self.prompts)
         if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths,
-               self.generation_prompts, self.generation_tokens) < 1:
+               self.multikey_trials, *self.multikey_keys, *self.multikey_lengths, self.generation_prompts,
+               self.generation_tokens) < 1:
             raise LinearizeError("sizes and counts must be >= 1")
+        from .passkey import NAMES  # (imports transformers: not at `linearize --help` time)
+
+        if max(self.multikey_keys) > len(NAMES):
+            raise LinearizeError(f"--multikey-keys takes at most {len(NAMES)} keys per prompt (the names there are); "
+                                 f"got {max(self.multikey_keys)}")
         if self.limit is not None and self.limit < 1:
             raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
 
@@ -73,7 +84,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     from .baseline import streaming_baseline
     from .generation import file_prompts, generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
-    from .passkey import passkey_accuracy
+    from .passkey import multikey_accuracy, passkey_accuracy
 
     settings = settings or EvalSettings()
     settings.check()
@@ -131,6 +142,12 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["passkey"] = {k: runs["teacher"][k] for k in ("lengths", "tokens", "trials")}
         res["passkey"].update({who: r["accuracy"] for who, r in runs.items()})
 
+    def multikey():
+        runs = {who: multikey_accuracy(m, tokenizer, list(settings.multikey_keys), list(settings.multikey_lengths),
+                                       settings.multikey_trials) for who, m in models.items()}
+        res["multikey"] = {k: runs["teacher"][k] for k in ("keys", "lengths", "trials", "tokens")}
+        res["multikey"].update({who: r["accuracy"] for who, r in runs.items()})
+
     def mmlu():
         max_length = getattr(teacher_model.config, "max_position_embeddings", 2048)
         res["mmlu"] = mmlu_accuracy(models, tokenizer, settings.limit, max_length=max_length)
@@ -144,7 +161,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
                              **generation_agreement(teacher_model, student, tokenizer, prompts,
                                                     settings.generation_tokens)}
 
-    for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey), ("generation", generation),
-                     ("mmlu", mmlu)):
+    for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey),
+                     ("multikey", multikey), ("generation", generation), ("mmlu", mmlu)):
         part(name, fn)
     return res

@@ -65,6 +65,15 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
                      f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; the "
                      f"student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} tokens on "
                      f"average</p>")
+    if results and (results.get("passkey") or results.get("multikey")):
+        rows = []
+        if pk := results.get("passkey"):
+            rows += [["passkey", n, fmt(t, ".0%"), fmt(s, ".0%")]
+                     for n, t, s in zip(pk["lengths"], pk["teacher"], pk["student"])]
+        if mk := results.get("multikey"):
+            rows += [[f"{k} keys, one asked", n, fmt(t, ".0%"), fmt(s, ".0%")] for k in map(str, mk["keys"])
+                     for n, t, s in zip(mk["lengths"], mk["teacher"][k], mk["student"][k])]
+        parts.append("<h2>Recall</h2>" + _table(["test", "length (tokens)", "teacher", "student"], rows))
     if results and results.get("mmlu"):
         m = results["mmlu"]
         parts.append(f"<p>MMLU {m['num_fewshot']}-shot (lm-eval, {m['questions']} questions, limit {m['limit']} per "

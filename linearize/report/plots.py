@@ -104,19 +104,28 @@ def speed(bench: dict | None):
     return fig
 
 
-def passkey(results: dict | None):
-    """Passkey retrieval accuracy vs prompt length, teacher and student."""
-    pk = (results or {}).get("passkey")
-    if not pk:
+def recall(results: dict | None):
+    """Recall accuracy vs prompt length, teacher and student: one panel for passkey retrieval, one per number of
+    keys of the multi-key test."""
+    results = results or {}
+    panels = []
+    if pk := results.get("passkey"):
+        panels.append((f"passkey ({pk['trials']} trials per length)", pk["tokens"], pk["teacher"], pk["student"]))
+    if mk := results.get("multikey"):
+        for k in mk["keys"]:
+            k = str(k)
+            panels.append((f"{k} keys, one asked ({mk['trials']} per length)", mk["tokens"][k], mk["teacher"][k],
+                           mk["student"][k]))
+    if not panels:
         return None
-    fig, (ax,) = _figure(width=7)
-    for who in ("teacher", "student"):
-        ax.plot(pk["tokens"], [100 * a for a in pk[who]], marker="o", color=COLORS[who], label=who)
-    ax.set(title=f"passkey retrieval ({pk['trials']} trials per length)", xlabel="prompt length (tokens)",
-           ylabel="accuracy (%)", ylim=(-5, 105))
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = _figure(len(panels), width=4.6)
+    for ax, (title, tokens, teacher, student) in zip(axes, panels):
+        for who, accuracy in (("teacher", teacher), ("student", student)):
+            ax.plot(tokens, [100 * a for a in accuracy], marker="o", color=COLORS[who], label=who)
+        ax.set(title=title, xlabel="prompt length (tokens)", ylabel="accuracy (%)", ylim=(-5, 105))
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -125,5 +134,5 @@ FIGURES = {  # file stem -> (caption, function of (curves, results, bench))
     "layer_error": ("Per-layer attention-transfer error (predicts final quality)", lambda c, r, b: layer_error(c, r)),
     "perplexity": ("Perplexity, teacher vs student, per text", lambda c, r, b: perplexity(r)),
     "speed": ("Speed and memory vs context length", lambda c, r, b: speed(b)),
-    "passkey": ("Long-context recall: passkey retrieval", lambda c, r, b: passkey(r)),
+    "recall": ("Long-context recall vs length: passkey retrieval and multi-key look-up", lambda c, r, b: recall(r)),
 }

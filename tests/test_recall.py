@@ -1,0 +1,224 @@
+"""Recall: the multi-key prompts and their scoring, decoding that continues a copied state, layers switched back to
+the teacher's attention and the recall ranking of layers."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from linearize.decoding import Decoder
+from linearize.errors import LinearizeError
+from linearize.evaluate import passkey, recall_layers
+from linearize.evaluate.passkey import (MULTIKEY_QUESTION, NAMES, asked_needles, multikey_accuracy,
+                                        multikey_haystack, n_tokens)
+from linearize.evaluate.recall_layers import rank_layers_for_recall, teacher_attention
+from linearize.layers.linear_attention import LinearAttentionConfig
+from linearize.models.linearized import LinearizedForCausalLM
+
+from conftest import tiny_llama_config
+
+
+def four_layer_pair(window=4):
+    """(teacher, student): the student's q/k/v/o weights are moved off the teacher's, as a merged LoRA would."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=4)).eval()
+    student = LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), LinearAttentionConfig(window=window,
+                                                                                               chunk_size=8)).eval()
+    with torch.no_grad():
+        for attn in student.attention_modules():
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                proj.weight.add_(0.05 * torch.randn_like(proj.weight))
+    return teacher, student
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_multikey_haystack_hides_every_key_at_spread_depths(tiny_tokenizer, k):
+    import random
+
+    haystack, pairs = multikey_haystack(tiny_tokenizer, 2000, k, random.Random(0))
+    prompt = haystack + MULTIKEY_QUESTION.format(name=pairs[0][0])
+    assert abs(n_tokens(tiny_tokenizer, prompt) - 2000) < 60
+    assert len({n for n, _ in pairs}) == k and all(n in NAMES for n, _ in pairs)
+    positions = [haystack.index(f"The code for {n} is {v}.") for n, v in pairs]
+    assert positions == sorted(positions)  # depth order, spread over the haystack
+    assert positions[0] / len(haystack) < 0.6 / k + 0.05 and positions[-1] / len(haystack) > 1 - 0.6 / k - 0.05
+    for h in range(5):  # the questions of one haystack ask distinct needles, all of them keys of the haystack
+        asked = asked_needles(h, k, min(4, k))
+        assert len(set(asked)) == len(asked) == min(4, k) and all(0 <= j < k for j in asked)
+
+
+def reader(tokenizer, shift: int):
+    """A fake Decoder class that answers by reading the asked code (or pass key) out of the context it was
+    prefilled with, plus `shift`."""
+
+    class Reader:
+        def __init__(self, model):
+            self.cache = None
+
+        def prefill(self, ids, state=None):
+            if state is None:  # the context
+                self.cache = {"context": tokenizer.decode(ids[0])}
+                return None
+            assert state == self.cache and state is not self.cache  # the question continues a copy of its state
+            name = re.search(r"code for (\w+)\?", tokenizer.decode(ids[0]))
+            pattern = rf"code for {name.group(1)} is (\d+)" if name else r"pass key is (\d+)"
+            return int(re.search(pattern, state["context"]).group(1))  # stands for the next-token logits
+
+        def tokens(self, code, n, eos_token_id=None):
+            yield from tokenizer(f" {code + shift}. More text", add_special_tokens=False).input_ids[:n]
+
+    return Reader
+
+
+@pytest.mark.parametrize("shift, expected", [(0, 1.0), (1, 0.0)])
+def test_scoring_counts_a_reader_that_finds_the_asked_code_and_one_that_does_not(tiny_tokenizer, monkeypatch,
+                                                                                 shift, expected):
+    monkeypatch.setattr(passkey, "Decoder", reader(tiny_tokenizer, shift))
+    r = multikey_accuracy(None, tiny_tokenizer, [4, 16], [300, 600], trials=6)
+    assert r["accuracy"] == {"4": [expected] * 2, "16": [expected] * 2}
+    assert r["trials"] == 6 and r["tokens"]["4"][0] < r["tokens"]["4"][1]
+    pk = passkey.passkey_accuracy(None, tiny_tokenizer, [200], trials=3)
+    assert pk["accuracy"] == [expected]
+
+
+@pytest.mark.parametrize("text, done", [("", False), (" is", False), (" 1", False), (" 12345", False),
+                                        (" 12345.", True), (" 13", True), (" 123456", True), (" 1234 5", True)])
+def test_decoding_stops_once_the_first_number_decides_the_trial(text, done):
+    from linearize.evaluate.passkey import decided
+
+    assert decided(text, "12345") == done
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_decoding_continues_a_copied_state_as_one_prompt(which):
+    teacher, student = four_layer_pair()
+    model = teacher if which == "teacher" else student
+    ids = torch.randint(0, 320, (1, 45), generator=torch.Generator().manual_seed(1))
+    dec = Decoder(model)
+    whole = dec.prefill(ids)
+    dec.prefill(ids[:, :30])
+    saved = dec.cache
+    for _ in range(2):  # the same copy twice: continuing must not change the saved state
+        torch.testing.assert_close(dec.prefill(ids[:, 30:], state=copy.deepcopy(saved)), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_all_layers_switched_is_the_teacher_and_the_switch_is_undone():
+    teacher, student = four_layer_pair()
+    x = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, before = teacher(x).logits, student(input_ids=x).logits
+        assert (before - expected).abs().max() > 1e-2  # the student differs, projections included
+        with teacher_attention(student, teacher, [0, 1, 2, 3]):
+            torch.testing.assert_close(student(input_ids=x).logits, expected, rtol=1e-4, atol=1e-5)
+            dec = Decoder(student)  # decoding with a KV cache in every switched layer: the teacher's next token
+            torch.testing.assert_close(dec.prefill(x), expected[:, -1], rtol=1e-4, atol=1e-5)
+        with teacher_attention(student, teacher, [2]):
+            one = student(input_ids=x).logits
+            assert (one - before).abs().max() > 1e-3 and (one - expected).abs().max() > 1e-3
+        torch.testing.assert_close(student(input_ids=x).logits, before)
+    with pytest.raises(LinearizeError, match="no linear part"):
+        with teacher_attention(student, teacher, [7]):
+            pass
+
+
+def test_recall_ranking_is_a_permutation_ordered_by_the_gain(tiny_tokenizer, monkeypatch):
+    """(The script test below runs the real probe.)"""
+    teacher, student = four_layer_pair()
+    worth = {0: 0.5, 1: 3.0, 2: -1.0, 3: 2.0}  # a scorer that rewards the switched layers by these amounts
+
+    def scored(model, probes):
+        return sum(w for i, w in worth.items() if not model.attention_modules()[i].config.linear)
+
+    monkeypatch.setattr(recall_layers, "answer_logprob", scored)
+    order, gains = rank_layers_for_recall(student, teacher, tiny_tokenizer, probes=1, length=60, progress=False)
+    assert order == [1, 3, 0, 2] and gains == worth
+
+
+def test_probe_prompts_are_not_the_eval_prompts(tiny_tokenizer):
+    from linearize.evaluate.recall_layers import probe_prompts
+
+    probes = probe_prompts(tiny_tokenizer, 3, 300)
+    assert len(probes) == 3
+    for prompt, answer in probes:
+        text = tiny_tokenizer.decode(prompt[0])
+        assert tiny_tokenizer.decode(answer[0]).strip() in text
+        assert passkey.FILLER.split(". ")[0] not in text and "pass key" not in text and "code for" not in text
+
+
+def test_kv_cache_bytes_from_the_config_are_what_a_prefill_holds():
+    from linearize.evaluate.baseline import kv_cache_bytes, state_bytes
+
+    teacher, _ = four_layer_pair()
+    assert kv_cache_bytes(teacher.config, 50, 4) == state_bytes(teacher, 50) == 2 * 4 * 2 * 16 * 50 * 4
+
+
+def run_recall_table(tiny_converted, tmp_path, *options):
+    """scripts/recall_table.py's main on a copy of the tiny run (its held-out text a small .jsonl, a made-up
+    layer_mse), at the small sizes below plus `options`; returns (recall.json, its path)."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    from conftest import write_word_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_converted[0], run)
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    settings = json.loads((run / "convert.json").read_text())["settings"]
+    (run / "convert.json").write_text(json.dumps({"settings": {**settings, "data": str(data)},
+                                                  "layer_mse": [0.2, 0.1]}))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "recall_table.py"
+    spec = importlib.util.spec_from_file_location("recall_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "recall.json"
+    script.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
+                 "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
+                 "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80", "--out", str(out), *options])
+    return json.loads(out.read_text()), out
+
+
+def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, tmp_path):
+    res, out = run_recall_table(tiny_converted, tmp_path, "--select", "recall,first", "--device", "cpu", "--cache", "4")
+    v = res["variants"]
+    assert set(v) == {"teacher", "student", "recall-k1", "recall-k2", "first-k1", "first-k2"}
+    for r in v.values():
+        assert set(r["passkey"]) == {"100"} and set(r["multikey"]) == {"2"} and set(r["multikey"]["2"]) == {"120"}
+        assert set(r["state_bytes"]) == {"64", "256"} and r["ppl"] > 1
+    assert v["student"]["state_bytes"]["64"] == v["student"]["state_bytes"]["256"]  # constant decoding state
+    from linearize.evaluate.baseline import state_bytes
+    from linearize.run_folder import load_student
+
+    plain = state_bytes(load_student(tiny_converted[0])[0], 64)
+    assert v["student"]["state_bytes"]["64"] > plain  # --cache 4: the linear layers keep 4 exact keys too
+    assert v["teacher"]["state_bytes"]["256"] == 4 * v["teacher"]["state_bytes"]["64"]
+    assert v["recall-k2"]["state_bytes"]["256"] > v["recall-k2"]["state_bytes"]["64"]  # KV caches in both layers
+    assert v["recall-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=1e-4) != v["student"]["ppl"]
+    assert v["first-k2"]["same_as"] == "recall-k2" and sorted(res["ranking"]["recall"]["order"]) == [0, 1]
+    assert "| recall-k1 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recall_table_script_on_cuda_in_bfloat16(tiny_converted, tmp_path):
+    """What the GPU run uses: --device cuda --dtype bfloat16, layers chosen by transfer error (a run's layer_mse)."""
+    res, _ = run_recall_table(tiny_converted, tmp_path, "--select", "transfer,recall", "--device", "cuda",
+                              "--dtype", "bfloat16")
+    v = res["variants"]
+    assert res["device"]["dtype"] == "bfloat16" and res["device"]["device"].startswith("cuda")
+    assert v["transfer-k1"]["softmax_layers"] == [0] and res["ranking"]["transfer"]["order"] == [0, 1]
+    assert v["student"]["state_bytes"]["64"] == v["student"]["state_bytes"]["256"]
+    assert v["teacher"]["state_bytes"]["64"] == 2 * 2 * 2 * 16 * 64 * 2  # bf16 KV cache from the config
+    assert v["transfer-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=0.05)
+
+
+def test_a_run_loads_entirely_in_the_asked_dtype(tiny_converted):
+    """--dtype bfloat16 puts every weight of the student in bfloat16 (the teacher's skeleton was left in float32),
+    so a layer switched to the teacher's bfloat16 attention fits the student's activations."""
+    from linearize.run_folder import load_student
+
+    student, _ = load_student(tiny_converted[0], "cpu", torch.bfloat16)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
