@@ -54,6 +54,13 @@ def add_placement(p, what: str, dtype: str = "auto"):
     add_dtype(p, what, dtype)
 
 
+def add_sparse_cache(p):
+    """--cache M: the student with a sparse cache (ops/sparse_cache.py), switched on without training."""
+    p.add_argument("--cache", type=int, metavar="M",
+                   help="the student with a sparse cache of M exact keys per KV head (training-free; 0: none; "
+                        "default: as converted)")
+
+
 def fmt(value, spec: str) -> str:
     """format(value, spec), or "-" for a missing value."""
     return "-" if value is None else format(value, spec)

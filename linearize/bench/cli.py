@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, fmt, token_count, token_counts
+from ..options import add_placement, add_sparse_cache, fmt, token_count, token_counts
 
 
 def add(sub):
@@ -27,9 +27,7 @@ def add(sub):
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
-    p.add_argument("--cache", type=int, metavar="M",
-                   help="the student with a sparse cache of M exact keys per KV head (training-free; default: as "
-                        "converted)")
+    add_sparse_cache(p)
     add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")

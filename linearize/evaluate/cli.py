@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, comma_ints, mmlu_limit, names, token_counts
+from ..options import add_placement, add_sparse_cache, comma_ints, mmlu_limit, names, token_counts
 
 
 def add(sub):
@@ -40,9 +40,7 @@ def add(sub):
                    help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
-    p.add_argument("--cache", type=int, metavar="M",
-                   help="evaluate the student with a sparse cache of M exact keys per KV head (training-free; "
-                        "0: none; default: as converted)")
+    add_sparse_cache(p)
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
