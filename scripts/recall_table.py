@@ -17,7 +17,8 @@ Per variant: passkey {length: accuracy}, multikey {k: {length: accuracy}} (evalu
 ppl (held-out ShareGPT of the run's data: --ppl-sequences x 1024 tokens), softmax_layers, and state_bytes
 {context: bytes}: for the converted variants measured after prefilling that many random token ids (decoding.py,
 in blocks of 2048); for the teacher computed from its config (keys and values of every layer, what its KV cache
-holds; not prefilled). Writes the JSON after every variant (atomically); --resume keeps the variants it has.
+holds; not prefilled). recall.json: {variant: row, ..., "about": {run, teacher, settings, device, ranking}},
+written after every variant (atomically); --resume keeps the variants it has.
 """
 
 import argparse
@@ -36,6 +37,7 @@ from linearize.run_folder import (load_student, load_teacher_of, read_json, trai
                                   write_json, write_text)
 
 SELECTIONS = ("transfer", "recall", "first", "last")
+ABOUT = "about"  # the recall.json entry that is not a variant: run, teacher, settings, device, layer rankings
 
 
 def parse(argv=None):
@@ -131,10 +133,11 @@ def main(argv=None):
     earlier = (read_json(out) or {}) if args.resume else {}
     result = {"run": args.run, "teacher": spec, "settings": settings,
               "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")},
-              "ranking": earlier.get("ranking", {}), "variants": earlier.get("variants", {})}
+              "ranking": earlier.get(ABOUT, {}).get("ranking", {}),
+              "variants": {k: v for k, v in earlier.items() if k != ABOUT}}
 
-    def save():
-        write_json(result, out)
+    def save():  # the file: one entry per variant, and what was measured how under ABOUT
+        write_json({**result["variants"], ABOUT: {k: v for k, v in result.items() if k != "variants"}}, out)
         write_text(markdown(result), out.with_suffix(".md"))
 
     if "transfer" in args.select and "transfer" not in result["ranking"]:

@@ -179,7 +179,8 @@ def run_recall_table(tiny_converted, tmp_path, *options):
     script.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
                  "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
                  "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80", "--out", str(out), *options])
-    return json.loads(out.read_text()), out
+    res = json.loads(out.read_text())  # one entry per variant, and "about"
+    return {"variants": {k: v for k, v in res.items() if k != "about"}, **res["about"]}, out
 
 
 def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, tmp_path):
