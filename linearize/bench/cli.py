@@ -35,8 +35,7 @@ def add(sub):
 
 
 def run(args):
-    from ..run_folder import BENCH
-    from .run import BenchSettings, bench
+    from .run import BenchSettings, bench, bench_file
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
@@ -44,7 +43,7 @@ def run(args):
                              in_process=args.in_process, cache=args.cache)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
-    print(f"results written to {Path(args.path) / BENCH}")
+    print(f"results written to {Path(args.path) / bench_file(settings)}")
 
 
 def print_tables(res: dict):

@@ -144,6 +144,11 @@ class InProcess:
                 torch.cuda.empty_cache()
 
 
+def bench_file(settings: BenchSettings) -> str:
+    """bench.json, or bench_cacheM.json for a student given a sparse cache by --cache M."""
+    return BENCH if settings.cache is None else f"bench_cache{settings.cache}.json"
+
+
 def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str | None = None, log=print) -> dict:
     import torch
 
@@ -179,5 +184,5 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
             if "error" in point:
                 log(f"bench: {which} at {context}: {point['error']}")
             res["targets"] = targets(res["points"], settings)
-            write_json(res, path / (BENCH if settings.cache is None else f"bench_cache{settings.cache}.json"))
+            write_json(res, path / bench_file(settings))
     return res
