@@ -130,7 +130,11 @@ class RssSampler(threading.Thread):
             self.done.wait(self.every)
 
     def peak(self, t0: float = 0.0, t1: float = float("inf")) -> float | None:
-        inside = [m for t, m in self.samples if t0 <= t <= t1]
+        """The largest sample in [t0, t1] and of the two that bracket it (an interval shorter than the sampling
+        period still gets a value); None before any sample."""
+        before = [m for t, m in self.samples if t < t0][-1:]
+        after = [m for t, m in self.samples if t > t1][:1]
+        inside = [m for t, m in self.samples if t0 <= t <= t1] + before + after
         return max(inside) if inside else None
 
     def stop(self):
