@@ -16,7 +16,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linearize.evaluate.passkey import passkey_accuracy  # noqa: E402
-from linearize.models.linearized import set_sparse_cache  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
 
@@ -30,8 +29,7 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--out", default="docs/results/memory_weight_probe.json")
     args = p.parse_args(argv)
-    model, tokenizer = load_student(args.run)
-    set_sparse_cache(model, args.cache)
+    model, tokenizer = load_student(args.run, cache=args.cache)
     mixed = [m for m in model.attention_modules() if m.mix_logit is not None]
     trained = [m.mix_logit.detach().clone() for m in mixed]
     rows = []

@@ -118,14 +118,12 @@ def main(argv=None):
     from linearize.evaluate.baseline import kv_cache_bytes, state_bytes
     from linearize.evaluate.recall_layers import rank_layers_for_recall, teacher_attention
     from linearize.evaluate.texts import eval_sequences
-    from linearize.models.linearized import linearized_layers, set_sparse_cache
+    from linearize.models.linearized import linearized_layers
 
     args = parse(argv)
     out = Path(args.out)
     device, dtype = placement(args.device, args.dtype)
-    student, tokenizer = load_student(args.run, device, dtype)
-    if args.cache:
-        set_sparse_cache(student, args.cache)
+    student, tokenizer = load_student(args.run, device, dtype, args.cache or None)
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
     rows = eval_sequences("sharegpt", tokenizer, 1024, args.ppl_sequences, data=training_data(args.run))
     candidates = linearized_layers(student.attention_modules())

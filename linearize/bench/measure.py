@@ -126,14 +126,11 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dic
 def load_model(path, which: str, teacher: str | None, device, dtype, linears: str, cache: int | None = None):
     """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied; `cache`:
     give the student a sparse cache of that many keys per KV head (None: as converted)."""
-    from ..models.linearized import set_sparse_cache
     from ..ops.decode_linear import use_decode_linears
     from ..run_folder import load_student, load_teacher_of
 
     if which == "student":
-        model = load_student(path, device, dtype)[0]
-        if cache is not None:
-            set_sparse_cache(model, cache)
+        model = load_student(path, device, dtype, cache)[0]
     else:
         model = load_teacher_of(path, teacher, device, dtype)[0]
     if linears == "decode":

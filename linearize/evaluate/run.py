@@ -27,7 +27,6 @@ from pathlib import Path
 
 from ..device import device_name, placement
 from ..errors import LinearizeError
-from ..models.linearized import set_sparse_cache
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, check_text, eval_sequences
 
@@ -90,9 +89,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype)
-    if settings.cache is not None:
-        set_sparse_cache(student, settings.cache)
+    student, tokenizer = load_student(path, device, dtype, settings.cache)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

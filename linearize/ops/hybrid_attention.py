@@ -443,8 +443,9 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
     causal = pos[None, :] <= pos[:, None]
     exact = causal & ~memory_of  # (B, Hkv, T, T)
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
-    m = s.masked_fill(~exact.unsqueeze(2), float("-inf")).amax(-1, keepdim=True)
-    num_sm = _exact_num(s.masked_fill(~exact.unsqueeze(2), float("-inf")), v, m)
+    s_exact = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
+    m = s_exact.amax(-1, keepdim=True)
+    num_sm = _exact_num(s_exact, v, m)
     lin = None
     if spec.memory:  # in the units of the window and sinks: exp(s - m_ref)
         reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
@@ -483,18 +484,20 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     pos_k = torch.arange(first, first + w + n, device=q.device)[None, :]
     causal = pos_k <= pos_q
     reference = causal & ((pos_k > pos_q - spec.window) | (pos_k < spec.sinks))  # the window and the sinks
-    parts = [(keys, causal, reference)] + [(p, None, ref) for p, ref in ((state.sinks, True), (state.cache, False))
-                                           if p is not None]
-    scores, m_ref = [], None
-    for part, visible, ref in parts:
-        s = (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(part))
-        s = s if visible is None else s.masked_fill(~visible, float("-inf"))
-        scores.append(s)
-        if ref is not False:
-            r = (s if ref is True else s.masked_fill(~ref, float("-inf"))).amax(-1, keepdim=True)
-            m_ref = r if m_ref is None else torch.maximum(m_ref, r)
-    m = torch.stack([s.amax(-1, keepdim=True) for s in scores]).amax(0)
-    num_sm = sum(_exact_num(s, part.v, m) for s, (part, _, _) in zip(scores, parts))
+
+    def scores(part: Streams):  # (B, Hkv, G, n, len(part))
+        return (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale
+
+    s = scores(keys).masked_fill(~causal, float("-inf"))
+    parts = [(keys, s)]
+    m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)  # the largest window/sink score
+    if state.sinks is not None:
+        parts.append((state.sinks, scores(state.sinks)))
+        m_ref = torch.maximum(m_ref, parts[-1][1].amax(-1, keepdim=True))
+    if state.cache is not None:
+        parts.append((state.cache, scores(state.cache)))
+    m = torch.stack([s.amax(-1, keepdim=True) for _, s in parts]).amax(0)
+    num_sm = sum(_exact_num(s, part.v, m) for part, s in parts)
     lin = None
     if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
         lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m)
@@ -517,6 +520,6 @@ def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
     fk = key_features(cache.k) if spec.memory else None
     kept, evicted = sparse_cache.keep_worst_recalled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache)
     if spec.memory:
-        state.kv = sparse_cache.write_memory(state.kv, sparse_cache.gather_time(fk, evicted),
-                                             sparse_cache.gather_time(cache.v, evicted))
+        fk_out, v_out = sparse_cache.gather_time(fk, evicted), sparse_cache.gather_time(cache.v, evicted)
+        state.kv = state.kv + fk_out.transpose(-1, -2) @ _ones_column(v_out)  # S += sum phi(k)^T [v, 1]
     state.cache = Streams(sparse_cache.gather_time(cache.k, kept), sparse_cache.gather_time(cache.v, kept))

@@ -48,8 +48,3 @@ def keep_worst_recalled(errors: torch.Tensor, size: int) -> tuple[torch.Tensor, 
 def gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, Hkv, n, X), index (B, Hkv, m) -> (B, Hkv, m, X)"""
     return torch.take_along_dim(x, index[..., None], dim=2)
-
-
-def write_memory(memory: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """S + sum_j phi(k_j)^T [v_j, 1]: fk (B, Hkv, n, F), v (B, Hkv, n, d) -> the new S (a new tensor)."""
-    return memory + fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
