@@ -7,8 +7,9 @@ PY ?= python3
 
 setup: .setup-done
 
+# a 25-minute budget: the token counts of both stages are planned from a throughput probe (linearize/budget.py)
 convert: .setup-done
-	linearize convert
+	linearize convert --minutes 25
 
 test: .setup-done
 	$(PY) -m pytest -q -m "not smoke"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import budget
 from .checkpoint import load_checkpoint
 from .data import pack_sequences
 from .data.retrieval import mix_retrieval
@@ -40,8 +41,8 @@ class ConvertSettings:
     feature_map: str | None = None  # override the preset's feature map
     cache: int | None = None  # override the preset's sparse cache (exact keys per KV head; ops/sparse_cache.py)
     seq_len: int = 1024
-    transfer_tokens: int = 131_072
-    lora_tokens: int = 65_536
+    transfer_tokens: int = 65_536
+    lora_tokens: int = 81_920
     eval_tokens: int = 24_576
     transfer_lr: float = 1e-2
     lora_lr: float = 1e-3
@@ -56,6 +57,7 @@ class ConvertSettings:
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
     retrieval_fraction: float = 0.0  # share of stage 1 and 2 training rows made look-up exercises (data/retrieval.py)
+    minutes: float | None = None  # a wall-clock budget: plan transfer_tokens and lora_tokens from it (budget.py)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
@@ -78,6 +80,8 @@ class ConvertSettings:
             raise LinearizeError(f"--retrieval-fraction must be between 0 and 1 (got {self.retrieval_fraction})")
         if self.keep_softmax and self.softmax_layers:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
+        if self.minutes is not None and self.minutes <= 0:
+            raise LinearizeError(f"--minutes must be > 0 (got {self.minutes})")
         if self.dtype != "auto":
             torch_dtype(self.dtype)  # a clear error for a name --dtype does not know
         self.lora_settings()
@@ -189,6 +193,7 @@ class Conversion:
     distributed: str | None
     progress: bool
     log: object
+    started: float = field(default_factory=time.perf_counter)  # when the conversion began (--minutes counts from it)
     # ---
     teacher: object = None
     tokenizer: object = None
@@ -213,10 +218,16 @@ def load_inputs(c: Conversion):
     trainable = s.attention_config().linear  # no linear part (--attention streaming): nothing to train
     if not trainable:
         c.log(f"--attention {s.attention} has no linear part: nothing to train, both stages are skipped")
-    n1 = 0 if s.skip_transfer or s.transfer_state or not trainable else s.transfer_tokens // s.seq_len
-    n2 = s.lora_tokens // s.seq_len if trainable else 0
     pack = dict(source=s.data, tokenizer=c.tokenizer, seq_len=s.seq_len, progress=c.progress)
     c.heldout = pack_sequences(num_sequences=s.eval_tokens // s.seq_len, split="heldout", **pack)
+    if s.minutes and trainable:
+        plan = c.state.once("plan", lambda: plan_budget(c))
+        s.transfer_tokens, s.lora_tokens = plan["transfer_tokens"], plan["lora_tokens"]
+        c.log(f"--minutes {s.minutes:g}: stage 1 on {s.transfer_tokens} tokens, stage 2 on {s.lora_tokens} "
+              f"(throughput probe: {plan['transfer_row_s']:.1f} s per stage-1 row, ~{plan['lora_row_s']:.1f} s per "
+              "stage-2 row)")
+    n1 = 0 if s.skip_transfer or s.transfer_state or not trainable else s.transfer_tokens // s.seq_len
+    n2 = s.lora_tokens // s.seq_len if trainable else 0
     c.train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, s.seq_len, dtype=torch.long)
     c.train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
     if s.retrieval_fraction:  # the held-out rows stay as they are
@@ -227,6 +238,16 @@ def load_inputs(c: Conversion):
     ppl = c.state.once("teacher_ppl", lambda: perplexity(c.teacher, c.heldout, desc="teacher perplexity",
                                                          progress=c.progress))
     c.log(f"teacher held-out perplexity: {ppl:.3f}")
+
+
+def plan_budget(c: Conversion) -> dict:
+    """The token counts of both stages for --minutes, from a throughput probe on the first held-out row."""
+    s = c.settings
+    teacher_s, transfer_s = budget.probe(c.teacher, c.heldout[0], s.attention_config())
+    plan = budget.plan(s.minutes, time.perf_counter() - c.started, teacher_s, transfer_s, len(c.heldout),
+                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=0.0 if s.skip_transfer else
+                       budget.TRANSFER_SHARE)
+    return plan.to_dict()
 
 
 def transfer(c: Conversion):
@@ -304,6 +325,9 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
     pipeline, stage 1 splits layers or batches ("fsdp": batches), stage 2 runs one sequence per rank under DDP
     ("fsdp": sharded by FSDP), and rank 0 alone writes."""
     settings.check()
+    if settings.minutes and distributed:
+        raise LinearizeError("--minutes plans one process's run (each rank would time itself differently); give "
+                             "--tokens and --lora-tokens to a --distributed run")
     out = Path(out)
     device, _ = settings.placement(distributed=bool(distributed))
     with process_group(distributed, device) as group:
@@ -318,7 +342,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
             return state.results
         torch.manual_seed(settings.seed)
         t_start = time.perf_counter()
-        c = Conversion(settings, out, state, group, distributed, progress, log)
+        c = Conversion(settings, out, state, group, distributed, progress, log, started=t_start)
         for stage in STAGES:
             stage(c)
         res = state.results

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.smoke
 
 def test_tiny_budget_conversion_reloads_and_generates(tmp_path):
     out = tmp_path / "smol"
-    argv = ["convert", "--out", str(out), "--seq-len", "128", "--tokens", "1024", "--lora-tokens", "512",
-            "--eval-tokens", "256", "--no-progress"]
+    argv = ["convert", "--out", str(out), "--seq-len", "128", "--window", "64", "--tokens", "1024",
+            "--lora-tokens", "512", "--eval-tokens", "256", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads((out / "convert.json").read_text())
     assert 1 < summary["teacher_ppl"] < 100

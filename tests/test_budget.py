@@ -1,0 +1,70 @@
+"""`linearize convert --minutes N`: the plan fits the budget, a too-small budget is a clear error, resume keeps it."""
+
+import json
+
+import pytest
+
+from linearize import budget
+from linearize.errors import LinearizeError
+from linearize.pipeline import Conversion, ConvertSettings, RunState, load_inputs
+
+from conftest import write_word_jsonl
+
+T = 32
+
+
+def test_plan_fills_the_budget_and_splits_it():
+    p = budget.plan(minutes=10, elapsed_s=30, teacher_s=1.0, transfer_s=2.0, eval_rows=4, seq_len=T, kl=True)
+    lora_s = 1.0 + budget.LORA_STEP_IN_TRANSFER_STEPS * 2.0
+    assert p.lora_row_s == lora_s and p.overhead_s == 30 + 4 * 1.0 * (1 + budget.EVALUATIONS) + budget.SAVE_S
+    spent = p.overhead_s + p.transfer_tokens / T * 2.0 + p.lora_tokens / T * lora_s
+    assert 600 - 2.0 - lora_s < spent <= 600  # within one step of each stage of the budget, never over it
+    share = (p.transfer_tokens / T * 2.0) / (spent - p.overhead_s)
+    assert share == pytest.approx(budget.TRANSFER_SHARE, abs=0.02)
+    ce = budget.plan(minutes=10, elapsed_s=30, teacher_s=1.0, transfer_s=2.0, eval_rows=4, seq_len=T, kl=False)
+    assert ce.lora_tokens > p.lora_tokens  # no teacher forward in a ce step
+    skip = budget.plan(minutes=10, elapsed_s=30, teacher_s=1.0, transfer_s=2.0, eval_rows=4, seq_len=T, kl=True,
+                       transfer_share=0.0)
+    assert skip.transfer_tokens == 0 and skip.lora_tokens > p.lora_tokens
+    assert budget.plan(20, 30, 1.0, 2.0, 4, T, True).lora_tokens > 2 * p.lora_tokens - T  # more minutes, more tokens
+
+
+def test_a_budget_too_small_for_one_step_is_a_clear_error():
+    with pytest.raises(LinearizeError, match=r"--minutes 0.5 is too small .* give at least --minutes \d+"):
+        budget.plan(minutes=0.5, elapsed_s=20, teacher_s=1.0, transfer_s=2.0, eval_rows=4, seq_len=T, kl=True)
+    with pytest.raises(LinearizeError, match="--minutes must be > 0"):
+        ConvertSettings(minutes=0).check()
+
+
+def test_convert_plans_from_a_probe_and_resume_keeps_the_plan(model_dir, tmp_path, monkeypatch):
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
+                               device="cpu")
+    out = tmp_path / "run"
+    c = Conversion(settings, out, RunState(out, settings, resume=False), None, None, False, lambda *a: None)
+    load_inputs(c)
+    plan = json.loads((out / "progress.json").read_text())["results"]["plan"]
+    assert plan["transfer_tokens"] > 0 and plan["lora_tokens"] > 0 and plan["budget_s"] == 180
+    assert plan["transfer_row_s"] > 0 and plan["teacher_row_s"] > 0
+    assert len(c.train1) == plan["transfer_tokens"] // T and len(c.train2) == plan["lora_tokens"] // T
+
+    # a resumed run reads the recorded plan back, however fast the machine is now
+    monkeypatch.setattr(budget, "probe", lambda *a: pytest.fail("a resumed run must not probe again"))
+    again = ConvertSettings(**{**settings.__dict__, "transfer_tokens": ConvertSettings().transfer_tokens,
+                               "lora_tokens": ConvertSettings().lora_tokens})
+    c2 = Conversion(again, out, RunState(out, again, resume=True), None, None, False, lambda *a: None)
+    load_inputs(c2)
+    assert (again.transfer_tokens, again.lora_tokens) == (plan["transfer_tokens"], plan["lora_tokens"])
+    with pytest.raises(LinearizeError, match="minutes"):
+        RunState(out, ConvertSettings(**{**again.__dict__, "minutes": 5}), resume=True)
+
+
+def test_minutes_on_a_tiny_budget_fails_before_training(model_dir, tmp_path, monkeypatch):
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    monkeypatch.setattr(budget, "probe", lambda *a: (5.0, 10.0))  # a slow machine
+    settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=0.5,
+                               device="cpu")
+    out = tmp_path / "run"
+    c = Conversion(settings, out, RunState(out, settings, resume=False), None, None, False, lambda *a: None)
+    with pytest.raises(LinearizeError, match="too small for one training step"):
+        load_inputs(c)
