@@ -3,6 +3,7 @@
     python scripts/baseline_table.py --out runs/baseline [--device cuda] [--windows 64,128,256] [--sinks 4]
                                      [--parallel 3] [--convert-args "..."] [--eval-args "..."]
     python scripts/baseline_table.py --out runs/baseline --speed        # decode tokens/s at 16k, this machine
+    python scripts/baseline_table.py --out docs/results --add RUN --name NAME   # a finished run as one more row
 
 Rows, each `linearize convert` then `linearize eval` (ppl / KL / top-1 on the three texts, passkey 1k-4k):
     streaming W S      the teacher itself over S sinks + its last W tokens (`--attention streaming`: no training)
@@ -39,12 +40,13 @@ def sh(args: list[str], log: Path) -> float:
     return round(time.time() - t0, 1)
 
 
-def run_state_bytes(run: Path, context: int, device: str) -> int:
-    """Bytes of a converted model's decoding state after a `context`-token prompt."""
+def run_state_bytes(run: Path, context: int, device: str, dtype=None) -> int:
+    """Bytes of a converted model's decoding state after a `context`-token prompt (dtype: load it so, e.g.
+    torch.bfloat16 to count a CPU run's state in the units of the GPU rows)."""
     import linearize
     from linearize.evaluate.baseline import state_bytes
 
-    model, _ = linearize.load(run)
+    model, _ = linearize.load(run, dtype=dtype)
     return state_bytes(model.to(device), context)
 
 
@@ -64,13 +66,25 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
         seconds["eval"] = sh(["eval", str(run), "--device", args.device, "--skip", "mmlu,layers", "--no-progress",
                               "--passkey-lengths", args.passkey_lengths, "--passkey-trials", str(args.passkey_trials),
                               *shlex.split(args.eval_args)], log)
+    return {**finished_row(run, name, args.device), "seconds": seconds}
+
+
+def finished_row(run: Path, name: str, device: str = "auto") -> dict:
+    """A row from a run folder with convert.json and eval.json (passkey included); its state bytes in bfloat16,
+    as the rows measured on a GPU."""
+    import torch
+
     ev = json.loads((run / "eval.json").read_text())
     conv = json.loads((run / "convert.json").read_text())
+    attention = json.loads((run / "config.json").read_text())["attention"]  # the resolved window and sinks
     texts = ev["texts"]
     pk = ev["passkey"]
     return {
-        "name": name, "attention": attention, "window": window, "sinks": sinks,
-        "state_bytes": run_state_bytes(run, 4 * K, args.device),
+        "name": name, "run": str(run), "attention": conv["settings"]["attention"], "window": attention.get("window"),
+        "sinks": attention.get("sinks"), "lora_loss": conv["settings"].get("lora_loss", "ce"),
+        "device": ev.get("device", {}).get("name") or device,
+        "state_bytes": run_state_bytes(run, 4 * K, "cpu" if device == "auto" else device, torch.bfloat16),
+        "state_dtype": "bfloat16",
         "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},
         "top1": {t: v["top1"] for t, v in texts.items()},
         "kl": {t: v["kl"] for t, v in texts.items()},
@@ -78,7 +92,7 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
         "passkey": dict(zip(map(str, pk["lengths"]), pk["student"])),
         "teacher_passkey": dict(zip(map(str, pk["lengths"]), pk["teacher"])),
         "heldout_ppl": {"teacher": conv["teacher_ppl"], "student": conv.get("stage2_ppl", conv["stage1_ppl"])},
-        "convert_seconds": conv.get("total_seconds"), "seconds": seconds,
+        "convert_seconds": conv.get("total_seconds"),
     }
 
 
@@ -162,9 +176,20 @@ def main():
     p.add_argument("--passkey-trials", type=int, default=10)
     p.add_argument("--speed", action="store_true", help="add decode tokens/s at --speed-context to baseline.json")
     p.add_argument("--speed-context", type=int, default=16 * K)
+    p.add_argument("--add", metavar="RUN", help="append the finished run RUN (convert.json + eval.json with passkey) "
+                                                "to OUT/baseline.json as a row named --name")
+    p.add_argument("--name", help="the row name for --add")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.add:
+        result = json.loads((out / "baseline.json").read_text())
+        row = finished_row(Path(args.add), args.name or Path(args.add).name, args.device)
+        result["rows"] = [r for r in result["rows"] if r["name"] != row["name"]] + [row]
+        result["rows"].sort(key=lambda r: (r["attention"] != "streaming", r["window"], r["sinks"]))
+        write(out, result)
+        print(markdown(result["rows"]))
+        return
     if args.speed:
         measure_speed(out, json.loads((out / "baseline.json").read_text()), args.speed_context)
         return

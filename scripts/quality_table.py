@@ -67,8 +67,8 @@ def main():
     }
     if args.baseline:
         b = read(Path(args.baseline))
-        for r in b["rows"]:
-            if r["attention"] != "streaming":
+        for r in b["rows"]:  # the GPU rows of scripts/baseline_table.py; a row with "run" is a run folder (--row)
+            if r["attention"] != "streaming" and "run" not in r:
                 result["ablation"].append({"run": r["name"], "device": "H200 (bf16), scripts/baseline_table.py",
                                            "attention": r["attention"], "window": r["window"], "sinks": r["sinks"],
                                            "lora_loss": "ce", "convert_s": r.get("convert_seconds"),
