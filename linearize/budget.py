@@ -36,7 +36,7 @@ class Plan:
     budget_s: float
 
     def to_dict(self) -> dict:
-        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 def _timed(fn) -> float:

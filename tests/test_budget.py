@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from linearize import budget
 from linearize.errors import LinearizeError
+from linearize.layers.linear_attention import attention_preset
 from linearize.pipeline import Conversion, ConvertSettings, RunState, load_inputs
 
 from conftest import write_word_jsonl
@@ -36,8 +38,15 @@ def test_a_budget_too_small_for_one_step_is_a_clear_error():
         ConvertSettings(minutes=0).check()
 
 
+def test_the_probe_times_a_real_forward_and_transfer_step(tiny_teacher):
+    teacher_s, transfer_s = budget.probe(tiny_teacher, torch.randint(0, 320, (T,)), attention_preset("lolcats",
+                                                                                                     window=8))
+    assert teacher_s > 0 and transfer_s > 0
+
+
 def test_convert_plans_from_a_probe_and_resume_keeps_the_plan(model_dir, tmp_path, monkeypatch):
     data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    monkeypatch.setattr(budget, "probe", lambda *a: (1.0, 2.0))  # a slow machine: a plan the data can fill
     settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
                                device="cpu")
     out = tmp_path / "run"
@@ -45,7 +54,7 @@ def test_convert_plans_from_a_probe_and_resume_keeps_the_plan(model_dir, tmp_pat
     load_inputs(c)
     plan = json.loads((out / "progress.json").read_text())["results"]["plan"]
     assert plan["transfer_tokens"] > 0 and plan["lora_tokens"] > 0 and plan["budget_s"] == 180
-    assert plan["transfer_row_s"] > 0 and plan["teacher_row_s"] > 0
+    assert (plan["teacher_row_s"], plan["transfer_row_s"]) == (1.0, 2.0)
     assert len(c.train1) == plan["transfer_tokens"] // T and len(c.train2) == plan["lora_tokens"] // T
 
     # a resumed run reads the recorded plan back, however fast the machine is now
