@@ -40,6 +40,7 @@ class ConvertSettings:
     sinks: int | None = None  # override the preset's attention sinks
     feature_map: str | None = None  # override the preset's feature map
     cache: int | None = None  # override the preset's sparse cache (exact keys per KV head; ops/sparse_cache.py)
+    mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
     seq_len: int = 1024
     transfer_tokens: int = 65_536
     lora_tokens: int = 81_920
@@ -64,7 +65,7 @@ class ConvertSettings:
 
     def attention_config(self):
         return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
-                                cache=self.cache)
+                                cache=self.cache, mix_init=self.mix_init)
 
     def check(self):
         attention = self.attention_config()
@@ -119,7 +120,7 @@ class RunState:
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
-            overrides = ("window", "sinks", "feature_map", "cache") if "attention" in self.data else ()
+            overrides = ("window", "sinks", "feature_map", "cache", "mix_init") if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added

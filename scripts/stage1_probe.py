@@ -48,12 +48,8 @@ def main():
     teacher, tok = load_teacher(None)
     cfg = attention_preset("streaming" if a.linear_off else a.attention, window=a.window, sinks=a.sinks,
                            feature_dim=None if a.linear_off else a.feature_dim,
-                           feature_map=None if a.linear_off else a.feature_map)
+                           feature_map=None if a.linear_off else a.feature_map, mix_init=a.mix_init)
     students = make_student_attention(teacher, cfg)
-    if a.mix_init is not None:
-        for s in students:
-            if s.mix_logit is not None:
-                s.mix_logit.data.fill_(a.mix_init)
     heldout = pack_sequences(None, tok, a.seq_len, a.rows, split="heldout")
     t0 = time.perf_counter()
     if a.load:

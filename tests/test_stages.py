@@ -91,3 +91,29 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
     with pytest.raises(LinearizeError, match="now means"):
         RunState(tmp_path, ConvertSettings(lora_loss="ce"), resume=True)
     RunState(tmp_path, ConvertSettings(lora_loss="ce", sinks=0), resume=True)  # the run's own settings: accepted
+
+
+def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
+    """mix_init sets every head's starting weight of the window + sinks; a very large one leaves the linear memory
+    no weight: the model then equals its window + sinks alone (the streaming baseline), and resume records it."""
+    import copy
+
+    from linearize.layers.linear_attention import attention_preset
+    from linearize.pipeline import ConvertSettings
+
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    cfg = attention_preset("lolcats", window=6, sinks=2, chunk_size=8, mix_init=4.0)
+    student = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), cfg)
+    for m in student.attention_modules():
+        torch.testing.assert_close(m.mix(ids.float()), torch.sigmoid(torch.full((m.num_heads,), 4.0)))
+    almost_off = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
+                                                    attention_preset("lolcats", window=6, sinks=2, mix_init=40.0))
+    streaming = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
+                                                   attention_preset("streaming", window=6, sinks=2))
+    usual = LinearizedForCausalLM.from_teacher(tiny_teacher, attention_preset("lolcats", window=6, sinks=2))
+    with torch.no_grad():
+        ref = streaming(input_ids=ids).logits
+        torch.testing.assert_close(almost_off(input_ids=ids).logits, ref)
+        assert not torch.allclose(usual(input_ids=ids).logits, ref, atol=1e-3)  # mix 0: the memory has weight
+    assert ConvertSettings(mix_init=4.0).attention_config().mix_init == 4.0
+    assert ConvertSettings().attention_config().mix_init == 0.0

@@ -44,7 +44,9 @@ class LinearAttentionConfig:
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);
     local_layers: the first `local_layers` layers of the model keep only the exact softmax window (+ sinks), no
-      linear part (TransNormer's DiagAttention in the early layers; applied by models.linearized)."""
+      linear part (TransNormer's DiagAttention in the early layers; applied by models.linearized);
+    mix_init: the initial mixing logit of every head (the exact part's weight starts at sigmoid(mix_init); 0: half
+      the weight to the linear memory; 4: about 2 %, the model starts near its window + sinks alone)."""
 
     feature_map: str = "hedgehog"
     feature_dim: int | None = None
@@ -59,6 +61,7 @@ class LinearAttentionConfig:
     cache_every: int = 64
     norm: str = "shared"
     local_layers: int = 0
+    mix_init: float = 0.0
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -166,7 +169,7 @@ class LinearAttention(nn.Module):
             self.feature_map_k = make_feature_map(config.feature_map, num_kv_heads, self.head_dim, config.feature_dim)
         linear_and_window = config.linear and config.window is not None
         exact_part = config.window > 0 or config.sinks > 0 or config.cache > 0 if linear_and_window else False
-        self.mix_logit = nn.Parameter(torch.zeros(num_heads)) if exact_part else None
+        self.mix_logit = nn.Parameter(torch.full((num_heads,), float(config.mix_init))) if exact_part else None
         self.beta_logit = nn.Parameter(torch.zeros(num_kv_heads)) if linear_and_window and config.rule == "delta" else None
         # output normalisation (norm "rms"): the RMSNorm gain of the linear part, per head and channel
         rms = linear_and_window and config.norm == "rms"
