@@ -4,16 +4,16 @@ A short throughput probe on the loaded teacher times one forward pass (what perp
 distillation loss cost per row) and one real stage-1 step on throw-away student attention (what attention transfer
 costs per row). A stage-2 step is priced from them: the teacher's forward (kl loss only) plus the student's forward
 and backward, counted as LORA_STEP_IN_TRANSFER_STEPS stage-1 steps. What is left of the budget after loading,
-probing and the held-out evaluations is split between the stages by TRANSFER_SHARE of the training time. The plan is recorded in the run's
-progress.json, so `--resume` keeps it (whatever the machine's speed on resume).
+probing and the held-out evaluations is split between the stages by TRANSFER_SHARE of the training time. The
+plan is recorded in the run's progress.json, so `--resume` keeps it (whatever the machine's speed on resume).
 """
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .device import now
 from .errors import LinearizeError
 
 TRANSFER_SHARE = 1 / 3  # of the training time: stage 1 (attention transfer); the rest goes to stage 2 (LoRA)
@@ -39,12 +39,6 @@ class Plan:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def probe(teacher, row: torch.Tensor, attention) -> tuple[float, float]:
     """(seconds of one teacher forward, seconds of one stage-1 step) on one row (T,); the stage-1 step trains
     throw-away student modules (the teacher's weights are shared, untouched)."""
@@ -55,16 +49,19 @@ def probe(teacher, row: torch.Tensor, attention) -> tuple[float, float]:
     ids = row[None].to(device)
     with torch.no_grad():
         teacher(input_ids=ids[:, :8])  # warm-up
-        teacher_s = _timed(lambda: teacher(input_ids=ids))
+        t0 = now(device)
+        teacher(input_ids=ids)
+        teacher_s = now(device) - t0
     students = make_student_attention(teacher, attention)
-    transfer_s = _timed(lambda: attention_transfer(teacher, students, row[None], progress=False))
-    return teacher_s, transfer_s
+    t0 = now(device)
+    attention_transfer(teacher, students, row[None], progress=False)
+    return teacher_s, now(device) - t0
 
 
 def plan(minutes: float, elapsed_s: float, teacher_s: float, transfer_s: float, eval_rows: int, seq_len: int,
          kl: bool, transfer_share: float = TRANSFER_SHARE) -> Plan:
     """Token counts that fit `minutes` of wall time, `elapsed_s` of which are already spent (loading, probing).
-    transfer_share 0: no stage 1 (--skip-transfer), all the training time goes to stage 2."""
+    transfer_share 0: no stage 1 (--skip-transfer, --transfer-state), all the training time goes to stage 2."""
     budget = minutes * 60
     lora_s = (teacher_s if kl else 0.0) + LORA_STEP_IN_TRANSFER_STEPS * transfer_s
     overhead = elapsed_s + eval_rows * teacher_s * (1 + EVALUATIONS) + SAVE_S

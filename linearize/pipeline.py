@@ -221,13 +221,14 @@ def load_inputs(c: Conversion):
         c.log(f"--attention {s.attention} has no linear part: nothing to train, both stages are skipped")
     pack = dict(source=s.data, tokenizer=c.tokenizer, seq_len=s.seq_len, progress=c.progress)
     c.heldout = pack_sequences(num_sequences=s.eval_tokens // s.seq_len, split="heldout", **pack)
+    stage1 = trainable and not (s.skip_transfer or s.transfer_state)
     if s.minutes and trainable:
-        plan = c.state.once("plan", lambda: plan_budget(c))
+        plan = c.state.once("plan", lambda: plan_budget(c, stage1))
         s.transfer_tokens, s.lora_tokens = plan["transfer_tokens"], plan["lora_tokens"]
         c.log(f"--minutes {s.minutes:g}: stage 1 on {s.transfer_tokens} tokens, stage 2 on {s.lora_tokens} "
               f"(throughput probe: {plan['transfer_row_s']:.1f} s per stage-1 row, ~{plan['lora_row_s']:.1f} s per "
               "stage-2 row)")
-    n1 = 0 if s.skip_transfer or s.transfer_state or not trainable else s.transfer_tokens // s.seq_len
+    n1 = s.transfer_tokens // s.seq_len if stage1 else 0
     n2 = s.lora_tokens // s.seq_len if trainable else 0
     c.train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, s.seq_len, dtype=torch.long)
     c.train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
@@ -241,13 +242,13 @@ def load_inputs(c: Conversion):
     c.log(f"teacher held-out perplexity: {ppl:.3f}")
 
 
-def plan_budget(c: Conversion) -> dict:
-    """The token counts of both stages for --minutes, from a throughput probe on the first held-out row."""
+def plan_budget(c: Conversion, stage1: bool) -> dict:
+    """The token counts of both stages for --minutes, from a throughput probe on the first held-out row; without a
+    stage 1 to run (stage1 False: --skip-transfer or --transfer-state) all the training time goes to stage 2."""
     s = c.settings
     teacher_s, transfer_s = budget.probe(c.teacher, c.heldout[0], s.attention_config())
     plan = budget.plan(s.minutes, time.perf_counter() - c.started, teacher_s, transfer_s, len(c.heldout),
-                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=0.0 if s.skip_transfer else
-                       budget.TRANSFER_SHARE)
+                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=budget.TRANSFER_SHARE if stage1 else 0.0)
     return plan.to_dict()
 
 
@@ -342,8 +343,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
             log(f"{out} is already finished")
             return state.results
         torch.manual_seed(settings.seed)
-        t_start = time.perf_counter()
-        c = Conversion(settings, out, state, group, distributed, progress, log, started=t_start)
+        c = Conversion(settings, out, state, group, distributed, progress, log)
         for stage in STAGES:
             stage(c)
         res = state.results
@@ -351,7 +351,7 @@ def convert(settings: ConvertSettings, out: str | Path, resume: bool = False, pr
             save_model(c.model, c.tokenizer, out)
             write_json({"transfer": res.get("transfer_history", []), "lora": res.get("lora_history", []),
                         "layer_mse": res.get("layer_mse", [])}, out / CURVES)
-        state.record(done=True, total_seconds=round(time.perf_counter() - t_start, 1),
+        state.record(done=True, total_seconds=round(time.perf_counter() - c.started, 1),
                      heldout_tokens=int(c.heldout.numel()))
         if state.writer:
             write_json({"settings": asdict(settings),

@@ -2,9 +2,10 @@
 
     python scripts/stage1_probe.py --out probe.jsonl --tokens 32768 --window 64 --sinks 4 [--mix-init 3] [--load DIR]
 
-Trains the feature maps (and mixing factors) on `--tokens` ShareGPT tokens as `linearize convert` stage 1 does (no
-stage 2), then scores the student against its teacher (a copy of it kept before the swap) on
-`--rows` held-out rows: ppl ratio, top-1 agreement, KL. `--linear-off` scores the window + sinks alone (StreamingLLM).
+Trains the feature maps (and mixing factors) on `--tokens` ShareGPT tokens as `linearize convert` stage 1 does, with
+`--lora-tokens N` then a stage 2 (LoRA, KL) on the next N, and scores the student against its teacher (a copy of it
+kept before the swap) on `--rows` held-out rows: ppl ratio, top-1 agreement, KL, and the stage-1 per-layer error
+relative to each layer's output power. `--linear-off` scores the window + sinks alone (StreamingLLM).
 Appends one JSON line per run to --out. A diagnosis tool for the stage-1 design, not a benchmark.
 """
 
@@ -69,8 +70,9 @@ def main():
     r = agreement(reference, model, heldout)
     mix = [round(torch.sigmoid(s.mix_logit).mean().item(), 3) for s in students if s.mix_logit is not None]
     line = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("out", "tag")}, "train_s": round(train_s, 1),
-            "ppl_ratio": r["student_ppl"] / r["teacher_ppl"], **{k: v for k, v in r.items() if k != "tokens"}, "rel_layer_error": [round(x, 3) for x in rel],
-            "mean_rel_error": sum(rel) / len(rel), "mix_mean_per_layer": mix}
+            "ppl_ratio": r["student_ppl"] / r["teacher_ppl"], **{k: v for k, v in r.items() if k != "tokens"},
+            "rel_layer_error": [round(x, 3) for x in rel], "mean_rel_error": sum(rel) / len(rel),
+            "mix_mean_per_layer": mix}
     print(json.dumps({k: v for k, v in line.items() if k not in ("rel_layer_error", "mix_mean_per_layer")}))
     with open(a.out, "a") as f:
         f.write(json.dumps(line) + "\n")

@@ -17,7 +17,6 @@ filler are their own, unlike the eval's passkey / multikey prompts (evaluate/pas
 
 import random
 from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,8 @@ from tqdm.auto import tqdm
 
 from ..device import model_device
 from ..errors import LinearizeError
-from ..layers.linear_attention import FULL_SOFTMAX, LinearAttention
 from ..loading.architectures import architecture_of
-from ..models.linearized import linearized_layers, swap_attention
+from ..models.linearized import exact_softmax_attention, linearized_layers, swap_attention
 from .passkey import hide, token_ids
 
 PROBE_FILLER = ("Rain fell on the old harbour town. A cat slept by the bakery door. The evening train left on "
@@ -46,11 +44,9 @@ def teacher_attention(student, teacher, layers):
     if wrong := sorted(set(layers) - set(candidates)):
         raise LinearizeError(f"layers {wrong} have no linear part to switch; choose from the {len(candidates)} "
                              f"linearized layers {candidates[0]}..{candidates[-1]}")
-    c = student.model.config
     switched, teachers = list(own), arch.attention_modules(teacher)
     for i in set(layers):
-        cfg = replace(FULL_SOFTMAX, chunk_size=own[i].config.chunk_size)
-        switched[i] = LinearAttention(teachers[i], cfg, c.num_attention_heads, c.num_key_value_heads)
+        switched[i] = exact_softmax_attention(teachers[i], own[i], student.model.config)
     swap_attention(student.model, switched)
     try:
         yield student

@@ -56,16 +56,21 @@ def linearized_layers(students: list[LinearAttention]) -> list[int]:
     return [i for i, s in enumerate(students) if s.config.linear]
 
 
+def exact_softmax_attention(attn: nn.Module, like: LinearAttention, config) -> LinearAttention:
+    """A LinearAttention in exact causal softmax (FULL_SOFTMAX, `like`'s chunk size) over the projections of `attn`
+    (a teacher attention module or a LinearAttention); its decoding state is a KV cache. config: the model's."""
+    cfg = replace(FULL_SOFTMAX, chunk_size=like.config.chunk_size)
+    return LinearAttention(attn, cfg, config.num_attention_heads, config.num_key_value_heads)
+
+
 def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softmax: tuple[int, ...] = ()) -> nn.Module:
     """Install the student attention modules in place of the teacher's. Layers in keep_softmax get exact softmax
     attention in the same module type (so decoding keeps a KV cache for them in the DecodingState)."""
     arch = architecture_of(model.config)
-    c = model.config
     for i, layer in enumerate(arch.decoder_layers(model)):
         student = students[i]
         if i in keep_softmax and student.config.linear:
-            cfg = replace(FULL_SOFTMAX, chunk_size=student.config.chunk_size)
-            student = LinearAttention(student, cfg, c.num_attention_heads, c.num_key_value_heads)
+            student = exact_softmax_attention(student, student, model.config)
         setattr(layer, arch.attention_attr, student)
     return model
 
