@@ -43,6 +43,9 @@ def _add_convert(sub):
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "
                                                   "weight sigmoid(M) against the linear memory (default 0: half; "
                                                   "4: the memory starts at about 2 %%)")
+    p.add_argument("--memory-cap", type=int, help="the linear memory weighs at most C keys: beyond, it is scaled by "
+                                                   "C / n (longer contexts than training; default from --attention: "
+                                                   "0, none)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,
                    help="stage 1 training tokens (default: %(default)s)")

@@ -61,6 +61,14 @@ def add_sparse_cache(p):
                         "default: as converted)")
 
 
+def add_memory_cap(p):
+    """--memory-cap C: the student's linear memory capped at C keys (hybrid_attention.py), without training."""
+    p.add_argument("--memory-cap", type=int, metavar="C",
+                   help="the student's linear memory weighs at most C keys: beyond, it is scaled by C / n, so longer "
+                        "contexts do not drown the window, sinks and cache (training-free; 0: none; default: as "
+                        "converted)")
+
+
 def fmt(value, spec: str) -> str:
     """format(value, spec), or "-" for a missing value."""
     return "-" if value is None else format(value, spec)

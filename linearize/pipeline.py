@@ -7,7 +7,7 @@ report) and `checkpoints/` (what --resume continues from).
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,17 @@ from .transfer.distributed import distributed_transfer, init_distributed
 LAYER_ERROR_SEQUENCES = 2  # held-out rows for the per-layer transfer error that ranks layers for --keep-softmax
 
 
+def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) -> int:
+    """The default memory cap: the most keys the linear memory holds in a training row (seq_len - window - sinks),
+    so training and every context up to seq_len are unchanged and longer ones never weigh the memory more than
+    training did (at 4k tokens: Shakespeare 1.60x -> 1.26x the teacher's ppl, docs/results/memory_cap.md). 0 (none)
+    where a cap does not apply: no exact part beside the memory, a gate or the delta rule (they bound it already),
+    or the output normalisation (no shared normaliser)."""
+    hybrid = config.linear and config.window is not None and (config.window > 0 or config.sinks > 0)
+    plain_sum = config.rule == "sum" and config.gate == "none" and config.norm == "shared"
+    return max(seq_len - config.window - config.sinks, 1) if hybrid and plain_sum else 0
+
+
 @dataclass
 class ConvertSettings:
     model: str | None = None  # None: bundled SmolLM2-135M-Instruct
@@ -41,6 +52,7 @@ class ConvertSettings:
     feature_map: str | None = None  # override the preset's feature map
     cache: int | None = None  # override the preset's sparse cache (exact keys per KV head; ops/sparse_cache.py)
     mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
+    memory_cap: int | None = None  # cap the linear memory at this many keys (None: memory_cap_for_training_length)
     seq_len: int = 1024
     transfer_tokens: int = 65_536
     lora_tokens: int = 81_920
@@ -64,8 +76,11 @@ class ConvertSettings:
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
 
     def attention_config(self):
-        return attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
-                                cache=self.cache, mix_init=self.mix_init)
+        config = attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
+                                  cache=self.cache, mix_init=self.mix_init, memory_cap=self.memory_cap)
+        if self.memory_cap is None:
+            config = replace(config, memory_cap=memory_cap_for_training_length(config, self.seq_len))
+        return config
 
     def check(self):
         attention = self.attention_config()
@@ -120,10 +135,13 @@ class RunState:
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
-            overrides = ("window", "sinks", "feature_map", "cache", "mix_init") if "attention" in self.data else ()
+            overrides = ("window", "sinks", "feature_map", "cache", "mix_init", "memory_cap")
+            overrides = overrides if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
+            if "memory_cap" not in self.data.get("attention", attention):  # runs from before the cap: training
+                recorded["memory_cap"] = attention["memory_cap"]  # is the same with the default cap (no change there)
             if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")

@@ -163,16 +163,20 @@ def load(path: str | Path, dtype=None):
     return model.to(dtype or torch.float32).eval(), tokenizer
 
 
-def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None = None):
+def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None = None,
+                 memory_cap: int | None = None):
     """(LinearizedForCausalLM on `device` in `dtype` (default float32), tokenizer); the folder must hold
-    tokenizer files. cache: give it a sparse cache of that many keys per KV head (None: as converted)."""
-    from .models.linearized import set_sparse_cache
+    tokenizer files. cache: give it a sparse cache of that many keys per KV head; memory_cap: cap its linear memory
+    at that many keys (None: as converted; both training-free)."""
+    from .models.linearized import set_memory_cap, set_sparse_cache
 
     model, tokenizer = load(path, dtype=dtype)
     if tokenizer is None:
         raise LinearizeError(f"{path} has no tokenizer files; re-run `linearize convert`")
     if cache is not None:
         set_sparse_cache(model, cache)
+    if memory_cap is not None:
+        set_memory_cap(model, memory_cap)
     return model.to(device), tokenizer
 
 

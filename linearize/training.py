@@ -77,7 +77,7 @@ def train(
     name: str,
     sequences: torch.Tensor,
     step_fn: Callable[[torch.Tensor], dict],
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict],
     state_fn: Callable[[], dict[str, torch.Tensor]],
     restore_fn: Callable[[dict[str, torch.Tensor]], None],
     lr: float,
@@ -87,7 +87,7 @@ def train(
     progress: bool = True,
     write_checkpoints: bool = True,
 ) -> TrainResult:
-    """Train `params` over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
+    """Train `params` (parameters, or AdamW parameter groups {"params", "lr"}) over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
     return {"loss": float, ...}. state_fn/restore_fn give/take the tensors a checkpoint must hold.
     With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s
     (write_checkpoints=False: resume only, never write; for the ranks other than 0 of a data-parallel run).
@@ -96,8 +96,9 @@ def train(
     decides when to checkpoint, and an interrupt keeps the last periodic checkpoint (no save: the ranks stop at
     different points, so a gather could hang)."""
     total_steps = len(sequences) // batch_size
-    sharded = any(isinstance(p, DTensor) for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     start, history = 0, []
     if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir, optimizer)) is not None:
         tensors, meta = found

@@ -1,10 +1,14 @@
 """Is recall beyond the window lost in the linear memory's mass? Passkey accuracy of a converted run (with a sparse
 cache) when every mixing factor's logit is shifted by +s: the window, sinks and cache weigh w' = sigmoid(logit + s),
 the memory 1 - w'. s = 3 takes the default's w ~ 0.53 to ~ 0.96, the memory's share relative to the exact part ~20x
-smaller. A diagnosis, not a mechanism: it changes the trained model.
+smaller. A diagnosis, not a mechanism: it changes the trained model. --caps C,...: the same with the memory capped at
+C keys (LinearAttentionConfig.memory_cap: training-free, no change within the training length; 0: no cap), the
+mechanism this diagnosis led to.
 
     python scripts/memory_weight_probe.py --run runs/w64-s4-kl --cache 64 --shifts 0,3 --lengths 4k --trials 3 \\
         --out docs/results/memory_weight_probe.json
+    python scripts/memory_weight_probe.py --run runs/default-w256 --cache 64 --shifts 0 --caps 0,764 \
+        --lengths 1k,2k,4k,8k --trials 10 --out docs/results/memory_cap_probe.json
 """
 
 import argparse
@@ -15,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linearize.evaluate.passkey import passkey_accuracy  # noqa: E402
+from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy  # noqa: E402
+from linearize.models.linearized import set_memory_cap  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
 
@@ -25,7 +30,11 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="a converted run folder (read only)")
     p.add_argument("--cache", type=int, default=64, help="sparse cache size per KV head (default: %(default)s)")
     p.add_argument("--shifts", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 3.0])
+    p.add_argument("--caps", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="memory caps in keys (0: none; default: 0)")
     p.add_argument("--lengths", type=token_counts, default=(4096,))
+    p.add_argument("--multikey-lengths", type=token_counts, default=(),
+                   help="also the multi-key test (k = 4) at these lengths (default: none)")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--out", default="docs/results/memory_weight_probe.json")
     args = p.parse_args(argv)
@@ -33,15 +42,21 @@ def main(argv=None):
     mixed = [m for m in model.attention_modules() if m.mix_logit is not None]
     trained = [m.mix_logit.detach().clone() for m in mixed]
     rows = []
-    for shift in args.shifts:
-        for m, logit in zip(mixed, trained):
-            m.mix_logit.data = logit + shift
-        with torch.no_grad():
-            r = passkey_accuracy(model, tokenizer, list(args.lengths), args.trials)
-        w = torch.sigmoid(torch.cat([m.mix_logit.detach() for m in mixed])).mean().item()
-        rows.append({"shift": shift, "mean_exact_weight": w, "passkey": dict(zip(map(str, r["lengths"]), r["accuracy"]))})
-        print(rows[-1], flush=True)
-    write_json({"run": args.run, "cache": args.cache, "trials": args.trials, "rows": rows}, Path(args.out))
+    for cap in args.caps:
+        set_memory_cap(model, cap)
+        for shift in args.shifts:
+            for m, logit in zip(mixed, trained):
+                m.mix_logit.data = logit + shift
+            with torch.no_grad():
+                r = passkey_accuracy(model, tokenizer, list(args.lengths), args.trials)
+                row = {"shift": shift, "memory_cap": cap, "passkey": dict(zip(map(str, r["lengths"]), r["accuracy"]))}
+                if args.multikey_lengths:
+                    mk = multikey_accuracy(model, tokenizer, [4], list(args.multikey_lengths), args.trials)
+                    row["multikey_k4"] = dict(zip(map(str, mk["lengths"]), mk["accuracy"]["4"]))
+            row["mean_exact_weight"] = torch.sigmoid(torch.cat([m.mix_logit.detach() for m in mixed])).mean().item()
+            rows.append(row)
+            print(rows[-1], flush=True)
+            write_json({"run": args.run, "cache": args.cache, "trials": args.trials, "rows": rows}, Path(args.out))
     print(f"written {args.out}")
 
 

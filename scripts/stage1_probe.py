@@ -37,6 +37,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--mix-init", type=float, default=None, help="initial mix logit (weight of the exact part)")
+    p.add_argument("--mix-lr", type=float, default=None, help="the mixing logits' stage-1 learning rate (default: --lr)")
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--load", default=None, help="a convert run's checkpoints/transfer folder: skip training")
@@ -57,7 +58,7 @@ def main():
         load_transfer_state(students, load_checkpoint(a.load)[0])
     elif a.tokens and cfg.linear:
         rows = pack_sequences(None, tok, a.seq_len, a.tokens // a.seq_len)
-        attention_transfer(teacher, students, rows, lr=a.lr, progress=True)
+        attention_transfer(teacher, students, rows, lr=a.lr, mix_lr=a.mix_lr, progress=True)
     train_s = time.perf_counter() - t0
     rel = layer_transfer_errors(teacher, students, heldout[:1], relative=True)
     reference = copy.deepcopy(teacher).eval()

@@ -28,6 +28,17 @@ def test_transfer_lowers_layer_error_and_trains_only_feature_maps(tiny_teacher):
         assert torch.equal(p, frozen[n]), n
 
 
+def test_mix_lr_trains_the_mixing_factors_at_their_own_rate(tiny_teacher):
+    """mix_lr puts the mixing logits in their own optimizer group: with lr = 0 only they move."""
+    students = make_student_attention(tiny_teacher, LinearAttentionConfig(window=4, chunk_size=8))
+    before = {n: p.clone() for s in students for n, p in s.named_parameters(prefix=str(s.layer_idx))}
+    attention_transfer(tiny_teacher, students, sequences(n=6), lr=0.0, mix_lr=0.1, progress=False)
+    for s in students:
+        for n, p in s.named_parameters(prefix=str(s.layer_idx)):
+            moved = not torch.equal(p, before[n])
+            assert moved == n.endswith("mix_logit"), n
+
+
 def test_transfer_resumes_to_the_same_result(tiny_teacher, tmp_path, monkeypatch):
     data = sequences(n=10)
     cfg = LinearAttentionConfig(window=4, chunk_size=8)
@@ -82,7 +93,7 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
 
     old = asdict(ConvertSettings())
     del old["lora_loss"]  # a run from before --lora-loss existed: it trained stage 2 with next-token CE
-    attention = {**ConvertSettings().attention_config().to_dict(), "sinks": 0}  # and lolcats had no sinks
+    attention = ConvertSettings(sinks=0).attention_config().to_dict()  # and lolcats had no sinks
     del attention["norm"], attention["local_layers"]  # nor these fields: they read as their defaults
     (tmp_path / "progress.json").write_text(json.dumps({"settings": old, "attention": attention, "results": {}}))
     with pytest.raises(LinearizeError) as e:
@@ -91,6 +102,25 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
     with pytest.raises(LinearizeError, match="now means"):
         RunState(tmp_path, ConvertSettings(lora_loss="ce"), resume=True)
     RunState(tmp_path, ConvertSettings(lora_loss="ce", sinks=0), resume=True)  # the run's own settings: accepted
+
+
+def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_path):
+    """convert caps the memory at seq_len - window - sinks (what a training row holds: no change there) where a cap
+    applies, none elsewhere; a run recorded before the cap existed resumes (its training is the same)."""
+    import json
+    from dataclasses import asdict
+
+    from linearize.pipeline import ConvertSettings, RunState
+
+    assert ConvertSettings(seq_len=512, window=64, sinks=4).attention_config().memory_cap == 444
+    assert ConvertSettings(memory_cap=0).attention_config().memory_cap == 0
+    for preset in ("liger-swa", "gated-delta-swa", "transnormer-norm", "hedgehog", "streaming"):
+        assert ConvertSettings(attention=preset).attention_config().memory_cap == 0, preset
+    attention = ConvertSettings().attention_config().to_dict()
+    del attention["memory_cap"]
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
+                                                        "results": {}}))
+    RunState(tmp_path, ConvertSettings(), resume=True)
 
 
 def test_mix_init_starts_the_model_at_its_window(tiny_teacher):

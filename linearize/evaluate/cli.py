@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, add_sparse_cache, comma_ints, mmlu_limit, names, token_counts
+from ..options import add_memory_cap, add_placement, add_sparse_cache, comma_ints, mmlu_limit, names, token_counts
 
 
 def add(sub):
@@ -41,6 +41,7 @@ def add(sub):
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
     add_sparse_cache(p)
+    add_memory_cap(p)
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,7 +60,7 @@ def run(args):
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
-                            dtype=args.dtype, cache=args.cache)
+                            dtype=args.dtype, cache=args.cache, memory_cap=args.memory_cap)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")

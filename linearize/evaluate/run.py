@@ -52,6 +52,7 @@ class EvalSettings:
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
+    memory_cap: int | None = None  # cap the student's linear memory at this many keys (training-free)
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -89,7 +90,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype, settings.cache)
+    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

@@ -45,6 +45,10 @@ class LinearAttentionConfig:
       then mixed with the window's softmax output by the same per-head factor);
     local_layers: the first `local_layers` layers of the model keep only the exact softmax window (+ sinks), no
       linear part (TransNormer's DiagAttention in the early layers; applied by models.linearized);
+    memory_cap: C > 0 scales the linear memory by C / n once it holds n > C keys, so it never weighs more than C
+      keys (sum rule, shared normaliser, no gate; 0 = none). Training-free (models.linearized.set_memory_cap): a cap
+      of at least the training length minus window and sinks leaves every training-length output as it was and
+      stops the memory from drowning the window, sinks and cache on longer contexts;
     mix_init: the initial mixing logit of every head (the exact part's weight starts at sigmoid(mix_init); 0: half
       the weight to the linear memory; 4: about 2 %, the model starts near its window + sinks alone)."""
 
@@ -62,6 +66,7 @@ class LinearAttentionConfig:
     norm: str = "shared"
     local_layers: int = 0
     mix_init: float = 0.0
+    memory_cap: int = 0
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -81,6 +86,11 @@ class LinearAttentionConfig:
                                  f"window={self.window})")
         if self.cache < 0 or self.cache_every < 1:
             raise LinearizeError(f"cache must be >= 0 and cache_every >= 1 (got {self.cache}, {self.cache_every})")
+        if self.memory_cap < 0:
+            raise LinearizeError(f"memory_cap must be >= 0 (got {self.memory_cap})")
+        if self.memory_cap and (self.rule != "sum" or self.gate != "none" or self.norm != "shared"):
+            raise LinearizeError("the memory cap (--memory-cap) works with the sum rule without a gate and the shared "
+                                 "normaliser (a gate or the delta rule already bound the memory): drop --memory-cap")
         if self.cache and (self.window is None or self.rule != "sum" or self.gate != "none" or self.norm != "shared"):
             raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
                                  "gate, with the shared normaliser: drop --cache, or choose such an attention (e.g. "
@@ -176,7 +186,8 @@ class LinearAttention(nn.Module):
         self.norm_gain = nn.Parameter(torch.ones(num_heads, self.head_dim)) if rms else None
         # the mode of this layer's attention calls, made once (not on every decoding step)
         self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
-                                      linear=config.linear, cache=config.cache, cache_every=config.cache_every)
+                                      linear=config.linear, cache=config.cache, cache_every=config.cache_every,
+                                      memory_cap=config.memory_cap)
         self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
     @property

@@ -75,6 +75,18 @@ def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softm
     return model
 
 
+def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
+    """Change training-free settings (cache, cache_every, memory_cap) of every layer with a linear memory: its config
+    (validated), its spec and the model's config, which records them."""
+    for m in model.attention_modules():
+        if m.config.linear and m.config.window is not None:
+            m.config = replace(m.config, **changes)
+            LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
+            m.spec = replace(m.spec, **changes)
+    model.config.attention = {**model.config.attention, **changes}
+    return model
+
+
 def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None) -> "LinearizedForCausalLM":
     """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
     every `every` tokens (ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
@@ -82,13 +94,13 @@ def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | Non
     if size and any(m.mix_logit is None for m in layers):
         raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
                              "convert with --window or --sinks to use --cache")
-    for m in layers:
-        m.config = replace(m.config, cache=size, cache_every=every or m.config.cache_every)
-        LinearAttentionConfig(**m.config.to_dict())  # validated: the cache needs the sum rule without a gate
-        m.spec = replace(m.spec, cache=m.config.cache, cache_every=m.config.cache_every)
-    model.config.attention = {**model.config.attention, "cache": size,
-                              "cache_every": every or model.config.attention.get("cache_every", 64)}
-    return model
+    return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64))
+
+
+def set_memory_cap(model: "LinearizedForCausalLM", cap: int) -> "LinearizedForCausalLM":
+    """Cap the weight of every layer's linear memory at `cap` keys (0: no cap; LinearAttentionConfig.memory_cap).
+    Training-free; the model's config records it."""
+    return _recall_layers(model, memory_cap=cap)
 
 
 class NoCodeCopy:

@@ -13,13 +13,18 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
         normalised per head instead, y_i = w_h * softmax output over E_i + (1 - w_h) * g_h * RMSNorm(o_i), o_i the
         sum-rule numerator sum_j decay_ij phi(q_i) . phi(k_j) v_j (or the delta-rule read-out), g_h (H, d) a gain.
 
+    memory cap (sum rule, memory_cap = C > 0): once the memory holds n_i > C keys, its terms a_ij are scaled by C / n_i,
+        so it never weighs more than C keys did (the most it held in training when C = training length - W - S): its
+        share of the normaliser stops growing with the context and keeps exact keys (window, sinks, cache) readable.
+
 w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the same three things:
 
 - Streams: the per-token streams q (B, H, T, d), k, v (B, Hkv, T, d) after RoPE, fq = phi(q) (B, H, T, F),
   fk = phi(k) (B, Hkv, T, F), log_gate, beta (B, Hkv, T); a stream the mode does not use is None.
 - AttentionSpec: the mode. window W (0: pure linear; None: full causal softmax, no linear part), sinks S (the first
   S tokens stay in exact softmax for ever and never enter the memory: attention sinks, StreamingLLM), scale,
-  rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM).
+  rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM),
+  memory_cap C (0: none), cache M and cache_every (the sparse cache, sparse_cache.py).
 - mix (H,): the weight of the exact part (unused without a linear part).
 
 Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
@@ -57,10 +62,13 @@ class AttentionSpec:
     linear: bool = True
     cache: int = 0
     cache_every: int = 64
+    memory_cap: int = 0
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.memory_cap < 0 or (self.memory_cap and self.delta):
+            raise ValueError("memory_cap must be >= 0 and needs the sum rule")
         if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)):
             raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule and cache_every >= 1")
 
@@ -198,6 +206,20 @@ def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False, norm_gain=None
     return y.reshape(B, Hkv * G, T, d)
 
 
+def _capped(lin, n_keys, spec: AttentionSpec):
+    """The memory's terms lin (B, Hkv, G, T, X) scaled by min(1, C / n): n_keys the number of keys in the memory
+    each query reads, broadcastable to (B, Hkv, 1, T) (a tensor or a number); unchanged without a cap."""
+    if not spec.memory_cap or lin is None:
+        return lin
+    n = torch.as_tensor(n_keys, dtype=lin.dtype, device=lin.device)
+    return lin * (spec.memory_cap / n.clamp(min=spec.memory_cap)).unsqueeze(-1)
+
+
+def _keys_in_memory(positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """How many keys the memory holds for queries at these absolute positions: S <= j <= p - W."""
+    return (positions - spec.window - spec.sinks + 1).clamp(min=0)
+
+
 def _pad_time(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
     """Zero-pad dim -2 (time) of (..., T, X)."""
     return F.pad(x, (0, 0, front, back))
@@ -238,7 +260,8 @@ def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=No
     lin = None
     if spec.memory:
         fk = streams.fk.masked_fill(j.T < spec.sinks, 0.0)  # a zero key leaves the memory unchanged: no sink enters
-        lin = _linear_part(streams.fq, replace(streams, fk=fk), spec, W, memory_naive)[0]
+        lin = _capped(_linear_part(streams.fq, replace(streams, fk=fk), spec, W, memory_naive)[0],
+                      _keys_in_memory(i[:, 0], spec), spec)
     num_sm = None
     if W > 0 or spec.sinks > 0:
         G = H // Hkv
@@ -319,6 +342,7 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         fk_mem = keys.fk.masked_fill(torch.arange(T, device=k.device)[:, None] < n_sink, 0.0) if n_sink else keys.fk
         lin, memory = _linear_part(_pad_time(streams.fq, w, 0), replace(keys, fk=fk_mem), spec, W, memory_chunked,
                                    chunk=chunk, state=None if state is None else state.kv)
+        lin = _capped(lin, _keys_in_memory(torch.arange(seen - w, seen - w + T, device=k.device), spec), spec)
     sink_set = None if spec.window is None else _sinks_outside_window(state, keys, n_sink, W)
     if lin is None and W >= T and sink_set is None:  # exact causal softmax attention: PyTorch's fused kernel
         causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
@@ -415,6 +439,7 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+        lin = _capped(lin, _keys_in_memory(torch.tensor([state.seen - 1]), spec), spec)
     return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
@@ -451,7 +476,8 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
         reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
         m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
         a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
-        lin = (a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m)
+        lin = _capped((a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m), memory_of.sum(-1).unsqueeze(2),
+                      spec)
     return _combine(num_sm, lin, mix, Hkv)
 
 
@@ -476,6 +502,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         raise ValueError("the sparse cache supports the sum rule without a forget gate")
     q = streams.q
     n = q.shape[2]
+    in_memory = state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
     keys = state.in_order().append(streams.keys())  # k, v (a cache has no gate or strength)
     w, Hkv = len(keys) - n, keys.k.shape[1]
     qg = _group(q, Hkv)
@@ -500,7 +527,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     num_sm = sum(_exact_num(s, part.v, m) for part, s in parts)
     lin = None
     if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
-        lin = (_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m)
+        lin = _capped((_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m), in_memory, spec)
     y = _combine(num_sm, lin, mix, Hkv)
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
     n_sink = min(max(spec.sinks - first, 0), left)

@@ -104,6 +104,7 @@ def attention_transfer(
     students: list[LinearAttention],
     sequences: torch.Tensor,
     lr: float = 1e-2,
+    mix_lr: float | None = None,
     batch_size: int = 1,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -111,7 +112,8 @@ def attention_transfer(
     data_parallel=None,
     forward=None,
 ) -> TrainResult:
-    """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids.
+    """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids. mix_lr: the mixing
+    factors' learning rate (None: lr).
     layers: train only these students (default all). data_parallel: a transfer.distributed.RankGroup; each
     rank then runs its shard of every batch and gradients are averaged (see transfer/distributed.py).
     forward(batch): what runs the teacher attention modules on a batch; default the teacher's decoder on token
@@ -122,6 +124,10 @@ def attention_transfer(
     params = [p for i in layers for p in students[i].trainable_transfer_parameters()]
     for p in params:
         p.requires_grad_(True)
+    mixes = [students[i].mix_logit for i in layers if students[i].mix_logit is not None]
+    groups = params
+    if mix_lr is not None and mix_lr != lr and mixes:
+        groups = [{"params": [p for p in params if all(p is not m for m in mixes)]}, {"params": mixes, "lr": mix_lr}]
     hooks = _TransferHooks(teacher, students, layers)
     decoder = teacher.get_decoder()  # no lm_head: transfer needs no logits
     device = next(teacher.parameters()).device
@@ -138,7 +144,7 @@ def attention_transfer(
         return {"loss": sum(losses), "layer_mse": losses}
 
     try:
-        return train("stage 1: attention transfer", sequences, step, params,
+        return train("stage 1: attention transfer", sequences, step, groups,
                      state_fn=lambda: transfer_state(students, layers),
                      restore_fn=lambda t: load_transfer_state(students, t, layers),
                      lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
