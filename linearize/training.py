@@ -87,8 +87,9 @@ def train(
     progress: bool = True,
     write_checkpoints: bool = True,
 ) -> TrainResult:
-    """Train `params` (parameters, or AdamW parameter groups {"params", "lr"}) over `sequences` (N, T), one pass. step_fn(batch) must run forward and backward and
-    return {"loss": float, ...}. state_fn/restore_fn give/take the tensors a checkpoint must hold.
+    """Train `params` (parameters, or AdamW parameter groups {"params", "lr"}) over `sequences` (N, T), one pass.
+    step_fn(batch) must run forward and backward and return {"loss": float, ...}. state_fn/restore_fn give/take the
+    tensors a checkpoint must hold.
     With checkpoint_dir, resumes from the last checkpoint there and saves one every checkpoint_every_s
     (write_checkpoints=False: resume only, never write; for the ranks other than 0 of a data-parallel run).
     With FSDP-sharded params every rank must call train alike: state_fn may return shards (they are gathered),

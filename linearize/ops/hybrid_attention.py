@@ -208,16 +208,21 @@ def _combine(num_sm, lin, mix, num_kv_heads, delta: bool = False, norm_gain=None
 
 def _capped(lin, n_keys, spec: AttentionSpec):
     """The memory's terms lin (B, Hkv, G, T, X) scaled by min(1, C / n): n_keys the number of keys in the memory
-    each query reads, broadcastable to (B, Hkv, 1, T) (a tensor or a number); unchanged without a cap."""
+    each query reads, a tensor broadcastable to (B, Hkv, 1, T) or one int (decoding: no tensor is made); unchanged
+    without a cap."""
     if not spec.memory_cap or lin is None:
         return lin
-    n = torch.as_tensor(n_keys, dtype=lin.dtype, device=lin.device)
+    if isinstance(n_keys, int):
+        return lin * (spec.memory_cap / max(n_keys, spec.memory_cap))
+    n = n_keys.to(device=lin.device, dtype=lin.dtype)
     return lin * (spec.memory_cap / n.clamp(min=spec.memory_cap)).unsqueeze(-1)
 
 
-def _keys_in_memory(positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """How many keys the memory holds for queries at these absolute positions: S <= j <= p - W."""
-    return (positions - spec.window - spec.sinks + 1).clamp(min=0)
+def _keys_in_memory(position, spec: AttentionSpec):
+    """How many keys the memory holds for a query at this absolute position (an int or a tensor of them):
+    the keys S <= j <= p - W."""
+    n = position - spec.window - spec.sinks + 1
+    return max(n, 0) if isinstance(n, int) else n.clamp(min=0)
 
 
 def _pad_time(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
@@ -439,7 +444,7 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-        lin = _capped(lin, _keys_in_memory(torch.tensor([state.seen - 1]), spec), spec)
+        lin = _capped(lin, _keys_in_memory(state.seen - 1, spec), spec)
     return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
