@@ -44,8 +44,8 @@ def _add_convert(sub):
                                                   "weight sigmoid(M) against the linear memory (default 0: half; "
                                                   "4: the memory starts at about 2 %%)")
     p.add_argument("--memory-cap", type=int, help="the linear memory weighs at most C keys: beyond, it is scaled by "
-                                                   "C / n (longer contexts than training; default from --attention: "
-                                                   "0, none)")
+                                                   "C / n (default: seq-len - window - sinks, what it holds in "
+                                                   "training: no change up to seq-len; 0: none)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", "--transfer-tokens", dest="transfer_tokens", type=int, default=d.transfer_tokens,
                    help="stage 1 training tokens (default: %(default)s)")
