@@ -38,8 +38,7 @@ def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) 
     where a cap does not apply: no exact part beside the memory, a gate or the delta rule (they bound it already),
     or the output normalisation (no shared normaliser)."""
     hybrid = config.linear and config.window is not None and (config.window > 0 or config.sinks > 0)
-    plain_sum = config.rule == "sum" and config.gate == "none" and config.norm == "shared"
-    return max(seq_len - config.window - config.sinks, 1) if hybrid and plain_sum else 0
+    return max(seq_len - config.window - config.sinks, 1) if hybrid and config.plain_sum_memory else 0
 
 
 @dataclass

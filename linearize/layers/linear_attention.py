@@ -88,13 +88,19 @@ class LinearAttentionConfig:
             raise LinearizeError(f"cache must be >= 0 and cache_every >= 1 (got {self.cache}, {self.cache_every})")
         if self.memory_cap < 0:
             raise LinearizeError(f"memory_cap must be >= 0 (got {self.memory_cap})")
-        if self.memory_cap and (self.rule != "sum" or self.gate != "none" or self.norm != "shared"):
+        if self.memory_cap and not self.plain_sum_memory:
             raise LinearizeError("the memory cap (--memory-cap) works with the sum rule without a gate and the shared "
                                  "normaliser (a gate or the delta rule already bound the memory): drop --memory-cap")
-        if self.cache and (self.window is None or self.rule != "sum" or self.gate != "none" or self.norm != "shared"):
+        if self.cache and (self.window is None or not self.plain_sum_memory):
             raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
                                  "gate, with the shared normaliser: drop --cache, or choose such an attention (e.g. "
                                  "--attention lolcats)")
+
+    @property
+    def plain_sum_memory(self) -> bool:
+        """The sum rule without a forget gate, under the shared normaliser: a memory whose weight grows with the keys
+        it holds (what the sparse cache and the memory cap work with)."""
+        return self.rule == "sum" and self.gate == "none" and self.norm == "shared"
 
     def to_dict(self) -> dict:
         return asdict(self)

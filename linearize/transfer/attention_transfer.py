@@ -127,7 +127,8 @@ def attention_transfer(
     mixes = [students[i].mix_logit for i in layers if students[i].mix_logit is not None]
     groups = params
     if mix_lr is not None and mix_lr != lr and mixes:
-        groups = [{"params": [p for p in params if all(p is not m for m in mixes)]}, {"params": mixes, "lr": mix_lr}]
+        mix_ids = {id(m) for m in mixes}
+        groups = [{"params": [p for p in params if id(p) not in mix_ids]}, {"params": mixes, "lr": mix_lr}]
     hooks = _TransferHooks(teacher, students, layers)
     decoder = teacher.get_decoder()  # no lm_head: transfer needs no logits
     device = next(teacher.parameters()).device
