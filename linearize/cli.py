@@ -38,6 +38,9 @@ def _add_convert(sub):
     p.add_argument("--sinks", type=int, help="attention sinks: the first S tokens stay in exact softmax and out of the "
                                              "linear memory (default from --attention)")
     p.add_argument("--feature-map", help="hedgehog | t2r | elu | nala (default from --attention)")
+    p.add_argument("--feature-dim", type=int, help="projection width of the feature map (Hedgehog's features are "
+                                                   "twice it; default: head_dim); the linear memory holds "
+                                                   "features x (head_dim + 1) numbers per KV head")
     p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
                                              "recalls worst in exact softmax (LoLA; default from --attention: 0)")
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "

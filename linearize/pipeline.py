@@ -49,6 +49,7 @@ class ConvertSettings:
     window: int | None = None  # override the preset's window
     sinks: int | None = None  # override the preset's attention sinks
     feature_map: str | None = None  # override the preset's feature map
+    feature_dim: int | None = None  # override the feature map's projection width (None: head_dim)
     cache: int | None = None  # override the preset's sparse cache (exact keys per KV head; ops/sparse_cache.py)
     mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
     memory_cap: int | None = None  # cap the linear memory at this many keys (None: memory_cap_for_training_length)
@@ -76,7 +77,8 @@ class ConvertSettings:
 
     def attention_config(self):
         config = attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
-                                  cache=self.cache, mix_init=self.mix_init, memory_cap=self.memory_cap)
+                                  feature_dim=self.feature_dim, cache=self.cache, mix_init=self.mix_init,
+                                  memory_cap=self.memory_cap)
         if self.memory_cap is None:
             config = replace(config, memory_cap=memory_cap_for_training_length(config, self.seq_len))
         return config
@@ -134,7 +136,7 @@ class RunState:
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
-            overrides = ("window", "sinks", "feature_map", "cache", "mix_init", "memory_cap")
+            overrides = ("window", "sinks", "feature_map", "feature_dim", "cache", "mix_init", "memory_cap")
             overrides = overrides if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]

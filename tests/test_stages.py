@@ -147,3 +147,23 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
         assert not torch.allclose(usual(input_ids=ids).logits, ref, atol=1e-3)  # mix 0: the memory has weight
     assert ConvertSettings(mix_init=4.0).attention_config().mix_init == 4.0
     assert ConvertSettings().attention_config().mix_init == 0.0
+
+
+def test_feature_dim_sets_the_memory_size(tiny_teacher):
+    """--feature-dim F: Hedgehog features of width 2F, so the linear memory holds 2F x (head_dim + 1) numbers per KV
+    head; a bad width is one clear error."""
+    from linearize.errors import LinearizeError
+    from linearize.layers.linear_attention import DecodingState, attention_preset
+    from linearize.pipeline import ConvertSettings
+
+    cfg = ConvertSettings(feature_dim=4, window=6, sinks=2).attention_config()
+    assert cfg.feature_dim == 4 and ConvertSettings().attention_config().feature_dim is None
+    student = LinearizedForCausalLM.from_teacher(tiny_teacher, cfg)
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(0))
+    state = DecodingState(len(student.attention_modules()))
+    with torch.no_grad():
+        student(input_ids=ids, linear_state=state)
+    head_dim = student.attention_modules()[0].head_dim
+    assert all(s.kv.shape[-2:] == (8, head_dim + 1) for s in state)
+    with pytest.raises(LinearizeError, match="feature-dim"):
+        attention_preset("lolcats", feature_dim=0)

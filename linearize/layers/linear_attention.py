@@ -87,6 +87,8 @@ class LinearAttentionConfig:
             raise LinearizeError(f"cache must be >= 0 and cache_every >= 1 (got {self.cache}, {self.cache_every})")
         if self.memory_cap < 0:
             raise LinearizeError(f"memory_cap must be >= 0 (got {self.memory_cap})")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise LinearizeError(f"feature_dim (--feature-dim) must be >= 1 (got {self.feature_dim})")
         if self.memory_cap and not self.plain_sum_memory:
             raise LinearizeError("the memory cap (--memory-cap) works with the sum rule without a gate and the shared "
                                  "normaliser (a gate or the delta rule already bound the memory): drop --memory-cap")
