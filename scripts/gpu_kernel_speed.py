@@ -6,7 +6,10 @@ Hedgehog features F = 128). Random inputs: speed does not depend on trained weig
     python3 scripts/gpu_kernel_speed.py --out docs/results/gpu_kernels_speed.json        # on a GPU with fla
     python3 scripts/gpu_kernel_speed.py --device cpu --lengths 256 --repeats 1 --out /tmp/k.json  # a dry run
 
-Rows: {case, T, form (pytorch | fla), ms (forward + backward, median of --repeats after 2 warm-up calls that include
+--no-grad: forward only, without gradients (prefill / inference): the kernels also serve there on Hopper GPUs
+whose Triton miscompiles their backward (linearize/ops/fla_kernels.py).
+
+Rows: {case, T, form (pytorch | fla), grad, ms (forward + backward, or forward with --no-grad, median of --repeats after 2 warm-up calls that include
 Triton's compilation and autotuning), tokens_per_s, peak_mb (peak allocated CUDA memory in the timed calls)}.
 Cases: memory-sum (the sum rule with the ones column), memory-delta (gated delta rule), and attention calls through
 hybrid_attention.attention_chunked: default (window 256, 4 sinks, memory cap 764, the convert default), liger (pure
@@ -55,8 +58,8 @@ def streams(T, rule, gated, device, dtype, B=1):
     return s, leaves
 
 
-def case_fn(case, T, device, dtype):
-    """A closure running forward + backward once, and the list of leaves (to clear their grads)."""
+def case_fn(case, T, device, dtype, grad=True):
+    """A closure running forward + backward once (forward only without grad), and the list of leaves."""
     if case.startswith("memory"):
         rule = case.split("-")[1]
         s, leaves = streams(T, rule, True, device, dtype)
@@ -64,9 +67,11 @@ def case_fn(case, T, device, dtype):
         v = s.v if rule == "delta" else torch.cat([s.v, torch.ones_like(s.v[..., :1])], -1)
 
         def run():
-            chunked = fla_kernels.memory_fla if fla_kernels.fla_usable(v) else memory_chunked
-            o, _ = chunked(fq, s.fk, v, s.log_gate, s.beta, chunk=64)
-            o.float().sum().backward(retain_graph=True)
+            with torch.set_grad_enabled(grad):
+                chunked = fla_kernels.memory_fla if fla_kernels.fla_usable(v) else memory_chunked
+                o, _ = chunked(fq, s.fk, v, s.log_gate, s.beta, chunk=64)
+                if grad:
+                    o.float().sum().backward(retain_graph=True)
         return run, leaves
     rule, gated, spec = {
         "default": ("sum", False, ops.AttentionSpec(window=256, scale=D ** -0.5, sinks=4, memory_cap=764)),
@@ -77,8 +82,10 @@ def case_fn(case, T, device, dtype):
     mix = torch.full((H,), 0.5, device=device)
 
     def run():
-        y, _ = ops.attention_chunked(s, spec, mix, chunk=64)
-        y.float().sum().backward(retain_graph=True)
+        with torch.set_grad_enabled(grad):
+            y, _ = ops.attention_chunked(s, spec, mix, chunk=64)
+            if grad:
+                y.float().sum().backward(retain_graph=True)
     return run, leaves
 
 
@@ -109,13 +116,14 @@ def main():
     p.add_argument("--lengths", default="1024,4096,16384")
     p.add_argument("--cases", default="memory-sum,memory-delta,default,liger,gated-delta")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-grad", action="store_true", help="forward only, no gradients (prefill / inference)")
     p.add_argument("--out", default="gpu_kernels_speed.json")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     out = Path(args.out)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "grad": not args.no_grad, "rows": rows}
     for case in args.cases.split(","):
         for T in (int(t) for t in args.lengths.split(",")):
             for form in ("pytorch", "fla"):
@@ -123,7 +131,7 @@ def main():
                     continue
                 os.environ[fla_kernels.FLA_ENV] = "1" if form == "fla" else "0"
                 try:
-                    run, leaves = case_fn(case, T, device, dtype)
+                    run, leaves = case_fn(case, T, device, dtype, grad=not args.no_grad)
                     sec, peak = timed(run, leaves, device, args.repeats)
                     row = {"case": case, "T": T, "form": form, "ms": round(sec * 1e3, 2),
                            "tokens_per_s": round(T / sec), "peak_mb": None if peak is None else round(peak, 1)}

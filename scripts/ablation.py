@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The issue-11 ablation at one fixed wall-clock budget: one `linearize convert --minutes M` per setting on the
+bundled SmolLM2 and data, each followed by a short `linearize eval`, then one table.
+
+    python3 scripts/ablation.py --minutes 8 --out runs/ablation-8min --table docs/results/ablation_8min.json
+
+Rows (ROWS below): the default; stage-2 loss CE; LoRA on attention + MLP; stage 2 also training the feature maps and
+mixing factors; a quarter-size linear memory (--feature-dim 16); LoRA only (no attention transfer). The eval measures
+ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
+to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
+MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
+Rows of the table are scripts/quality_table.run_row's, plus `setting` and `minutes`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_table import run_row  # noqa: E402
+
+ROWS = {  # name -> extra convert arguments
+    "default": [],
+    "ce": ["--lora-loss", "ce"],
+    "lora-mlp": ["--lora-targets", "attention+mlp"],
+    "train-attention": ["--lora-train-attention"],
+    "feature-dim-16": ["--feature-dim", "16"],
+    "lora-only": ["--skip-transfer"],
+}
+
+
+def cli(args: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        f.write(f"$ linearize {' '.join(args)}\n")
+        f.flush()
+        rc = subprocess.run([sys.executable, "-m", "linearize.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise RuntimeError(f"linearize {args[0]} failed (exit {rc}); see {log}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=8.0, help="the budget of every conversion")
+    p.add_argument("--out", default="runs/ablation", help="folder of the run folders and logs")
+    p.add_argument("--table", default="docs/results/ablation.json")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="convert's held-out tokens (fewer: less overhead)")
+    p.add_argument("--prompts", type=int, default=12, help="greedy-answer prompts for the repetition rate")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.rows.split(","):
+        run, log = out / name, out / f"{name}.log"
+        t0 = time.time()
+        try:
+            if not (run / "convert.json").is_file():
+                cli(["convert", "--out", str(run), "--minutes", str(args.minutes), "--eval-tokens",
+                     str(args.eval_tokens), "--no-progress", *ROWS[name],
+                     *(["--resume"] if (run / "progress.json").is_file() else [])], log)
+            if not (run / "eval.json").is_file():
+                cli(["eval", str(run), "--skip", "passkey,multikey,layers,mmlu", "--generation-prompts",
+                     str(args.prompts), "--no-progress"], log)
+            row = {"setting": name, "minutes": args.minutes, **run_row(run)}
+        except RuntimeError as e:
+            row = {"setting": name, "minutes": args.minutes, "error": str(e)}
+        print(f"{name}: {time.time() - t0:.0f} s; {json.dumps(row)[:300]}", flush=True)
+        rows.append(row)
+        table = Path(args.table)
+        tmp = table.with_name(table.name + ".tmp")
+        tmp.write_text(json.dumps({"minutes": args.minutes, "machine": f"{os.cpu_count()} CPU cores", "rows": rows},
+                                  indent=2))
+        tmp.replace(table)
+
+
+if __name__ == "__main__":
+    main()
