@@ -31,7 +31,8 @@ Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in t
 
 - attention_quadratic(streams, spec, mix) -> y: the T x T reference (tests only).
 - attention_chunked(streams, spec, mix, initial_state, output_final_state, chunk, key_features) -> (y, state|None):
-  O(T) memory, for training and prefill (in blocks, continuing initial_state).
+  O(T) memory, for training and prefill (in blocks, continuing initial_state). Its linear memory runs on
+  flash-linear-attention's kernels where fla_kernels.fla_usable says so (CUDA, LINEARIZE_FLA_KERNELS=1).
 - attention_recurrent(streams, spec, mix, initial_state, output_final_state, key_features) -> (y, state|None):
   one token at a time, for decoding; advances its state in place (the window is a ring buffer).
 key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk: a state keeps its window keys, not
