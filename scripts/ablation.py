@@ -2,10 +2,10 @@
 """The issue-11 ablation at one fixed wall-clock budget: one `linearize convert --minutes M` per setting on the
 bundled SmolLM2 and data, each followed by a short `linearize eval`, then one table.
 
-    python3 scripts/ablation.py --minutes 8 --out runs/ablation-8min --table docs/results/ablation_8min.json
+    python3 scripts/ablation.py --minutes 6 --out runs/ablation-6min --table docs/results/ablation_6min.json
 
-Rows (ROWS below): the default; stage-2 loss CE; LoRA on attention + MLP; stage 2 also training the feature maps and
-mixing factors; a quarter-size linear memory (--feature-dim 16); LoRA only (no attention transfer). The eval measures
+Rows (ROWS below): the default; stage-2 loss CE; LoRA on attention + MLP; the memory starting at 2 % of the window's
+weight (--mix-init 4); a quarter-size linear memory (--feature-dim 16); LoRA only (no attention transfer). The eval measures
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
 MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
@@ -27,7 +27,7 @@ ROWS = {  # name -> extra convert arguments
     "default": [],
     "ce": ["--lora-loss", "ce"],
     "lora-mlp": ["--lora-targets", "attention+mlp"],
-    "train-attention": ["--lora-train-attention"],
+    "mix-init-4": ["--mix-init", "4"],
     "feature-dim-16": ["--feature-dim", "16"],
     "lora-only": ["--skip-transfer"],
 }
@@ -44,12 +44,13 @@ def cli(args: list[str], log: Path) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=8.0, help="the budget of every conversion")
+    p.add_argument("--minutes", type=float, default=6.0, help="the budget of every conversion")
     p.add_argument("--out", default="runs/ablation", help="folder of the run folders and logs")
     p.add_argument("--table", default="docs/results/ablation.json")
     p.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
     p.add_argument("--eval-tokens", type=int, default=8192, help="convert's held-out tokens (fewer: less overhead)")
     p.add_argument("--prompts", type=int, default=12, help="greedy-answer prompts for the repetition rate")
+    p.add_argument("--answer-tokens", type=int, default=48, help="tokens per greedy answer")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def main():
                      *(["--resume"] if (run / "progress.json").is_file() else [])], log)
             if not (run / "eval.json").is_file():
                 cli(["eval", str(run), "--skip", "passkey,multikey,layers,mmlu", "--generation-prompts",
-                     str(args.prompts), "--no-progress"], log)
+                     str(args.prompts), "--generation-tokens", str(args.answer_tokens), "--no-progress"], log)
             row = {"setting": name, "minutes": args.minutes, **run_row(run)}
         except RuntimeError as e:
             row = {"setting": name, "minutes": args.minutes, "error": str(e)}

@@ -137,11 +137,14 @@ def test_no_kernel_gradients_on_hopper_with_a_miscompiling_triton(monkeypatch):
     """Triton >= 3.4, < 3.7.1 on compute capability 9.x: the kernels serve inference only (fla issue 640)."""
     capability = {"cap": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cap"])
+    sound = fla_kernels.backward_is_sound
+    sound.cache_clear()
     cpu = torch.device("cpu")
     assert not fla_kernels.backward_is_sound(cpu, "3.6.0")
     assert not fla_kernels.backward_is_sound(cpu, "3.4.0")
     assert fla_kernels.backward_is_sound(cpu, "3.7.1") and fla_kernels.backward_is_sound(cpu, "3.3.1+git5e2")
     capability["cap"] = (8, 0)  # A100: not affected
+    fla_kernels.backward_is_sound.cache_clear()  # the answer is cached per device and version
     assert fla_kernels.backward_is_sound(cpu, "3.6.0")
     # the decision: grad-free inputs use the kernels, inputs that need a gradient do not
     capability["cap"] = (9, 0)
@@ -155,6 +158,7 @@ def test_no_kernel_gradients_on_hopper_with_a_miscompiling_triton(monkeypatch):
         assert not fla_kernels.fla_usable(cuda_like, trained)
     with torch.no_grad():
         assert fla_kernels.fla_usable(cuda_like, trained)
+    sound.cache_clear()  # leave no answer made under the fake capability
 
 
 def test_kernels_are_opt_in_and_cuda_only(monkeypatch):

@@ -22,6 +22,7 @@ the gated case itself, and the ungated one failed our gradient check on an H200)
 PyTorch forms while inference (no gradient) still uses the kernels.
 """
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -42,6 +43,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
+@functools.lru_cache(maxsize=None)
 def backward_is_sound(device: torch.device, triton_version: str | None = None) -> bool:
     """False on a Hopper GPU with a Triton in BAD_TRITON_ON_HOPPER (fla's chunk backward is miscompiled there)."""
     if torch.cuda.get_device_capability(device)[0] != 9:
