@@ -4,8 +4,8 @@ bundled SmolLM2 and data, each followed by a short `linearize eval`, then one ta
 
     python3 scripts/ablation.py --minutes 6 --out runs/ablation-6min --table docs/results/ablation_6min.json
 
-Rows (ROWS below): the default; stage-2 loss CE; LoRA on attention + MLP; the memory starting at 2 % of the window's
-weight (--mix-init 4); a quarter-size linear memory (--feature-dim 16); LoRA only (no attention transfer). The eval measures
+Rows (ROWS below): the default; the memory starting at 2 % of the window's weight (--mix-init 4); a quarter-size
+linear memory (--feature-dim 16); stage-2 loss CE; LoRA only (no attention transfer); LoRA on attention + MLP. The eval measures
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
 MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
@@ -25,11 +25,11 @@ from quality_table import run_row  # noqa: E402
 
 ROWS = {  # name -> extra convert arguments
     "default": [],
-    "ce": ["--lora-loss", "ce"],
-    "lora-mlp": ["--lora-targets", "attention+mlp"],
     "mix-init-4": ["--mix-init", "4"],
     "feature-dim-16": ["--feature-dim", "16"],
+    "ce": ["--lora-loss", "ce"],
     "lora-only": ["--skip-transfer"],
+    "lora-mlp": ["--lora-targets", "attention+mlp"],
 }
 
 
