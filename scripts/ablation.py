@@ -9,7 +9,7 @@ linear memory (--feature-dim 16); stage-2 loss CE; LoRA only (no attention trans
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
 MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
-Rows of the table are scripts/quality_table.run_row's, plus `setting` and `minutes`.
+Rows of the table are scripts/quality_table.run_row's, plus `setting` and `minutes`; TABLE.md has them as markdown.
 """
 
 import argparse
@@ -40,6 +40,25 @@ def cli(args: list[str], log: Path) -> None:
         rc = subprocess.run([sys.executable, "-m", "linearize.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"linearize {args[0]} failed (exit {rc}); see {log}")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as markdown: one line per row (ratios student / teacher, top-1 and KL on ShareGPT, repetition)."""
+    head = ("| setting | stage-1 + stage-2 tokens | wall s | held-out ratio | ShareGPT | Shakespeare | Python docs "
+            "| top-1 ShareGPT | KL ShareGPT | repeated 4-grams student / teacher | equal-bytes streaming ShareGPT / top-1 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | failed: {r['error'][:80]} |")
+            continue
+        ratio, rep, b = r["ppl_ratio"], r.get("repetition") or {}, r.get("streaming_baseline")
+        base = (f"{b['ppl_ratio']['sharegpt']:.3f} / {b['top1']['sharegpt']:.1%} (4 + {b['window']})" if b else "")
+        lines.append(
+            f"| {r['setting']} | {r['transfer_tokens'] or 0:,} + {r['lora_tokens'] or 0:,} | {r['convert_s']:.0f} "
+            f"| {r['heldout_ppl_ratio']:.3f} | {ratio['sharegpt']:.3f} | {ratio['shakespeare']:.3f} "
+            f"| {ratio['python-docs']:.3f} | {r['top1']['sharegpt']:.1%} | {r['kl']['sharegpt']:.3f} "
+            f"| {rep.get('student', float('nan')):.3f} / {rep.get('teacher', float('nan')):.3f} | {base} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -76,6 +95,7 @@ def main():
         tmp.write_text(json.dumps({"minutes": args.minutes, "machine": f"{os.cpu_count()} CPU cores", "rows": rows},
                                   indent=2))
         tmp.replace(table)
+        table.with_suffix(".md").write_text(markdown(rows))
 
 
 if __name__ == "__main__":
