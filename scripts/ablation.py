@@ -15,12 +15,12 @@ Rows of the table are scripts/quality_table.run_row's, plus `setting` and `minut
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_table import sh as cli  # noqa: E402 (runs `linearize ARGS`, output appended to a log)
 from quality_table import run_row  # noqa: E402
 
 ROWS = {  # name -> extra convert arguments
@@ -31,15 +31,6 @@ ROWS = {  # name -> extra convert arguments
     "lora-only": ["--skip-transfer"],
     "lora-mlp": ["--lora-targets", "attention+mlp"],
 }
-
-
-def cli(args: list[str], log: Path) -> None:
-    with open(log, "a") as f:
-        f.write(f"$ linearize {' '.join(args)}\n")
-        f.flush()
-        rc = subprocess.run([sys.executable, "-m", "linearize.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise RuntimeError(f"linearize {args[0]} failed (exit {rc}); see {log}")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -28,19 +28,11 @@ import os
 import warnings
 
 import torch
+from packaging.version import Version
 
 FLA_FORMS = ("chunk", "fused_recurrent")
 FLA_ENV = "LINEARIZE_FLA_KERNELS"
-BAD_TRITON_ON_HOPPER = ((3, 4, 0), (3, 7, 1))  # [from, to): wrong chunk-backward gradients on compute capability 9.x
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """"3.6.0+git1234" -> (3, 6, 0)"""
-    parts = []
-    for p in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in p if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts + [0] * (3 - len(parts)))
+BAD_TRITON_ON_HOPPER = ("3.4.0", "3.7.1")  # [from, to): wrong chunk-backward gradients on compute capability 9.x
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,8 +44,8 @@ def backward_is_sound(device: torch.device, triton_version: str | None = None) -
         import triton
 
         triton_version = triton.__version__
-    low, high = BAD_TRITON_ON_HOPPER
-    return not (low <= _version(triton_version) < high)
+    low, high = map(Version, BAD_TRITON_ON_HOPPER)
+    return not (low <= Version(triton_version) < high)
 
 
 def fla_usable(*xs: torch.Tensor | None) -> bool:
