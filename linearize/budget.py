@@ -6,6 +6,8 @@ costs per row). A stage-2 step is priced from them: the teacher's forward (kl lo
 and backward, counted as LORA_STEP_IN_TRANSFER_STEPS stage-1 steps. What is left of the budget after loading,
 probing and the held-out evaluations is split between the stages by TRANSFER_SHARE of the training time. The
 plan is recorded in the run's progress.json, so `--resume` keeps it (whatever the machine's speed on resume).
+Before stage 2 starts, time_lora_step times one real stage-2 step and the pipeline re-divides stage 2's seconds by
+it (recorded too), so a model whose stage 2 costs more than the estimate still ends on time.
 """
 
 import math
@@ -56,6 +58,22 @@ def probe(teacher, row: torch.Tensor, attention) -> tuple[float, float]:
     t0 = now(device)
     attention_transfer(teacher, students, row[None], progress=False)
     return teacher_s, now(device) - t0
+
+
+def time_lora_step(model, rows: torch.Tensor, settings, lr: float) -> float:
+    """Seconds of one stage-2 step (LoRA forward + backward + update, the teacher view's forward for a kl loss) on
+    rows (1, T), run on a copy of `model`: the model itself is left as it is."""
+    import copy
+
+    from .finetune.lora import finetune_lora
+
+    probe_model = copy.deepcopy(model)
+    device = next(probe_model.parameters()).device
+    t0 = now(device)
+    _, result = finetune_lora(probe_model, rows, settings, lr=lr, progress=False)
+    seconds = result.seconds if result.seconds > 0 else now(device) - t0
+    del probe_model
+    return seconds
 
 
 def plan(minutes: float, elapsed_s: float, teacher_s: float, transfer_s: float, eval_rows: int, seq_len: int,

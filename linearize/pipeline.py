@@ -5,6 +5,7 @@ The output folder holds the finished model (config.json, model.safetensors, toke
 report) and `checkpoints/` (what --resume continues from).
 """
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -271,6 +272,18 @@ def plan_budget(c: Conversion, stage1: bool) -> dict:
     return plan.to_dict()
 
 
+def replan_stage2(c: Conversion) -> dict:
+    """--minutes: the plan priced a stage-2 step from the stage-1 probe (budget.LORA_STEP_IN_TRANSFER_STEPS), which
+    can be far off on another model (Gemma 3 270M: twice the price). Time one real stage-2 step (on a copy of the
+    model: nothing is trained) and give stage 2 the seconds the plan gave it, less the probe's."""
+    s, plan = c.settings, c.results["plan"]
+    t0 = time.perf_counter()
+    row_s = budget.time_lora_step(c.model, c.train2[:1], s.lora_settings(), s.lora_lr)
+    seconds = plan["lora_tokens"] // s.seq_len * plan["lora_row_s"] - (time.perf_counter() - t0)
+    rows = max(1, math.floor(seconds / row_s))
+    return {"lora_row_s": round(row_s, 4), "lora_tokens": rows * s.seq_len}
+
+
 def transfer(c: Conversion):
     """Stage 1: attention transfer (or a stage-1 result loaded from --transfer-state or the checkpoint)."""
     s = c.settings
@@ -321,6 +334,16 @@ def finetune(c: Conversion):
     if c.train2 is None or not len(c.train2):
         return
     s = c.settings
+    if s.minutes:
+        replan = c.state.once("stage2_plan", lambda: replan_stage2(c))
+        if replan["lora_tokens"] != s.lora_tokens:
+            c.log(f"--minutes {s.minutes:g}: a real stage-2 step took {replan['lora_row_s']:.1f} s (planned "
+                  f"{c.results['plan']['lora_row_s']:.1f} s): stage 2 on {replan['lora_tokens']} tokens")
+            s.lora_tokens = replan["lora_tokens"]
+            c.train2 = pack_sequences(num_sequences=s.lora_tokens // s.seq_len, skip_sequences=len(c.train1),
+                                      source=s.data, tokenizer=c.tokenizer, seq_len=s.seq_len, progress=c.progress)
+            if s.retrieval_fraction:
+                c.train2 = mix_retrieval(c.train2, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage2")
     t0 = time.perf_counter()
     c.model, r2 = finetune_lora(c.model, c.train2, s.lora_settings(), lr=s.lora_lr,
                                 checkpoint_dir=c.out / CHECKPOINTS / "lora", progress=c.progress,

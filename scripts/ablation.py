@@ -4,7 +4,7 @@ bundled SmolLM2 and data, each followed by a short `linearize eval`, then one ta
 
     python3 scripts/ablation.py --minutes 6 --out runs/ablation-6min --table docs/results/ablation_6min.json
 
-Rows (ROWS below): the default; the memory starting at 2 % of the window's weight (--mix-init 4); a quarter-size
+Rows (ROWS below): the default; the memory starting at 2 % / 0.03 % of the window's weight (--mix-init 4 / 8); a quarter-size
 linear memory (--feature-dim 16); stage-2 loss CE; LoRA only (no attention transfer); LoRA on attention + MLP. The eval measures
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
@@ -26,6 +26,7 @@ from quality_table import run_row  # noqa: E402
 ROWS = {  # name -> extra convert arguments
     "default": [],
     "mix-init-4": ["--mix-init", "4"],
+    "mix-init-8": ["--mix-init", "8"],
     "feature-dim-16": ["--feature-dim", "16"],
     "ce": ["--lora-loss", "ce"],
     "lora-only": ["--skip-transfer"],

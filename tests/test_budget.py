@@ -8,7 +8,10 @@ import torch
 from linearize import budget
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import attention_preset
-from linearize.pipeline import Conversion, ConvertSettings, RunState, load_inputs
+from linearize import pipeline
+from linearize.finetune.lora import LoraSettings
+from linearize.models.linearized import LinearizedForCausalLM
+from linearize.pipeline import Conversion, ConvertSettings, RunState, finetune, load_inputs
 
 from conftest import write_word_jsonl
 
@@ -77,3 +80,60 @@ def test_minutes_on_a_tiny_budget_fails_before_training(model_dir, tmp_path, mon
     c = Conversion(settings, out, RunState(out, settings, resume=False), None, None, False, lambda *a: None)
     with pytest.raises(LinearizeError, match="too small for one training step"):
         load_inputs(c)
+
+
+def test_a_stage2_step_is_timed_on_a_copy(tiny_teacher):
+    import copy
+
+    model = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), attention_preset("lolcats", window=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = budget.time_lora_step(model, torch.randint(0, 320, (1, T)), LoraSettings(rank=2), lr=1e-2)
+    assert seconds > 0
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora_" in k for k in after)
+
+
+class StopBeforeTraining(Exception):
+    pass
+
+
+def test_stage2_is_replanned_from_a_real_step_and_resume_keeps_it(model_dir, tmp_path, monkeypatch):
+    """The plan prices a stage-2 step at teacher + 2 stage-1 steps (5 s here); a real step that takes 10 s halves
+    stage 2's rows, so the run still ends on time; a resumed run reads the new count back."""
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    monkeypatch.setattr(budget, "probe", lambda *a: (1.0, 2.0))
+    settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
+                               device="cpu")
+    out = tmp_path / "run"
+
+    def conversion(resume):
+        c = Conversion(ConvertSettings(**settings.__dict__), out, RunState(out, settings, resume=resume), None, None,
+                       False, lambda *a: None)
+        load_inputs(c)
+        c.model = None  # stage 2 is stopped before it trains (below)
+        return c
+
+    seen = []
+
+    def no_training(model, sequences, *a, **k):
+        seen.append(len(sequences))
+        raise StopBeforeTraining
+
+    monkeypatch.setattr(pipeline, "finetune_lora", no_training)
+    monkeypatch.setattr(budget, "time_lora_step", lambda *a: 10.0)
+    c = conversion(resume=False)
+    planned = c.results["plan"]["lora_tokens"] // T
+    assert c.results["plan"]["lora_row_s"] == 5.0 and planned >= 4
+    planned_rows = c.train2.clone()
+    with pytest.raises(StopBeforeTraining):
+        finetune(c)
+    replan = json.loads((out / "progress.json").read_text())["results"]["stage2_plan"]
+    assert replan["lora_row_s"] == 10.0 and replan["lora_tokens"] // T in (planned // 2, planned // 2 - 1)
+    assert seen == [replan["lora_tokens"] // T] and c.settings.lora_tokens == replan["lora_tokens"]
+    assert torch.equal(c.train2, planned_rows[: len(c.train2)])  # the same stage-2 rows, fewer of them
+
+    monkeypatch.setattr(budget, "time_lora_step", lambda *a: pytest.fail("a resumed run must not time again"))
+    with pytest.raises(StopBeforeTraining):
+        finetune(conversion(resume=True))
+    assert seen[-1] == seen[0]

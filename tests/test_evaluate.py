@@ -1,5 +1,6 @@
 """linearize eval: agreement metrics, evaluation texts, passkey, the lm-eval MMLU task and the command."""
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,8 @@ from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
 from linearize.run_folder import load_student, load_teacher_of, teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
+from linearize.layers.linear_attention import attention_preset
+from linearize.models.linearized import LinearizedForCausalLM
 
 from conftest import write_word_jsonl
 
@@ -246,7 +249,6 @@ def test_generation_agreement_of_a_model_with_itself_and_with_a_looping_one(pair
     assert same["prefix_match"] == 8 and same["prefix_equal"] == 1.0
     assert same["repetition"]["teacher"] == same["repetition"]["student"]
 
-    import copy
 
     looping = copy.deepcopy(teacher)  # the final norm zeroed: the same logits at every step, a model stuck in a loop
     with torch.no_grad():
@@ -269,3 +271,23 @@ def test_streaming_baseline_has_the_students_state_bytes_and_leaves_the_teacher_
     with torch.no_grad():
         torch.testing.assert_close(teacher(input_ids=ids).logits, before)  # the teacher is not modified
         assert (baseline(input_ids=ids).logits - before).abs().max() > 0  # the window (< 40 tokens) cuts in
+
+
+def test_streaming_baseline_counts_a_teachers_local_layers_as_fixed_bytes():
+    """Gemma 3: the local layers keep their own sliding-window KV in every model; the baseline's window is set from
+    the bytes of one more token of its streaming layers (the global ones), not from the whole state."""
+    from test_architectures import teacher_for
+
+    from linearize.evaluate.baseline import state_bytes, streaming_baseline
+    from linearize.layers.linear_attention import LinearAttentionConfig
+
+    teacher = teacher_for("gemma3_text")  # layers 0, 2 local (window 8), 1, 3 global; 2 KV heads x 16, fp32
+    student = LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), LinearAttentionConfig(window=4, sinks=2))
+    baseline, window, nbytes, target = streaming_baseline(teacher, student, sinks=2, context=256)
+    per_token = 2 * 2 * 2 * 16 * 4  # 2 global layers x 2 KV heads x (k, v) x 16 x fp32
+    assert target == state_bytes(student, 256) and target - per_token < nbytes <= target
+    local = state_bytes(baseline, 256) - (window + 2) * per_token
+    assert local == state_bytes(LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), attention_preset(
+        "streaming", window=1, sinks=2)), 256) - 3 * per_token > 0  # the same local part in both
+    assert window > 4  # the memory's bytes buy window tokens
+    assert [a.config.window for a in baseline.attention_modules()] == [8, window, 8, window]  # local layers as they were

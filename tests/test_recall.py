@@ -155,6 +155,17 @@ def test_kv_cache_bytes_from_the_config_are_what_a_prefill_holds():
     assert kv_cache_bytes(teacher.config, 50, 4) == state_bytes(teacher, 50) == 2 * 4 * 2 * 16 * 50 * 4
 
 
+def test_kv_cache_bytes_count_a_sliding_window_layer_at_its_window():
+    from test_architectures import teacher_for
+
+    from linearize.evaluate.baseline import kv_cache_bytes, state_bytes
+
+    teacher = teacher_for("gemma3_text")  # local window 8 in layers 0 and 2 of 4
+    for context in (5, 40):
+        assert kv_cache_bytes(teacher.config, context, 4) == state_bytes(teacher, context)
+    assert kv_cache_bytes(teacher.config, 40, 4) < 2 * 4 * 2 * 16 * 40 * 4
+
+
 def run_recall_table(tiny_converted, tmp_path, *options):
     """scripts/recall_table.py's main on a copy of the tiny run (its held-out text a small .jsonl, a made-up
     layer_mse), at the small sizes below plus `options`; returns (recall.json, its path)."""

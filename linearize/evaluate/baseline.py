@@ -22,19 +22,30 @@ def state_bytes(model, context: int) -> int:
 
 def streaming_baseline(teacher, student, sinks: int = 4, context: int = 2048):
     """(the teacher as a StreamingLLM model with the student's state bytes, its window, its state bytes, the
-    student's state bytes). The teacher is copied: its attention modules are swapped in the copy only."""
+    student's state bytes). The teacher is copied: its attention modules are swapped in the copy only.
+    The bytes of one more window token are measured (window 2 minus window 1), so a teacher's own local layers
+    (Gemma 3: their sliding-window KV, the same in both) count as the fixed part they are; `context` must exceed
+    their window."""
     target = state_bytes(student, context)
-    probe = LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), attention_preset("streaming", window=1,
-                                                                                      sinks=sinks))
-    per_token = state_bytes(probe, context) // (1 + sinks)  # keys and values of one token, every layer
-    window = max(1, target // per_token - sinks)
-    baseline = LinearizedForCausalLM.from_teacher(probe.model, attention_preset("streaming", window=window,
-                                                                                sinks=sinks)).eval()
+
+    def streaming(window: int):  # on a fresh copy: from_teacher must see the teacher's own attention modules
+        return LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), attention_preset(
+            "streaming", window=window, sinks=sinks)).eval()
+
+    one = state_bytes(streaming(1), context)
+    per_token = state_bytes(streaming(2), context) - one  # keys and values of one token, every streaming layer
+    fixed = one - (1 + sinks) * per_token  # the local layers' own windows
+    window = max(1, (target - fixed) // per_token - sinks)
+    baseline = streaming(window)
     return baseline, window, state_bytes(baseline, context), target
 
 
 def kv_cache_bytes(config, context: int, element_size: int) -> int:
-    """Bytes of a teacher's KV cache (keys and values, every layer) after `context` tokens, from its config: what a
-    DynamicCache holds when every layer attends globally (no sliding-window layers)."""
+    """Bytes of a teacher's KV cache (keys and values, every layer) after `context` tokens, from its config: a
+    sliding-window layer (config.layer_types: Gemma 3) holds the last sliding_window - 1 tokens only (what
+    transformers' sliding-window cache keeps: the new token completes the window)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * element_size
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or context
+    tokens = sum(min(context, window - 1) if t == "sliding_attention" else context for t in types)
+    return 2 * config.num_key_value_heads * head_dim * tokens * element_size
