@@ -13,7 +13,7 @@ from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
 from linearize.run_folder import load_student, load_teacher_of, teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
-from linearize.layers.linear_attention import attention_preset
+from linearize.layers.linear_attention import LinearAttentionConfig, attention_preset
 from linearize.models.linearized import LinearizedForCausalLM
 
 from conftest import write_word_jsonl
@@ -196,9 +196,11 @@ def test_eval_command_writes_eval_json(tiny_converted, capsys):
     base = res["baseline"]
     assert set(base["texts"]) == set(res["texts"]) and base["attention"] == "streaming"
     assert base["state_bytes"] <= base["student_state_bytes"]
+    assert set(base["memory_off"]["texts"]) == set(res["texts"])  # the student with its memory switched off
+    assert all(base["memory_off"]["texts"][n]["student_ppl"] != res["texts"][n]["student_ppl"] for n in res["texts"])
     assert res["generation"]["prompts"] == 3 and set(res["generation"]["repetition"]) == {"teacher", "student"}
     out = capsys.readouterr().out
-    assert "top-1" in out and "repeated 4-grams" in out and "multi-key recall" in out
+    assert "top-1" in out and "repeated 4-grams" in out and "multi-key recall" in out and "memory off" in out
 
 
 def test_eval_command_with_own_texts_and_prompts(tiny_converted, tmp_path, capsys):
@@ -273,13 +275,38 @@ def test_streaming_baseline_has_the_students_state_bytes_and_leaves_the_teacher_
         assert (baseline(input_ids=ids).logits - before).abs().max() > 0  # the window (< 40 tokens) cuts in
 
 
+def test_without_memory_is_the_exact_part_alone(tiny_teacher):
+    """A fresh conversion (the teacher's projections) with its memory off is the teacher as StreamingLLM over the
+    same window and sinks, whatever the trained memory; its state holds no memory; the model itself is unchanged."""
+    from linearize.decoding import prefill
+    from linearize.models.linearized import without_memory
+
+    config = LinearAttentionConfig(window=6, sinks=2, chunk_size=8)
+    student = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), config).eval()
+    with torch.no_grad():
+        for m in student.attention_modules():
+            m.mix_logit.fill_(-2.0)  # the memory weighs more than the window: switching it off must show
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    streaming = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), attention_preset(
+        "streaming", window=6, sinks=2)).eval()
+    off = without_memory(student)
+    with torch.no_grad():
+        before = student(input_ids=ids).logits
+        torch.testing.assert_close(off(input_ids=ids).logits, streaming(input_ids=ids).logits)
+        assert (before - streaming(input_ids=ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(student(input_ids=ids).logits, before)  # the original keeps its memory
+    _, state = prefill(off, ids)
+    assert all(s.kv is None for s in state)
+    with pytest.raises(LinearizeError, match="no linear memory"):
+        without_memory(streaming)
+
+
 def test_streaming_baseline_counts_a_teachers_local_layers_as_fixed_bytes():
     """Gemma 3: the local layers keep their own sliding-window KV in every model; the baseline's window is set from
     the bytes of one more token of its streaming layers (the global ones), not from the whole state."""
     from test_architectures import teacher_for
 
     from linearize.evaluate.baseline import state_bytes, streaming_baseline
-    from linearize.layers.linear_attention import LinearAttentionConfig
 
     teacher = teacher_for("gemma3_text")  # layers 0, 2 local (window 8), 1, 3 global; 2 KV heads x 16, fp32
     student = LinearizedForCausalLM.from_teacher(copy.deepcopy(teacher), LinearAttentionConfig(window=4, sinks=2))

@@ -35,7 +35,8 @@ def run_dir(tmp_path):
                         "teacher": {"acc": 0.3}, "student": {"acc": 0.28}},
                "baseline": {"attention": "streaming", "window": 129, "sinks": 4, "state_bytes": 3,
                             "student_state_bytes": 3,
-                            "texts": {n: {**texts[n], "student_ppl": 13.5, "top1": 0.85} for n in texts}},
+                            "texts": {n: {**texts[n], "student_ppl": 13.5, "top1": 0.85} for n in texts},
+                            "memory_off": {"texts": {n: {**texts[n], "student_ppl": 12.75} for n in texts}}},
                "generation": {"prompts": 50, "max_new_tokens": 64, "prefix": 32, "prefix_match": 7.5,
                               "repetition": {"teacher": 0.05, "student": 0.31}}}
     points = [{"which": w, "context": c, "prefill_tokens_per_s": 1000.0, "prefill_peak_bytes": 2**20,
@@ -57,6 +58,7 @@ def test_report_embeds_every_figure(run_dir):
     assert sorted(p.stem for p in (run_dir / "report").glob("*.png")) == sorted(FIGURES)
     assert "12.00" in page and "MMLU 5-shot" in page and "decode_speedup_16k" in page
     assert "streaming 4+129" in page and "13.50" in page  # the baseline of equal state bytes, beside the student
+    assert "memory off" in page and "12.75" in page  # the student without its linear memory
     assert "student 31.0%" in page  # the repetition rate of the generation part
     assert "<td>16 keys, one asked</td><td>2048</td><td>85%</td><td>0%</td>" in page  # the recall table
     assert "<script" not in page and "http" not in page  # self-contained

@@ -86,10 +86,14 @@ def print_tables(res: dict):
                 b = base["texts"][name]
                 t.add_row(f"  streaming {base['sinks']}+{base['window']}", "", "", f"{b['student_ppl']:.2f}",
                           f"{b['kl']:.3f}", f"{b['top1']:.1%}", "")
+            if base and (off := base.get("memory_off", {}).get("texts", {}).get(name)):
+                t.add_row("  student, memory off", "", "", f"{off['student_ppl']:.2f}", f"{off['kl']:.3f}",
+                          f"{off['top1']:.1%}", "")
         if base:
             t.caption += (f"; streaming S+W: the teacher untrained over S sinks + its last W tokens, a decoding "
                           f"state of {base['state_bytes'] / 2**20:.2f} MiB (student: "
-                          f"{base['student_state_bytes'] / 2**20:.2f} MiB)")
+                          f"{base['student_state_bytes'] / 2**20:.2f} MiB); memory off: the student reading its window "
+                          "and sinks only (what the linear memory adds is the difference)")
         console.print(t)
     if "generation" in res:
         g = res["generation"]

@@ -11,7 +11,9 @@
                                teacher / student: {k: accuracy per length} (evaluate/passkey.py)
     baseline                   the teacher as StreamingLLM (4 sinks + the window W whose state has the student's
                                bytes; evaluate/baseline.py): attention, window, sinks, state_bytes,
-                               student_state_bytes, texts.NAME as above (teacher vs baseline)
+                               student_state_bytes, texts.NAME as above (teacher vs baseline);
+                               memory_off.texts.NAME: the student with its linear memory switched off (window +
+                               sinks alone, models/linearized.without_memory): what the memory is worth
     generation                 greedy answers to held-out prompts (or settings.prompts, a file): source,
                                repetition {teacher, student} (repeated 4-gram
                                share), prefix_match (first 32 tokens shared with the teacher), examples
@@ -81,6 +83,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
     from ..transfer.attention_transfer import layer_transfer_errors
     from .agreement import agreement
+    from ..models.linearized import without_memory
     from .baseline import streaming_baseline
     from .generation import file_prompts, generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
@@ -124,6 +127,13 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
                            "texts": {name: agreement(teacher_model, model, sequences(name, settings.sequences),
                                                      progress, f"{name}: streaming baseline")
                                      for name in settings.texts}}
+        if any(m.config.linear and m.config.window is not None and m.mix_logit is not None
+               for m in student.attention_modules()):
+            off = without_memory(student)
+            res["baseline"]["memory_off"] = {
+                "texts": {name: agreement(teacher_model, off, sequences(name, settings.sequences), progress,
+                                          f"{name}: student, memory off") for name in settings.texts}}
+            del off
 
     def layers():
         students = student.attention_modules()

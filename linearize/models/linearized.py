@@ -103,6 +103,17 @@ def set_memory_cap(model: "LinearizedForCausalLM", cap: int) -> "LinearizedForCa
     return _recall_layers(model, memory_cap=cap)
 
 
+def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":
+    """A copy of `model` whose layers read their exact part only (window + sinks, renormalised: what their softmax
+    gives with the linear memory gone) and hold no memory in their state: what the memory is worth end to end is
+    the model against this copy. LinearizeError if a layer has no exact part to fall back on (window 0, no sinks)."""
+    import copy
+
+    if not any(m.config.linear and m.config.window is not None for m in model.attention_modules()):
+        raise LinearizeError("this model has no linear memory to switch off")
+    return _recall_layers(copy.deepcopy(model), linear=False, cache=0, memory_cap=0)
+
+
 class NoCodeCopy:
     """transformers' register_for_auto_class makes save_pretrained copy the defining module into the folder (this
     package's modules import their siblings, so the copy would not load); the folder gets remote_code.py's small

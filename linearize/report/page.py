@@ -56,6 +56,9 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
                 rows.append([f"{n}: streaming {base['sinks']}+{base['window']} (untrained teacher)", b["tokens"],
                              fmt(b["teacher_ppl"], ".2f"), fmt(b["student_ppl"], ".2f"), fmt(b["kl"], ".3f"),
                              fmt(b["top1"], ".1%")])
+            if off := base.get("memory_off", {}).get("texts", {}).get(n):  # what the linear memory adds
+                rows.append([f"{n}: the student with its memory off", off["tokens"], fmt(off["teacher_ppl"], ".2f"),
+                             fmt(off["student_ppl"], ".2f"), fmt(off["kl"], ".3f"), fmt(off["top1"], ".1%")])
         parts.append("<h2>Quality vs teacher</h2>" + _table(
             ["text", "tokens", "teacher ppl", "student ppl", "KL(teacher||student)", "top-1 agreement"], rows))
     if results and results.get("generation"):
