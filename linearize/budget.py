@@ -61,19 +61,18 @@ def probe(teacher, row: torch.Tensor, attention) -> tuple[float, float]:
 
 
 def time_lora_step(model, rows: torch.Tensor, settings, lr: float) -> float:
-    """Seconds of one stage-2 step (LoRA forward + backward + update, the teacher view's forward for a kl loss) on
-    rows (1, T), run on a copy of `model`: the model itself is left as it is."""
+    """Seconds of one stage-2 step (LoRA forward + backward + update, the teacher view's forward for a kl loss),
+    run on a copy of `model` (the model itself is left as it is) over rows (n, T), one row a step: the last step's
+    time, so with two rows the first step's one-off costs (about a third more on the 2-core CPU) are not counted."""
     import copy
 
     from .finetune.lora import finetune_lora
 
     probe_model = copy.deepcopy(model)
-    device = next(probe_model.parameters()).device
-    t0 = now(device)
     _, result = finetune_lora(probe_model, rows, settings, lr=lr, progress=False)
-    seconds = result.seconds if result.seconds > 0 else now(device) - t0
     del probe_model
-    return seconds
+    elapsed = [h["tokens"] / h["tokens_per_s"] for h in result.history]  # seconds since the first step began
+    return elapsed[-1] - (elapsed[-2] if len(elapsed) > 1 else 0.0)
 
 
 def plan(minutes: float, elapsed_s: float, teacher_s: float, transfer_s: float, eval_rows: int, seq_len: int,

@@ -274,11 +274,11 @@ def plan_budget(c: Conversion, stage1: bool) -> dict:
 
 def replan_stage2(c: Conversion) -> dict:
     """--minutes: the plan priced a stage-2 step from the stage-1 probe (budget.LORA_STEP_IN_TRANSFER_STEPS), which
-    can be far off on another model (Gemma 3 270M: twice the price). Time one real stage-2 step (on a copy of the
-    model: nothing is trained) and give stage 2 the seconds the plan gave it, less the probe's."""
+    can be far off on another model (Gemma 3 270M: twice the price). Time a real stage-2 step (the second of two,
+    on a copy of the model: nothing is trained) and give stage 2 the seconds the plan gave it, less the probe's."""
     s, plan = c.settings, c.results["plan"]
     t0 = time.perf_counter()
-    row_s = budget.time_lora_step(c.model, c.train2[:1], s.lora_settings(), s.lora_lr)
+    row_s = budget.time_lora_step(c.model, c.train2[:2], s.lora_settings(), s.lora_lr)
     seconds = plan["lora_tokens"] // s.seq_len * plan["lora_row_s"] - (time.perf_counter() - t0)
     rows = max(1, math.floor(seconds / row_s))
     return {"lora_row_s": round(row_s, 4), "lora_tokens": rows * s.seq_len}

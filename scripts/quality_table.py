@@ -17,6 +17,12 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def stage_tokens(conv: dict, stage: str) -> int | None:
+    """Tokens a stage trained on, resumed steps included (None: the stage did not run)."""
+    summary = conv.get(stage)
+    return summary["steps"] * conv["settings"]["seq_len"] if summary else None
+
+
 def run_row(run: Path) -> dict:
     conv, ev = read(run / "convert.json"), read(run / "eval.json")
     s = conv["settings"]
@@ -26,7 +32,8 @@ def run_row(run: Path) -> dict:
         "attention": s["attention"], "window": s.get("window"), "sinks": s.get("sinks"),
         "lora_loss": s.get("lora_loss", "ce"), "lora_targets": s.get("lora_targets", "attention"),
         "lora_train_attention": s.get("lora_train_attention", False), "dtype": s.get("dtype"),
-        "transfer_tokens": conv.get("transfer", {}).get("tokens"), "lora_tokens": conv.get("lora", {}).get("tokens"),
+        # steps count the whole stage (a resumed run's summary counts only its own tokens)
+        "transfer_tokens": stage_tokens(conv, "transfer"), "lora_tokens": stage_tokens(conv, "lora"),
         "convert_s": conv.get("total_seconds"),
         "heldout_ppl_ratio": conv.get("stage2_ppl", conv["stage1_ppl"]) / conv["teacher_ppl"],
         "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},

@@ -87,7 +87,7 @@ def test_a_stage2_step_is_timed_on_a_copy(tiny_teacher):
 
     model = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), attention_preset("lolcats", window=8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds = budget.time_lora_step(model, torch.randint(0, 320, (1, T)), LoraSettings(rank=2), lr=1e-2)
+    seconds = budget.time_lora_step(model, torch.randint(0, 320, (2, T)), LoraSettings(rank=2), lr=1e-2)
     assert seconds > 0
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
