@@ -39,7 +39,8 @@ ROWS = {  # name -> extra convert arguments
 def markdown(rows: list[dict]) -> str:
     """The table as markdown: one line per row (ratios student / teacher, top-1 and KL on ShareGPT, repetition)."""
     head = ("| setting | stage-1 + stage-2 tokens | wall s | held-out ratio | ShareGPT | Shakespeare | Python docs "
-            "| top-1 ShareGPT | KL ShareGPT | repeated 4-grams student / teacher | equal-bytes streaming ShareGPT / top-1 |")
+            "| top-1 ShareGPT | KL ShareGPT | repeated 4-grams student / teacher | equal-bytes streaming ShareGPT / top-1 "
+            "| memory off ShareGPT / top-1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -47,11 +48,17 @@ def markdown(rows: list[dict]) -> str:
             continue
         ratio, rep, b = r["ppl_ratio"], r.get("repetition") or {}, r.get("streaming_baseline")
         base = (f"{b['ppl_ratio']['sharegpt']:.3f} / {b['top1']['sharegpt']:.1%} (4 + {b['window']})" if b else "")
+        off = r.get("memory_off")
+        off = f"{off['ppl_ratio']['sharegpt']:.3f} / {off['top1']['sharegpt']:.1%}" if off else "not measured"
+        name = r["setting"] + (" ¹" if r.get("stage2_replanned") else "")
         lines.append(
-            f"| {r['setting']} | {r['transfer_tokens'] or 0:,} + {r['lora_tokens'] or 0:,} | {r['convert_s']:.0f} "
+            f"| {name} | {r['transfer_tokens'] or 0:,} + {r['lora_tokens'] or 0:,} | {r['convert_s']:.0f} "
             f"| {r['heldout_ppl_ratio']:.3f} | {ratio['sharegpt']:.3f} | {ratio['shakespeare']:.3f} "
             f"| {ratio['python-docs']:.3f} | {r['top1']['sharegpt']:.1%} | {r['kl']['sharegpt']:.3f} "
-            f"| {rep.get('student', float('nan')):.3f} / {rep.get('teacher', float('nan')):.3f} | {base} |")
+            f"| {rep.get('student', float('nan')):.3f} / {rep.get('teacher', float('nan')):.3f} | {base} | {off} |")
+    if any(r.get("stage2_replanned") for r in rows):
+        lines.append("\n¹ stage 2 re-planned from a real stage-2 step (`--minutes`, linearize/budget.py); the other rows "
+                     "priced it from the stage-1 probe.")
     return "\n".join(lines) + "\n"
 
 

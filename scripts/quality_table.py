@@ -47,6 +47,12 @@ def run_row(run: Path) -> dict:
         row["streaming_baseline"] = {"window": b["window"], "sinks": b["sinks"], "state_bytes": b["state_bytes"],
                                      "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in b["texts"].items()},
                                      "top1": {t: v["top1"] for t, v in b["texts"].items()}}
+        if off := b.get("memory_off"):  # the student with its linear memory switched off
+            row["memory_off"] = {"ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in off["texts"].items()},
+                                 "top1": {t: v["top1"] for t, v in off["texts"].items()},
+                                 "kl": {t: v["kl"] for t, v in off["texts"].items()}}
+    if "stage2_plan" in conv:
+        row["stage2_replanned"] = True  # stage 2's rows re-planned from a real step (--minutes, since 2026-11-27)
     return row
 
 
