@@ -10,6 +10,7 @@ Before stage 2 starts, time_lora_step times one real stage-2 step and the pipeli
 it (recorded too), so a model whose stage 2 costs more than the estimate still ends on time.
 """
 
+import gc
 import math
 from dataclasses import asdict, dataclass
 
@@ -70,7 +71,8 @@ def time_lora_step(model, rows: torch.Tensor, settings, lr: float) -> float:
 
     probe_model = copy.deepcopy(model)
     _, result = finetune_lora(probe_model, rows, settings, lr=lr, progress=False)
-    del probe_model
+    del probe_model, _
+    gc.collect()  # the copy, its adapters and optimizer state go before stage 2 allocates its own
     elapsed = [h["tokens"] / h["tokens_per_s"] for h in result.history]  # seconds since the first step began
     return elapsed[-1] - (elapsed[-2] if len(elapsed) > 1 else 0.0)
 

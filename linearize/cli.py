@@ -44,8 +44,8 @@ def _add_convert(sub):
     p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
                                              "recalls worst in exact softmax (LoLA; default from --attention: 0)")
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "
-                                                  "weight sigmoid(M) against the linear memory (default 0: half; "
-                                                  "4: the memory starts at about 2 %%)")
+                                                  "weight sigmoid(M) against the linear memory (default from --attention: "
+                                                  "4 for lolcats, the memory starts at about 2 %%; 0: half)")
     p.add_argument("--memory-cap", type=int, help="the linear memory weighs at most C keys: beyond, it is scaled by "
                                                    "C / n (default: seq-len - window - sinks, what it holds in "
                                                    "training: no change up to seq-len; 0: none)")

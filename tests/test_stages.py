@@ -140,13 +140,15 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
                                                     attention_preset("lolcats", window=6, sinks=2, mix_init=40.0))
     streaming = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
                                                    attention_preset("streaming", window=6, sinks=2))
-    usual = LinearizedForCausalLM.from_teacher(tiny_teacher, attention_preset("lolcats", window=6, sinks=2))
+    usual = LinearizedForCausalLM.from_teacher(tiny_teacher, attention_preset("lolcats", window=6, sinks=2,
+                                                                               mix_init=0.0))
     with torch.no_grad():
         ref = streaming(input_ids=ids).logits
         torch.testing.assert_close(almost_off(input_ids=ids).logits, ref)
         assert not torch.allclose(usual(input_ids=ids).logits, ref, atol=1e-3)  # mix 0: the memory has weight
     assert ConvertSettings(mix_init=4.0).attention_config().mix_init == 4.0
-    assert ConvertSettings().attention_config().mix_init == 0.0
+    assert ConvertSettings().attention_config().mix_init == 4.0  # the default conversion (lolcats preset)
+    assert ConvertSettings(attention="gated-delta").attention_config().mix_init == 0.0
 
 
 def test_feature_dim_sets_the_memory_size(tiny_teacher):
