@@ -6,8 +6,8 @@ costs per row). A stage-2 step is priced from them: the teacher's forward (kl lo
 and backward, counted as LORA_STEP_IN_TRANSFER_STEPS stage-1 steps. What is left of the budget after loading,
 probing and the held-out evaluations is split between the stages by TRANSFER_SHARE of the training time. The
 plan is recorded in the run's progress.json, so `--resume` keeps it (whatever the machine's speed on resume).
-Before stage 2 starts, time_lora_step times one real stage-2 step and the pipeline re-divides stage 2's seconds by
-it (recorded too), so a model whose stage 2 costs more than the estimate still ends on time.
+Before stage 2 starts, time_lora_step times real stage-2 steps and the pipeline re-divides stage 2's seconds by
+the time of one (recorded too), so a model whose stage 2 costs more than the estimate still ends on time.
 """
 
 import gc

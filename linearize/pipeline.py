@@ -251,15 +251,23 @@ def load_inputs(c: Conversion):
     n1 = s.transfer_tokens // s.seq_len if stage1 else 0
     n2 = s.lora_tokens // s.seq_len if trainable else 0
     c.train1 = pack_sequences(num_sequences=n1, **pack) if n1 else torch.empty(0, s.seq_len, dtype=torch.long)
-    c.train2 = pack_sequences(num_sequences=n2, skip_sequences=n1, **pack) if n2 else None
     if s.retrieval_fraction:  # the held-out rows stay as they are
         c.train1 = mix_retrieval(c.train1, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage1")
-        if c.train2 is not None:
-            c.train2 = mix_retrieval(c.train2, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage2")
         c.log(f"look-up exercises: {s.retrieval_fraction:.0%} of the training rows (data/retrieval.py)")
+    c.train2 = stage2_rows(c, n2) if n2 else None
     ppl = c.state.once("teacher_ppl", lambda: perplexity(c.teacher, c.heldout, desc="teacher perplexity",
                                                          progress=c.progress))
     c.log(f"teacher held-out perplexity: {ppl:.3f}")
+
+
+def stage2_rows(c: Conversion, n: int) -> torch.Tensor:
+    """Stage 2's first n training rows (N, T): the rows after stage 1's, with look-up exercises mixed in as asked."""
+    s = c.settings
+    rows = pack_sequences(s.data, c.tokenizer, s.seq_len, num_sequences=n, skip_sequences=len(c.train1),
+                          progress=c.progress)
+    if s.retrieval_fraction:
+        rows = mix_retrieval(rows, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage2")
+    return rows
 
 
 def plan_budget(c: Conversion, stage1: bool) -> dict:
@@ -340,10 +348,7 @@ def finetune(c: Conversion):
             c.log(f"--minutes {s.minutes:g}: a real stage-2 step took {replan['lora_row_s']:.1f} s (planned "
                   f"{c.results['plan']['lora_row_s']:.1f} s): stage 2 on {replan['lora_tokens']} tokens")
             s.lora_tokens = replan["lora_tokens"]
-            c.train2 = pack_sequences(num_sequences=s.lora_tokens // s.seq_len, skip_sequences=len(c.train1),
-                                      source=s.data, tokenizer=c.tokenizer, seq_len=s.seq_len, progress=c.progress)
-            if s.retrieval_fraction:
-                c.train2 = mix_retrieval(c.train2, c.tokenizer, s.retrieval_fraction, tag=f"{s.seed}-stage2")
+            c.train2 = stage2_rows(c, s.lora_tokens // s.seq_len)
     t0 = time.perf_counter()
     c.model, r2 = finetune_lora(c.model, c.train2, s.lora_settings(), lr=s.lora_lr,
                                 checkpoint_dir=c.out / CHECKPOINTS / "lora", progress=c.progress,

@@ -81,9 +81,9 @@ class EvalSettings:
 def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: str | None = None,
              progress: bool = True, log=print) -> dict:
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
+    from ..models.linearized import without_memory
     from ..transfer.attention_transfer import layer_transfer_errors
     from .agreement import agreement
-    from ..models.linearized import without_memory
     from .baseline import streaming_baseline
     from .generation import file_prompts, generation_agreement, heldout_prompts
     from .mmlu import mmlu_accuracy
