@@ -299,6 +299,9 @@ def test_without_memory_is_the_exact_part_alone(tiny_teacher):
     assert all(s.kv is None for s in state)
     with pytest.raises(LinearizeError, match="no linear memory"):
         without_memory(streaming)
+    pure = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), attention_preset("hedgehog"))
+    with pytest.raises(LinearizeError, match="no softmax window or sinks"):
+        without_memory(pure)
 
 
 def test_streaming_baseline_counts_a_teachers_local_layers_as_fixed_bytes():

@@ -75,14 +75,18 @@ def swap_attention(model: nn.Module, students: list[LinearAttention], keep_softm
     return model
 
 
+def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
+    """The attention modules with a linear memory (a linear part and a bounded window)."""
+    return [m for m in model.attention_modules() if m.config.linear and m.config.window is not None]
+
+
 def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
     """Change training-free settings (cache, cache_every, memory_cap) of every layer with a linear memory: its config
     (validated), its spec and the model's config, which records them."""
-    for m in model.attention_modules():
-        if m.config.linear and m.config.window is not None:
-            m.config = replace(m.config, **changes)
-            LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
-            m.spec = replace(m.spec, **changes)
+    for m in memory_layers(model):
+        m.config = replace(m.config, **changes)
+        LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
+        m.spec = replace(m.spec, **changes)
     model.config.attention = {**model.config.attention, **changes}
     return model
 
@@ -90,8 +94,7 @@ def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForC
 def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None) -> "LinearizedForCausalLM":
     """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
     every `every` tokens (ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
-    layers = [m for m in model.attention_modules() if m.config.linear and m.config.window is not None]
-    if size and any(m.mix_logit is None for m in layers):
+    if size and any(m.mix_logit is None for m in memory_layers(model)):
         raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
                              "convert with --window or --sinks to use --cache")
     return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64))
@@ -109,8 +112,11 @@ def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":
     the model against this copy. LinearizeError if a layer has no exact part to fall back on (window 0, no sinks)."""
     import copy
 
-    if not any(m.config.linear and m.config.window is not None for m in model.attention_modules()):
+    layers = memory_layers(model)
+    if not layers:
         raise LinearizeError("this model has no linear memory to switch off")
+    if any(m.mix_logit is None for m in layers):
+        raise LinearizeError("this model's linear layers have no softmax window or sinks to fall back on")
     return _recall_layers(copy.deepcopy(model), linear=False, cache=0, memory_cap=0)
 
 
