@@ -43,6 +43,10 @@ def _add_convert(sub):
                                                    "features x (head_dim + 1) numbers per KV head")
     p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
                                              "recalls worst in exact softmax (LoLA; default from --attention: 0)")
+    p.add_argument("--heavy", type=int, metavar="M",
+                   help="heavy hitters: of the keys that left the window, the M per KV head that drew the most window "
+                        "attention stay in exact softmax instead of the linear memory (sinks that appear mid-text; "
+                        "default from --attention: 0)")
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "
                                                   "weight sigmoid(M) against the linear memory (default from --attention: "
                                                   "4 for lolcats, the memory starts at about 2 %%; 0: half)")

@@ -61,6 +61,13 @@ def add_sparse_cache(p):
                         "default: as converted)")
 
 
+def add_heavy_hitters(p):
+    """--heavy M: the student keeps the keys that drew the most window attention exact (ops/heavy_hitters.py)."""
+    p.add_argument("--heavy", type=int, metavar="M",
+                   help="the student keeps the M keys per KV head that drew the most window attention in exact "
+                        "softmax once they leave the window (training-free; 0: none; default: as converted)")
+
+
 def add_memory_cap(p):
     """--memory-cap C: the student's linear memory capped at C keys (hybrid_attention.py), without training."""
     p.add_argument("--memory-cap", type=int, metavar="C",

@@ -8,9 +8,10 @@ File layout (safetensors, written atomically):
     layers.{i}.win.{k,v,log_gate,beta} the softmax window's key streams (a ring: metadata `start` is its oldest slot)
     layers.{i}.sinks.{k,v}             attention-sink keys that left the window (absent until one has)
     layers.{i}.cache.{k,v}             the sparse cache's keys (ops/sparse_cache.py; absent without one)
+    layers.{i}.heavy.{k,v,received}    the heavy hitters (ops/heavy_hitters.py; absent without them)
     logits                             (1, V) next-token logits after the last token: lets an empty prompt continue
     metadata "linearize_state": JSON   {format, version, model (fingerprint), dtype, seen, layers: [null | {seen,
-                                        start, kv: bool, win: [streams], sinks / cache: [streams] | null}], plus what the
+                                        start, kv: bool, win: [streams], sinks / cache / heavy: [streams] | null}], plus what the
                                         caller adds (document, ...)}
 
 The fingerprint names the model that made the state (its config and a sample of its weights file): a state made by
@@ -32,7 +33,7 @@ from .run_folder import CONFIG, WEIGHTS, check_converted, load_tensors, save_ten
 
 FORMAT, VERSION = "linearize-decoding-state", 1
 META_KEY = "linearize_state"
-WINDOW_STREAMS = ("k", "v", "log_gate", "beta")  # what a state keeps of a token (Streams.keys())
+WINDOW_STREAMS = ("k", "v", "log_gate", "beta", "received")  # what a state keeps of a token (Streams.keys())
 REPREFILL = "prefill the document again with this model (`linearize prefill`)"
 SAMPLES, SAMPLE_BYTES = 16, 4096  # of the weights file, for the fingerprint
 
@@ -84,7 +85,7 @@ def save_state(path: str | Path, state: DecodingState, logits: torch.Tensor, mod
         part = _streams_tensors(f"layers.{i}.win", s.win)
         if s.kv is not None:
             part[f"layers.{i}.kv"] = s.kv
-        held = {"sinks": s.sinks, "cache": s.cache}
+        held = {"sinks": s.sinks, "cache": s.cache, "heavy": s.heavy}
         for name, streams in held.items():
             if streams is not None:
                 part.update(_streams_tensors(f"layers.{i}.{name}", streams))
@@ -142,7 +143,7 @@ def load_state(path: str | Path, model: str, dtype: torch.dtype, device="cpu"):
             def streams(part, names):
                 return Streams(**{n: tensors[f"layers.{i}.{part}.{n}"] for n in names})
 
-            held = {name: None if layer.get(name) is None else streams(name, layer[name]) for name in ("sinks", "cache")}
+            held = {name: None if layer.get(name) is None else streams(name, layer[name]) for name in ("sinks", "cache", "heavy")}
             state[i] = LinearAttentionState(kv=tensors[f"layers.{i}.kv"] if layer["kv"] else None,
                                             win=streams("win", layer["win"]), start=layer["start"],
                                             seen=layer["seen"], **held)

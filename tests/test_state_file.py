@@ -15,6 +15,7 @@ CONFIGS = {  # every kind of layer state: window + sinks ring, gated delta (log_
     # window), and a kept softmax layer (no memory, a growing KV window)
     "window+sinks": (LinearAttentionConfig(window=8, sinks=2, chunk_size=8), ()),
     "sparse-cache": (LinearAttentionConfig(window=4, sinks=1, cache=3, cache_every=8, chunk_size=8), ()),
+    "heavy-hitters": (LinearAttentionConfig(window=4, sinks=1, heavy=3, chunk_size=8), ()),
     "gated-delta": (LinearAttentionConfig(window=4, gate="key", rule="delta", chunk_size=8), ()),
     "pure-linear": (LinearAttentionConfig(window=0, feature_map="t2r", chunk_size=8), ()),
     "keep-softmax": (LinearAttentionConfig(window=8, chunk_size=8), (1,)),

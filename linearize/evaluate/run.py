@@ -55,6 +55,7 @@ class EvalSettings:
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
     memory_cap: int | None = None  # cap the student's linear memory at this many keys (training-free)
+    heavy: int | None = None  # keep this many heavy hitters per KV head exact (training-free; ops/heavy_hitters.py)
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -93,7 +94,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap)
+    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap, settings.heavy)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

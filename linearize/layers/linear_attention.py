@@ -48,6 +48,9 @@ class LinearAttentionConfig:
       keys (sum rule, shared normaliser, no gate; 0 = none). Training-free (models.linearized.set_memory_cap): a cap
       of at least the training length minus window and sinks leaves every training-length output as it was and
       stops the memory from drowning the window, sinks and cache on longer contexts;
+    heavy: heavy hitters ("dynamic sinks", ops/heavy_hitters.py): of the keys that left the window, the `heavy` per KV
+      head that drew the most window attention stay in exact softmax instead of the linear memory; 0 = none. Sum
+      rule without a gate, shared normaliser, no sparse cache; training-free (models.linearized.set_heavy_hitters);
     mix_init: the initial mixing logit of every head (the exact part's weight starts at sigmoid(mix_init); 0: half
       the weight to the linear memory; 4: about 2 %, the model starts near its window + sinks alone)."""
 
@@ -66,6 +69,7 @@ class LinearAttentionConfig:
     local_layers: int = 0
     mix_init: float = 0.0
     memory_cap: int = 0
+    heavy: int = 0
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -92,6 +96,12 @@ class LinearAttentionConfig:
         if self.memory_cap and not self.plain_sum_memory:
             raise LinearizeError("the memory cap (--memory-cap) works with the sum rule without a gate and the shared "
                                  "normaliser (a gate or the delta rule already bound the memory): drop --memory-cap")
+        if self.heavy < 0:
+            raise LinearizeError(f"heavy (--heavy) must be >= 0 (got {self.heavy})")
+        if self.heavy and (not self.window or not self.plain_sum_memory or self.cache):
+            raise LinearizeError("heavy hitters (--heavy) need a softmax window (window > 0) and the sum rule without "
+                                 "a gate, with the shared normaliser, and no sparse cache (--cache): drop --heavy, or "
+                                 "choose such an attention (e.g. --attention lolcats)")
         if self.cache and (self.window is None or not self.plain_sum_memory):
             raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
                                  "gate, with the shared normaliser: drop --cache, or choose such an attention (e.g. "
@@ -196,7 +206,7 @@ class LinearAttention(nn.Module):
         # the mode of this layer's attention calls, made once (not on every decoding step)
         self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
                                       linear=config.linear, cache=config.cache, cache_every=config.cache_every,
-                                      memory_cap=config.memory_cap)
+                                      memory_cap=config.memory_cap, heavy=config.heavy)
         self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
     @property

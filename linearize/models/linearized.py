@@ -81,7 +81,7 @@ def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
 
 
 def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
-    """Change training-free settings (cache, cache_every, memory_cap) of every layer with a linear memory: its config
+    """Change training-free settings (cache, cache_every, memory_cap, heavy) of every layer with a linear memory: its config
     (validated), its spec and the model's config, which records them."""
     for m in memory_layers(model):
         m.config = replace(m.config, **changes)
@@ -98,6 +98,12 @@ def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | Non
         raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
                              "convert with --window or --sinks to use --cache")
     return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64))
+
+
+def set_heavy_hitters(model: "LinearizedForCausalLM", size: int) -> "LinearizedForCausalLM":
+    """Keep the `size` keys per KV head that drew the most window attention exact once they leave the window, in every
+    layer with a linear memory (0: none; ops/heavy_hitters.py). Training-free; the model's config records it."""
+    return _recall_layers(model, heavy=size)
 
 
 def set_memory_cap(model: "LinearizedForCausalLM", cap: int) -> "LinearizedForCausalLM":

@@ -13,6 +13,9 @@ For query i, keys j with i - W < j <= i (the W most recent) get exact softmax we
         normalised per head instead, y_i = w_h * softmax output over E_i + (1 - w_h) * g_h * RMSNorm(o_i), o_i the
         sum-rule numerator sum_j decay_ij phi(q_i) . phi(k_j) v_j (or the delta-rule read-out), g_h (H, d) a gain.
 
+    heavy hitters (sum rule, heavy = M > 0; heavy_hitters.py): of the keys that left the window (not sinks), the M
+        per KV head that drew the most window attention are in E_i too (exact, in the same units exp(s_ij - m_i), m_i
+        still the window/sink max) and not in the memory: "dynamic sinks".
     memory cap (sum rule, memory_cap = C > 0): once the memory holds n_i > C keys, its terms a_ij are scaled by C / n_i,
         so it never weighs more than C keys did (the most it held in training when C = training length - W - S): its
         share of the normaliser stops growing with the context and keeps exact keys (window, sinks, cache) readable.
@@ -24,7 +27,7 @@ w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the sa
 - AttentionSpec: the mode. window W (0: pure linear; None: full causal softmax, no linear part), sinks S (the first
   S tokens stay in exact softmax for ever and never enter the memory: attention sinks, StreamingLLM), scale,
   rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM),
-  memory_cap C (0: none), cache M and cache_every (the sparse cache, sparse_cache.py).
+  memory_cap C (0: none), cache M and cache_every (the sparse cache, sparse_cache.py), heavy M (heavy_hitters.py).
 - mix (H,): the weight of the exact part (unused without a linear part).
 
 Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
@@ -45,7 +48,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from . import fla_kernels, sparse_cache
+from . import fla_kernels, heavy_hitters, sparse_cache
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
@@ -64,6 +67,7 @@ class AttentionSpec:
     cache: int = 0
     cache_every: int = 64
     memory_cap: int = 0
+    heavy: int = 0
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -72,6 +76,8 @@ class AttentionSpec:
             raise ValueError("memory_cap must be >= 0 and needs the sum rule")
         if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)):
             raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule and cache_every >= 1")
+        if self.heavy < 0 or (self.heavy and (not self.window or self.delta or self.cache)):
+            raise ValueError("heavy hitters need a bounded window > 0 and the sum rule, without a sparse cache")
 
     @property
     def memory(self) -> bool:
@@ -86,7 +92,8 @@ class AttentionSpec:
 @dataclass
 class Streams:
     """Per-token streams along time (dim 2) that travel together; any of them may be None (a decoding state's
-    window holds keys only: k, v, log_gate, beta)."""
+    window holds keys only: k, v, log_gate, beta, received). received (B, Hkv, T): the window attention each key
+    drew so far (heavy hitters only)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -95,6 +102,7 @@ class Streams:
     fk: torch.Tensor | None = None
     log_gate: torch.Tensor | None = None
     beta: torch.Tensor | None = None
+    received: torch.Tensor | None = None
 
     def _map(self, fn, *others: "Streams") -> "Streams":
         out = {}
@@ -120,7 +128,7 @@ class Streams:
         return self._map(lambda a, b: torch.cat([a, b], dim=2), other)
 
     def keys(self) -> "Streams":
-        """What a state keeps of a token: k, v, log_gate, beta (no queries, no features)."""
+        """What a state keeps of a token: k, v, log_gate, beta, received (no queries, no features)."""
         return replace(self, q=None, fq=None, fk=None)
 
     def clone(self) -> "Streams":
@@ -151,7 +159,9 @@ class LinearAttentionState:
     the window is full it is a ring: decoding overwrites the oldest key in place, `start` is the slot of the oldest
     key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
     sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position);
-    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached."""
+    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached;
+    heavy: the key streams (k, v, received) of the heavy hitters (heavy_hitters.py), per KV head in position order,
+    None until a key has left the window."""
 
     kv: torch.Tensor | None
     win: Streams
@@ -159,13 +169,14 @@ class LinearAttentionState:
     sinks: Streams | None = None
     seen: int = 0
     cache: Streams | None = None
+    heavy: Streams | None = None
 
     def in_order(self) -> Streams:
         """The window in time order, oldest first."""
         return self.win if self.start == 0 else self.win.roll(-self.start)
 
     def nbytes(self) -> int:
-        parts = [self.win.nbytes()] + [0 if p is None else p.nbytes() for p in (self.sinks, self.cache)]
+        parts = [self.win.nbytes()] + [0 if p is None else p.nbytes() for p in (self.sinks, self.cache, self.heavy)]
         return sum(parts) + (0 if self.kv is None else self.kv.numel() * self.kv.element_size())
 
 
@@ -257,6 +268,8 @@ def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=No
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
     if spec.cache:
         return _cached_quadratic(streams, spec, mix)
+    if spec.heavy:
+        return _heavy_quadratic(streams, spec, mix)
     q, k, v = streams.q, streams.k, streams.v
     B, H, T, d = q.shape
     Hkv = k.shape[1]
@@ -277,10 +290,41 @@ def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=No
     return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
-def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None):
+def _heavy_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+    """Reference for heavy hitters (heavy_hitters.py): explicit per-query sets, explicit T x T weights."""
+    q, k, v = streams.q, streams.k, streams.v
+    B, H, T, d = q.shape
+    Hkv, W, S = k.shape[1], spec.window, spec.sinks
+    pos = torch.arange(T, device=q.device)
+    i, j = pos[:, None], pos[None, :]
+    causal = j <= i
+    window = causal & (j > i - W)
+    reference = window | (causal & (j < S))  # the window and the sinks: the units of the memory
+    s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, T, T)
+    received = torch.softmax(s.masked_fill(~window, float("-inf")), -1).sum((2, 3))  # (B, Hkv, T)
+    heavy = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)  # [.., query i, key j]
+    n = max(T - W - S, 0)  # the keys that ever leave the window, not sinks: S .. T - W - 1
+    if n:
+        available = (pos - W - S + 1).clamp(0, n)  # how many of them query i may choose from
+        heavy[..., S : S + n] = heavy_hitters.best_of_prefixes(received[..., S : S + n], available, spec.heavy)
+    m = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
+    s_exact = s.masked_fill(~(reference | heavy).unsqueeze(2), float("-inf"))
+    m_all = torch.maximum(m, s_exact.amax(-1, keepdim=True))
+    num_sm = _exact_num(s_exact, v, m_all)
+    lin = None
+    if spec.memory:  # every key that left the window, not a sink and not heavy; in units of exp(s - m)
+        in_memory = causal & ~reference & ~heavy
+        a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * in_memory.unsqueeze(2)
+        lin = _capped(a @ _ones_column(v).unsqueeze(2), _keys_in_memory(pos, spec), spec) * torch.exp(m - m_all)
+    return _combine(num_sm, lin, mix, Hkv)
+
+
+def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, floor=None, received_from=None):
     """sum over the W most recent keys of exp(s_ij - m_i) v1_j, with m_i the max score in the window (or `floor`
     (B, Hkv, G, T, 1) where that is larger). q (B, Hkv, G, T, d), k (B, Hkv, 1, T, d), v1 (B, Hkv, 1, T, D) ->
-    (numerator (B, Hkv, G, T, D), m (B, Hkv, G, T, 1)). Each block of `chunk` queries sees chunk + W - 1 keys."""
+    (numerator (B, Hkv, G, T, D), m (B, Hkv, G, T, 1), received). Each block of `chunk` queries sees chunk + W - 1
+    keys. received_from = r (an int): received (B, Hkv, T) is the window attention each key draws from the queries
+    r .. T-1 (the heavy hitters' score, summed over the group; the last column of v1 must be ones), else None."""
     B, Hkv, G, T, d = q.shape
     n = -(-T // chunk)
     span = chunk + window - 1
@@ -297,8 +341,20 @@ def _sliding_window_chunked(q, k, v1, window: int, scale: float, chunk: int, flo
     m = s.amax(-1, keepdim=True)
     if floor is not None:
         m = torch.maximum(m, _pad_time(floor, 0, n * chunk - T).view(B, Hkv, G, n, chunk, 1))
-    num = (torch.exp(s - m) @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
-    return num, m.reshape(B, Hkv, G, n * chunk, 1)[:, :, :, :T]
+    e = torch.exp(s - m)
+    received = None
+    if received_from is not None:  # the window's own softmax, summed over the group and the queries
+        query_pos = torch.arange(n, device=q.device)[:, None] * chunk + a[:, 0]  # (n, chunk)
+        real = ((query_pos >= received_from) & (query_pos < T))[:, :, None]  # placeholders and padding draw nothing
+        with torch.no_grad():  # a score for choosing keys: no gradient flows through it
+            p = torch.where(real, e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny), 0.0)
+            per_block = p.sum((2, 4))  # (B, Hkv, n, span)
+            padded = per_block.new_zeros(B, Hkv, n * chunk + window - 1)
+            index = (torch.arange(n, device=q.device)[:, None] * chunk + b).reshape(-1)  # padded index of each slot
+            padded.index_add_(-1, index, per_block.reshape(B, Hkv, -1))
+            received = padded[..., window - 1 : window - 1 + T]
+    num = (e @ v1).reshape(B, Hkv, G, n * chunk, -1)[:, :, :, :T]
+    return num, m.reshape(B, Hkv, G, n * chunk, 1)[:, :, :, :T], received
 
 
 def _sinks_outside_window(state, keys: Streams, n_sink: int, window: int):
@@ -336,6 +392,8 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
     keys = streams.keys()
     if spec.memory:
         keys = replace(keys, fk=streams.fk)
+    if spec.heavy:
+        keys = replace(keys, received=streams.k.new_zeros(streams.k.shape[:3]))
     if w:
         old = state.in_order()
         keys = (replace(old, fk=key_features(old.k)) if spec.memory else old).append(keys)
@@ -350,12 +408,14 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         chunked = fla_kernels.memory_fla if kernel else memory_chunked  # the same contract
         lin, memory = _linear_part(_pad_time(streams.fq, w, 0), replace(keys, fk=fk_mem), spec, W, chunked,
                                    chunk=chunk, state=None if state is None else state.kv)
-        lin = _capped(lin, _keys_in_memory(torch.arange(seen - w, seen - w + T, device=k.device), spec), spec)
+    in_memory = _keys_in_memory(torch.arange(seen - w, seen - w + T, device=k.device), spec) if spec.memory else 0
     sink_set = None if spec.window is None else _sinks_outside_window(state, keys, n_sink, W)
-    if lin is None and W >= T and sink_set is None:  # exact causal softmax attention: PyTorch's fused kernel
+    heavy_held = state is not None and state.heavy is not None
+    if lin is None and W >= T and sink_set is None and not spec.heavy:  # exact causal softmax: PyTorch's kernel
         causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w,
                                            scale=spec.scale, enable_gqa=True)
+        heavy = None
     else:
         qg = _group(_pad_time(q, w, 0), Hkv)
         num_sm = m = s_sink = None
@@ -364,11 +424,18 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
             s_sink = ((qg @ sinks.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~visible, float("-inf"))
             m = s_sink.amax(-1, keepdim=True)
         if W > 0:
-            num_sm, m = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W, spec.scale,
-                                                chunk, m)
+            num_sm, m, received = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W,
+                                                          spec.scale, chunk, m, w if spec.heavy else None)
+            if received is not None:
+                keys = replace(keys, received=keys.received + received)
         if s_sink is not None:
             num_sink = _exact_num(s_sink, sinks.v, m)
             num_sm = num_sink if num_sm is None else num_sm + num_sink
+        heavy = None
+        if spec.heavy:
+            fq = _group(_pad_time(streams.fq, w, 0), Hkv) if spec.memory else None
+            num_sm, lin, heavy = _heavy_chunked(qg, fq, keys, state, spec, n_sink, w, num_sm, m, lin, key_features)
+        lin = _capped(lin, in_memory, spec)
         y = _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)[:, :, w:]
     if not output_final_state:
         return y, None
@@ -376,8 +443,66 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
     sinks = None if state is None else state.sinks
     if left := min(old, n_sink):  # sinks that left the window in this block
         sinks = _then(sinks, Streams(k, v).slice(slice(0, left)).clone())
+    if heavy is not None:  # the best of the far keys stay exact, the others go into the memory
+        heavy, memory = _heavy_final(heavy, spec, memory)
+    elif heavy_held:
+        heavy = state.heavy
     window = keys.keys().slice(slice(old, None)).clone()  # decoding writes it in place
-    return y, LinearAttentionState(memory, window, sinks=sinks, seen=seen + q.shape[2])
+    return y, LinearAttentionState(memory, window, sinks=sinks, seen=seen + q.shape[2], heavy=heavy)
+
+
+def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: int, w: int, num_sm, m, lin,
+                   key_features):
+    """The heavy hitters of attention_chunked's queries qg (B, Hkv, G, T, d) (the first w are placeholders for the
+    state's window keys): candidates are the state's heavy keys (far for every query) then the keys that leave the
+    window here (local index n_sink .. T - W - 1, their received attention final); query u picks the best
+    spec.heavy of the state's and those with index <= u - W. Adds their exact terms to num_sm (re-based from m to
+    the largest score m' where a heavy key outscores the window and sinks) and, in the same units, takes them out of
+    the linear memory lin, to which the state's heavy keys are added (lin holds the keys that left the window here,
+    and the state's memory, which holds none of its heavy keys). Returns (num_sm, lin, candidates) with
+    candidates = (Streams k, v, received[, fk], how many came from the state)."""
+    T, W = len(keys), spec.window
+    leaving = keys.slice(slice(n_sink, max(T - W, n_sink)))
+    parts = [] if state is None or state.heavy is None else [state.heavy]
+    held = len(parts[0]) if parts else 0
+    if spec.memory and held:
+        parts[0] = replace(parts[0], fk=key_features(parts[0].k))
+    parts.append(Streams(leaving.k, leaving.v, fk=leaving.fk if spec.memory else None, received=leaving.received))
+    cand = parts[0] if len(parts) == 1 else parts[0].append(parts[1])
+    if not len(cand):
+        return num_sm, lin, (cand, held)
+    u = torch.arange(T, device=qg.device)
+    available = torch.where(u >= w, held + (u - W - n_sink + 1).clamp(0, len(leaving)), 0)
+    heavy = heavy_hitters.best_of_prefixes(cand.received, available, spec.heavy)  # (B, Hkv, T, N)
+    needed = heavy.any(2).any(1).any(0)
+    needed[:held] = True  # the state's heavy keys: in the memory correction even where no query keeps them
+    cols = needed.nonzero()[:, 0]
+    part, heavy = cand._map(lambda x: x[:, :, cols]), heavy[..., cols]
+    s = ((qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~heavy.unsqueeze(2), float("-inf"))
+    m_all = torch.maximum(m, s.amax(-1, keepdim=True))
+    num_sm = num_sm * torch.exp(m - m_all) + _exact_num(s, part.v, m_all)
+    if lin is not None:  # + the state's heavy keys, - the heavy keys of each query; then in units of m'
+        sign = (cols < held).to(lin.dtype) - heavy.to(lin.dtype)  # (B, Hkv, T, n)
+        a = (fq @ part.fk.unsqueeze(2).transpose(-1, -2)) * sign.unsqueeze(2)
+        lin = (lin + a @ _ones_column(part.v).unsqueeze(2)) * torch.exp(m - m_all)
+    return num_sm, lin, (cand, held)
+
+
+def _heavy_final(candidates, spec: AttentionSpec, memory):
+    """After attention_chunked: the best spec.heavy candidates stay (Streams k, v, received in position order); the
+    memory (the linear part's final one, holding every key that left the window) gains the state's heavy keys and
+    loses the kept ones. Returns (heavy Streams or None, memory)."""
+    cand, held = candidates
+    if not len(cand):
+        return None, memory
+    kept, _ = heavy_hitters.best(cand.received, spec.heavy)
+    heavy = _heavy_keys(cand, kept)
+    if memory is not None:
+        index = torch.arange(len(cand), device=cand.k.device)
+        sign = (index < held).to(memory.dtype).expand(cand.received.shape).clone()
+        sign.scatter_add_(-1, kept, -torch.ones_like(kept, dtype=memory.dtype))
+        memory = memory + (cand.fk * sign[..., None]).transpose(-1, -2) @ _ones_column(cand.v)
+    return heavy.clone(), memory
 
 
 def _empty_state(streams: Streams, spec: AttentionSpec) -> LinearAttentionState:
@@ -386,7 +511,10 @@ def _empty_state(streams: Streams, spec: AttentionSpec) -> LinearAttentionState:
     if spec.memory:
         B, Hkv, _, d = streams.v.shape
         kv = streams.v.new_zeros(B, Hkv, streams.fk.shape[-1], d + (0 if spec.delta else 1))
-    return LinearAttentionState(kv, streams.keys().slice(slice(0, 0)))
+    window = streams.keys().slice(slice(0, 0))
+    if spec.heavy:
+        window = replace(window, received=streams.k.new_zeros(streams.k.shape[:2] + (0,)))
+    return LinearAttentionState(kv, window)
 
 
 def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams, key_features):
@@ -403,6 +531,10 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
     leaving = new if window == 0 else state.win.slice(slice(i, i + 1))
     if position - window < spec.sinks:
         state.sinks = _then(state.sinks, Streams(leaving.k, leaving.v).clone())
+    elif spec.heavy:  # the best far keys stay exact; the one each head drops enters the memory
+        dropped = _heavy_admit(state, spec, leaving)
+        if dropped is not None and state.kv is not None:
+            state.kv = memory_step(key_features(dropped.k), _ones_column(dropped.v), None, None, state.kv)
     elif state.kv is not None:
         fk = new.fk if window == 0 else key_features(leaving.k)
         values = leaving.v if spec.delta else _ones_column(leaving.v)
@@ -411,6 +543,25 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
         return
     state.win.write(i, new.keys())
     state.start = (i + 1) % window
+
+
+def _heavy_keys(streams: Streams, index: torch.Tensor) -> Streams:
+    """k, v, received of streams at index (B, Hkv, n) (per head) along time."""
+    return Streams(sparse_cache.gather_time(streams.k, index), sparse_cache.gather_time(streams.v, index),
+                   received=sparse_cache.gather_time(streams.received[..., None], index)[..., 0])
+
+
+def _heavy_admit(state: LinearAttentionState, spec: AttentionSpec, leaving: Streams) -> Streams | None:
+    """The key `leaving` (B, Hkv, 1, .) left the window: it joins the heavy keys, and while they number more than
+    spec.heavy each head drops its worst. Returns the dropped keys (B, Hkv, 1, .), or None while there is room."""
+    key = Streams(leaving.k, leaving.v, received=leaving.received).clone()  # the window slot is about to be reused
+    if state.heavy is None or len(state.heavy) < spec.heavy:
+        state.heavy = _then(state.heavy, key)
+        return None
+    candidates = state.heavy.append(key)
+    kept, dropped = heavy_hitters.best(candidates.received, spec.heavy)
+    state.heavy = _heavy_keys(candidates, kept)
+    return _heavy_keys(candidates, dropped)
 
 
 def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
@@ -434,20 +585,29 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     q = streams.q
     B, H, T, d = q.shape
     Hkv = streams.k.shape[1]
+    if spec.heavy:
+        streams = replace(streams, received=streams.k.new_zeros(streams.k.shape[:3]))
     _push_window(state, spec, streams, key_features)
     exact = ([state.win] if spec.window != 0 else []) + ([state.sinks] if state.sinks is not None else [])
-    num_sm = lin = None
+    num_sm = lin = m = m_all = None
     if exact:
         qg = q.reshape(B, Hkv, -1, d)
         scores = [(qg @ part.k.transpose(-1, -2)) * spec.scale for part in exact]  # (B, Hkv, G, n)
         m = scores[0].amax(-1, keepdim=True)
         for s in scores[1:]:
             m = torch.maximum(m, s.amax(-1, keepdim=True))
-        parts = [torch.exp(s - m) @ _ones_column(part.v) for s, part in zip(scores, exact)]
-        num_sm = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+        m_all = m  # the memory is in units of the window and sinks; a heavy key may outscore them
+        if spec.heavy:
+            state.win.received += torch.softmax(scores[0], -1).sum(2).detach()  # window attention drawn, group summed
+            if state.heavy is not None:
+                exact, scores = exact + [state.heavy], scores + [(qg @ state.heavy.k.transpose(-1, -2)) * spec.scale]
+                m_all = torch.maximum(m, scores[-1].amax(-1, keepdim=True))
+        num_sm = sum(torch.exp(s - m_all) @ _ones_column(part.v) for s, part in zip(scores, exact)).unsqueeze(3)
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
         lin = _capped(lin, _keys_in_memory(state.seen - 1, spec), spec)
+        if m_all is not m:
+            lin = lin * torch.exp(m - m_all).unsqueeze(3)
     return _combine(num_sm, lin, mix, Hkv, spec.delta, norm_gain)
 
 
