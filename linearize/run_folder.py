@@ -173,12 +173,12 @@ def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None =
     model, tokenizer = load(path, dtype=dtype)
     if tokenizer is None:
         raise LinearizeError(f"{path} has no tokenizer files; re-run `linearize convert`")
+    if heavy is not None:  # before the cache: the two exclude each other
+        set_heavy_hitters(model, heavy)
     if cache is not None:
         set_sparse_cache(model, cache)
     if memory_cap is not None:
         set_memory_cap(model, memory_cap)
-    if heavy is not None:
-        set_heavy_hitters(model, heavy)
     return model.to(device), tokenizer
 
 

@@ -58,9 +58,9 @@ def test_linear_part_off_reproduces_teacher_logits(name):
 
 def test_gemma3_local_layers_keep_the_teacher_window_and_global_layers_are_linearized():
     teacher = teacher_for("gemma3_text")
-    model = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=4, chunk_size=8))
+    model = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=4, chunk_size=8, heavy=2))
     cfgs = [a.config for a in model.attention_modules()]
-    assert [(c.linear, c.window) for c in cfgs] == [(False, 8), (True, 4), (False, 8), (True, 4)]
+    assert [(c.linear, c.window, c.heavy) for c in cfgs] == [(False, 8, 0), (True, 4, 2), (False, 8, 0), (True, 4, 2)]
     assert [a.scaling for a in model.attention_modules()] == [24**-0.5] * 4
     # local layers add no parameters: transfer trains only the global ones
     assert [bool(a.trainable_transfer_parameters()) for a in model.attention_modules()] == [False, True, False, True]

@@ -54,7 +54,7 @@ def test_compare_keep_softmax_values(inputs, tmp_path):
     model, data = inputs
     out = tmp_path / "k"
     argv = ["compare", "--model", str(model), "--data", str(data), "--out", str(out), "--attention", "lolcats",
-            "--keep-softmax", "0,1", "--window", "8", *SMALL, "--skip", "passkey,decode"]
+            "--keep-softmax", "0,1", "--window", "8", "--heavy", "0", *SMALL, "--skip", "passkey,decode"]
     assert main(argv) == 0
     res = json.loads((out / "compare.json").read_text())
     assert [r["keep_softmax"] for r in res["variants"].values()] == [[], [res["variants"]["lolcats-k1"]["keep_softmax"][0]]]

@@ -181,3 +181,11 @@ def test_convert_and_eval_with_heavy_hitters(model_dir, data_file, tmp_path, cap
                  *small, "--heavy", "-2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--heavy" in err
+
+
+def test_drop_worst_is_best_of_all_but_one():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 4, (3, 2, 9), generator=g).double()  # many ties
+    kept, dropped = heavy_hitters.drop_worst(r)
+    best_kept, best_dropped = heavy_hitters.best(r, 8)
+    assert torch.equal(kept, best_kept) and torch.equal(dropped, best_dropped)

@@ -137,7 +137,8 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
     for m in student.attention_modules():
         torch.testing.assert_close(m.mix(ids.float()), torch.sigmoid(torch.full((m.num_heads,), 4.0)))
     almost_off = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
-                                                    attention_preset("lolcats", window=6, sinks=2, mix_init=40.0))
+                                                    attention_preset("lolcats", window=6, sinks=2, mix_init=40.0,
+                                                                                     heavy=0))
     streaming = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
                                                    attention_preset("streaming", window=6, sinks=2))
     usual = LinearizedForCausalLM.from_teacher(tiny_teacher, attention_preset("lolcats", window=6, sinks=2,
@@ -148,6 +149,7 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
         assert not torch.allclose(usual(input_ids=ids).logits, ref, atol=1e-3)  # mix 0: the memory has weight
     assert ConvertSettings(mix_init=4.0).attention_config().mix_init == 4.0
     assert ConvertSettings().attention_config().mix_init == 4.0  # the default conversion (lolcats preset)
+    assert ConvertSettings().attention_config().heavy == 32  # with 32 heavy hitters per KV head
     assert ConvertSettings(attention="gated-delta").attention_config().mix_init == 0.0
 
 

@@ -27,6 +27,8 @@ def add(sub):
     p.add_argument("--data", help="training text (default: bundled ShareGPT)")
     p.add_argument("--window", type=int, help="softmax window of the hybrid families (default: each preset's)")
     p.add_argument("--sinks", type=int, help="attention sinks of the hybrid families (default: each preset's)")
+    p.add_argument("--heavy", type=int, metavar="M", help="heavy hitters of the hybrid families with a plain linear "
+                                                         "memory (default: each preset's; 0: none)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", type=int, default=d.transfer_tokens, help="stage 1 tokens per variant")
     p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 tokens per variant")
@@ -52,7 +54,7 @@ def run(args):
     from ..pipeline import ConvertSettings
     from .run import COLUMNS, CompareSettings, compare, table_rows
 
-    base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, seq_len=args.seq_len,
+    base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, heavy=args.heavy, seq_len=args.seq_len,
                            transfer_tokens=args.tokens, lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens,
                            softmax_layers=args.softmax_layers, transfer_state=args.transfer_state,
                            device=args.device, dtype=args.dtype)

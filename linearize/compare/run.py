@@ -106,9 +106,11 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
         log(f"== {name}: linearize convert --attention {attention} {kept} --out {out / name}"
             + (f" --transfer-state {shared}" if shared else ""))
         t0 = time.perf_counter()
-        hybrid = bool(ATTENTION_PRESETS[attention].window)  # --window / --sinks: the families with a window only
+        preset = ATTENTION_PRESETS[attention]
+        hybrid = bool(preset.window)  # --window / --sinks: the families with a window only
+        heavy_ok = hybrid and preset.linear and preset.plain_sum_memory  # --heavy: a window and a plain sum memory
         settings = replace(base, attention=attention, keep_softmax=k, window=base.window if hybrid else None,
-                           sinks=base.sinks if hybrid else None,
+                           sinks=base.sinks if hybrid else None, heavy=base.heavy if heavy_ok else None,
                            transfer_state=shared or base.transfer_state)
         res = convert(settings, out / name, resume=True, progress=progress, log=log)
         if shared is None and "transfer" in res:

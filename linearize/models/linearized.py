@@ -42,8 +42,8 @@ def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) ->
     students = []
     for i, (attn, window) in enumerate(zip(attns, windows)):
         cfg = config
-        if window is not None:  # the teacher's own local layer: its exact window, no sinks
-            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0)
+        if window is not None:  # the teacher's own local layer: its exact window, no sinks, no heavy hitters
+            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0, heavy=0)
         elif i < config.local_layers:  # DiagAttention: the window (and sinks) of the config, exact softmax
             cfg = replace(config, linear=False)
         student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)

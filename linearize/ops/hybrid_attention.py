@@ -473,11 +473,8 @@ def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: in
         return num_sm, lin, (cand, held)
     u = torch.arange(T, device=qg.device)
     available = torch.where(u >= w, held + (u - W - n_sink + 1).clamp(0, len(leaving)), 0)
-    heavy = heavy_hitters.best_of_prefixes(cand.received, available, spec.heavy)  # (B, Hkv, T, N)
-    needed = heavy.any(2).any(1).any(0)
-    needed[:held] = True  # the state's heavy keys: in the memory correction even where no query keeps them
-    cols = needed.nonzero()[:, 0]
-    part, heavy = cand._map(lambda x: x[:, :, cols]), heavy[..., cols]
+    cols, heavy = heavy_hitters.heavy_sets(cand.received, available, spec.heavy)  # the state's held keys included
+    part = cand._map(lambda x: x[:, :, cols])
     s = ((qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~heavy.unsqueeze(2), float("-inf"))
     m_all = torch.maximum(m, s.amax(-1, keepdim=True))
     num_sm = num_sm * torch.exp(m - m_all) + _exact_num(s, part.v, m_all)
@@ -559,7 +556,7 @@ def _heavy_admit(state: LinearAttentionState, spec: AttentionSpec, leaving: Stre
         state.heavy = _then(state.heavy, key)
         return None
     candidates = state.heavy.append(key)
-    kept, dropped = heavy_hitters.best(candidates.received, spec.heavy)
+    kept, dropped = heavy_hitters.drop_worst(candidates.received)
     state.heavy = _heavy_keys(candidates, kept)
     return _heavy_keys(candidates, dropped)
 
