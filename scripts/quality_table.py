@@ -7,9 +7,9 @@ Each run folder needs convert.json and eval.json (`linearize eval RUN`, with its
 repetition rates). Rows of a baseline.json (scripts/baseline_table.py) are added as ablation rows too, marked with
 the device they ran on. Ratios are student / teacher perplexity. The file as it stands:
 
-    python scripts/quality_table.py --default runs/default-mix4 --row runs/default-w256 --row runs/w64-s4-kl \
-        --row runs/ablation-6min/{default,mix-init-4,mix-init-8,feature-dim-16,ce,train-attention,lora-only} \
-        --baseline docs/results/baseline.json --wall-s 1380
+    python scripts/quality_table.py --default runs/default-mix4 --row runs/default-heavy32 --row runs/default-w256 \
+        --row runs/w64-s4-kl $(for r in default mix-init-4 mix-init-8 feature-dim-16 ce train-attention lora-only; \
+        do echo --row runs/ablation-6min/$r; done) --baseline docs/results/baseline.json --wall-s 1380
 """
 
 import argparse

@@ -149,7 +149,7 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
         assert not torch.allclose(usual(input_ids=ids).logits, ref, atol=1e-3)  # mix 0: the memory has weight
     assert ConvertSettings(mix_init=4.0).attention_config().mix_init == 4.0
     assert ConvertSettings().attention_config().mix_init == 4.0  # the default conversion (lolcats preset)
-    assert ConvertSettings().attention_config().heavy == 32  # with 32 heavy hitters per KV head
+    assert ConvertSettings().attention_config().heavy == 0 and ConvertSettings(heavy=32).attention_config().heavy == 32
     assert ConvertSettings(attention="gated-delta").attention_config().mix_init == 0.0
 
 
