@@ -11,8 +11,8 @@ File layout (safetensors, written atomically):
     layers.{i}.heavy.{k,v,received}    the heavy hitters (ops/heavy_hitters.py; absent without them)
     logits                             (1, V) next-token logits after the last token: lets an empty prompt continue
     metadata "linearize_state": JSON   {format, version, model (fingerprint), dtype, seen, layers: [null | {seen,
-                                        start, kv: bool, win: [streams], sinks / cache / heavy: [streams] | null}], plus what the
-                                        caller adds (document, ...)}
+                                        start, kv: bool, win: [streams], sinks / cache / heavy: [streams] | null}],
+                                        plus what the caller adds (document, ...)}
 
 The fingerprint names the model that made the state (its config and a sample of its weights file): a state made by
 another model, or by this one in another dtype, is refused with a one-line error. Loading one into the same model
@@ -143,7 +143,8 @@ def load_state(path: str | Path, model: str, dtype: torch.dtype, device="cpu"):
             def streams(part, names):
                 return Streams(**{n: tensors[f"layers.{i}.{part}.{n}"] for n in names})
 
-            held = {name: None if layer.get(name) is None else streams(name, layer[name]) for name in ("sinks", "cache", "heavy")}
+            held = {name: None if layer.get(name) is None else streams(name, layer[name])
+                    for name in ("sinks", "cache", "heavy")}
             state[i] = LinearAttentionState(kv=tensors[f"layers.{i}.kv"] if layer["kv"] else None,
                                             win=streams("win", layer["win"]), start=layer["start"],
                                             seen=layer["seen"], **held)

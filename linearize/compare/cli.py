@@ -54,7 +54,8 @@ def run(args):
     from ..pipeline import ConvertSettings
     from .run import COLUMNS, CompareSettings, compare, table_rows
 
-    base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, heavy=args.heavy, seq_len=args.seq_len,
+    base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, heavy=args.heavy,
+                           seq_len=args.seq_len,
                            transfer_tokens=args.tokens, lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens,
                            softmax_layers=args.softmax_layers, transfer_state=args.transfer_state,
                            device=args.device, dtype=args.dtype)

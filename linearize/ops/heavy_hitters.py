@@ -41,19 +41,21 @@ def heavy_sets(r: torch.Tensor, available: torch.Tensor, size: int, chunk: int =
         part = r[..., start : start + chunk]
         n = part.shape[-1]
         older = older_in_chunk[:n, :n]
-        beaten = (top[..., :, None] >= part[..., None, :]).sum(-2) + (older & (part[..., :, None] >= part[..., None, :])).sum(-2)
+        beaten = ((top[..., :, None] >= part[..., None, :]).sum(-2)
+                  + (older & (part[..., :, None] >= part[..., None, :])).sum(-2))
         ever[..., start : start + n] = beaten < size
         both = torch.cat([top, part], dim=-1)  # older first: a stable sort keeps the older of equal scores first
         top = both.gather(-1, torch.sort(both, dim=-1, descending=True, stable=True).indices[..., :size])
     columns = ever.any(1).any(0).nonzero()[:, 0]
     rc = r[..., columns]
-    pos = columns
     # beaten[.., i, a]: column a beats column i; counted along a (the last, contiguous dim)
-    beaten = (rc[..., None, :] > rc[..., :, None]) | ((rc[..., None, :] == rc[..., :, None]) & (pos[None, :] < pos[:, None]))
+    beaten = ((rc[..., None, :] > rc[..., :, None])
+              | ((rc[..., None, :] == rc[..., :, None]) & (columns[None, :] < columns[:, None])))
     k = (beaten.to(torch.int32).cumsum(-1) < size).sum(-1) + 1  # the first k columns hold fewer than `size` beaters
-    stays = torch.where(k <= len(columns), F.pad(columns + 1, (1, 0))[k.clamp(max=len(columns))], N + 1)  # size-th beater + 1
+    n = len(columns)
+    stays = torch.where(k <= n, F.pad(columns + 1, (1, 0))[k.clamp(max=n)], N + 1)  # the size-th beater's index + 1
     stays = stays.masked_fill(~ever[..., columns], 0)
-    kept = (pos < available[:, None]) & (available[:, None] < stays[..., None, :])
+    kept = (columns < available[:, None]) & (available[:, None] < stays[..., None, :])
     return columns, kept
 
 
@@ -70,9 +72,14 @@ def best(r: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """r (B, Hkv, N) -> (kept (B, Hkv, min(size, N)), dropped (B, Hkv, N - kept)): indices in position order, the
     kept ones the `size` best of each head."""
     N = r.shape[-1]
-    keep = best_of_prefixes(r, torch.tensor([N], device=r.device), size)[..., 0, :]
+    return split(best_of_prefixes(r, torch.tensor([N], device=r.device), size)[..., 0, :], min(size, N))
+
+
+def split(keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, Hkv, N) bool with k True per head -> (kept (B, Hkv, k), dropped (B, Hkv, N - k)): indices in
+    position order."""
+    N = keep.shape[-1]
     order = torch.argsort(keep.to(torch.uint8), dim=-1, stable=True)  # dropped first, then kept, each in order
-    k = min(size, N)
     return order[..., N - k:], order[..., : N - k]
 
 

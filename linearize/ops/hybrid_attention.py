@@ -410,7 +410,6 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
                                    chunk=chunk, state=None if state is None else state.kv)
     in_memory = _keys_in_memory(torch.arange(seen - w, seen - w + T, device=k.device), spec) if spec.memory else 0
     sink_set = None if spec.window is None else _sinks_outside_window(state, keys, n_sink, W)
-    heavy_held = state is not None and state.heavy is not None
     if lin is None and W >= T and sink_set is None and not spec.heavy:  # exact causal softmax: PyTorch's kernel
         causal = torch.ones(q.shape[2], T, dtype=torch.bool, device=q.device).tril(w)  # query i sees keys <= w + i
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal if w else None, is_causal=not w,
@@ -445,8 +444,6 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         sinks = _then(sinks, Streams(k, v).slice(slice(0, left)).clone())
     if heavy is not None:  # the best of the far keys stay exact, the others go into the memory
         heavy, memory = _heavy_final(heavy, spec, memory)
-    elif heavy_held:
-        heavy = state.heavy
     window = keys.keys().slice(slice(old, None)).clone()  # decoding writes it in place
     return y, LinearAttentionState(memory, window, sinks=sinks, seen=seen + q.shape[2], heavy=heavy)
 
@@ -460,7 +457,8 @@ def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: in
     the largest score m' where a heavy key outscores the window and sinks) and, in the same units, takes them out of
     the linear memory lin, to which the state's heavy keys are added (lin holds the keys that left the window here,
     and the state's memory, which holds none of its heavy keys). Returns (num_sm, lin, candidates) with
-    candidates = (Streams k, v, received[, fk], how many came from the state)."""
+    candidates = (Streams k, v, received[, fk], how many came from the state, the last query's best (B, Hkv, N) bool:
+    the heavy keys the state keeps)."""
     T, W = len(keys), spec.window
     leaving = keys.slice(slice(n_sink, max(T - W, n_sink)))
     parts = [] if state is None or state.heavy is None else [state.heavy]
@@ -470,7 +468,7 @@ def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: in
     parts.append(Streams(leaving.k, leaving.v, fk=leaving.fk if spec.memory else None, received=leaving.received))
     cand = parts[0] if len(parts) == 1 else parts[0].append(parts[1])
     if not len(cand):
-        return num_sm, lin, (cand, held)
+        return num_sm, lin, (cand, held, None)
     u = torch.arange(T, device=qg.device)
     available = torch.where(u >= w, held + (u - W - n_sink + 1).clamp(0, len(leaving)), 0)
     cols, heavy = heavy_hitters.heavy_sets(cand.received, available, spec.heavy)  # the state's held keys included
@@ -482,17 +480,19 @@ def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: in
         sign = (cols < held).to(lin.dtype) - heavy.to(lin.dtype)  # (B, Hkv, T, n)
         a = (fq @ part.fk.unsqueeze(2).transpose(-1, -2)) * sign.unsqueeze(2)
         lin = (lin + a @ _ones_column(part.v).unsqueeze(2)) * torch.exp(m - m_all)
-    return num_sm, lin, (cand, held)
+    last = heavy.new_zeros(*heavy.shape[:2], len(cand))
+    last[..., cols] = heavy[..., -1, :]  # the last query chooses from every candidate
+    return num_sm, lin, (cand, held, last)
 
 
 def _heavy_final(candidates, spec: AttentionSpec, memory):
     """After attention_chunked: the best spec.heavy candidates stay (Streams k, v, received in position order); the
     memory (the linear part's final one, holding every key that left the window) gains the state's heavy keys and
     loses the kept ones. Returns (heavy Streams or None, memory)."""
-    cand, held = candidates
+    cand, held, last = candidates
     if not len(cand):
         return None, memory
-    kept, _ = heavy_hitters.best(cand.received, spec.heavy)
+    kept, _ = heavy_hitters.split(last, min(spec.heavy, len(cand)))
     heavy = _heavy_keys(cand, kept)
     if memory is not None:
         index = torch.arange(len(cand), device=cand.k.device)
