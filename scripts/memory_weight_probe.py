@@ -9,6 +9,8 @@ mechanism this diagnosis led to.
         --out docs/results/memory_weight_probe.json
     python scripts/memory_weight_probe.py --run runs/default-w256 --cache 64 --shifts 0 --caps 0,764 \
         --lengths 1k,2k,4k,8k --trials 10 --out docs/results/memory_cap_probe.json
+    python scripts/memory_weight_probe.py --run runs/default-mix4 --cache 64 --shifts 0 --caps 764 \
+        --scores squared,cosine --lengths 1k,2k,4k --trials 10 --out docs/results/cache_selection.json
 """
 
 import argparse
@@ -20,9 +22,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy  # noqa: E402
+from linearize.ops import sparse_cache  # noqa: E402
 from linearize.models.linearized import set_memory_cap  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
+
+
+def squared_error(fk, v, memory):
+    """LoLA's self-recall error || v - read-out ||^2 (|| v ||^2 with no memory), the cache's ranking before the
+    cosine: kept here as the ablation."""
+    if memory is None:
+        return v.float().pow(2).sum(-1)
+    read = (fk @ memory).float()
+    return (v.float() - read[..., :-1] / (read[..., -1:] + sparse_cache.EPS)).pow(2).sum(-1)
+
+
+SCORES = {"cosine": sparse_cache.self_recall_error, "squared": squared_error}
 
 
 def main(argv=None):
@@ -32,6 +47,8 @@ def main(argv=None):
     p.add_argument("--shifts", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 3.0])
     p.add_argument("--caps", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="memory caps in keys (0: none; default: 0)")
+    p.add_argument("--scores", type=lambda s: s.split(","), default=["cosine"],
+                   help="how the cache ranks its keys: cosine (the package's) and/or squared (default: cosine)")
     p.add_argument("--lengths", type=token_counts, default=(4096,))
     p.add_argument("--multikey-lengths", type=token_counts, default=(),
                    help="also the multi-key test (k = 4) at these lengths (default: none)")
@@ -42,14 +59,16 @@ def main(argv=None):
     mixed = [m for m in model.attention_modules() if m.mix_logit is not None]
     trained = [m.mix_logit.detach().clone() for m in mixed]
     rows = []
-    for cap in args.caps:
+    for score, cap in [(score, cap) for score in args.scores for cap in args.caps]:
+        sparse_cache.self_recall_error = SCORES[score]
         set_memory_cap(model, cap)
         for shift in args.shifts:
             for m, logit in zip(mixed, trained):
                 m.mix_logit.data = logit + shift
             with torch.no_grad():
                 r = passkey_accuracy(model, tokenizer, list(args.lengths), args.trials)
-                row = {"shift": shift, "memory_cap": cap, "passkey": dict(zip(map(str, r["lengths"]), r["accuracy"]))}
+                row = {"score": score, "shift": shift, "memory_cap": cap,
+                       "passkey": dict(zip(map(str, r["lengths"]), r["accuracy"]))}
                 if args.multikey_lengths:
                     mk = multikey_accuracy(model, tokenizer, [4], list(args.multikey_lengths), args.trials)
                     row["multikey_k4"] = dict(zip(map(str, mk["lengths"]), mk["accuracy"]["4"]))

@@ -2,7 +2,8 @@
 
     python scripts/recall_table.py --run runs/w64-s4-kl [--device cuda --dtype bfloat16] [--keep 0,2,4,8,15,30]
         [--select transfer,recall] [--passkey-lengths 256,512,1k,2k,4k] [--multikey-lengths 1k,2k,4k,8k,16k]
-        [--multikey-keys 4,16] [--trials 20] [--state-contexts 1k,32k] [--ppl-sequences 8] [--cache M] [--resume]
+        [--multikey-keys 4,16] [--trials 20] [--state-contexts 1k,32k] [--ppl-sequences 8] [--cache M]
+        [--memory-cap C] [--resume]
 
 Variants: the teacher; the converted run ("student", K = 0); the run with K of its linearized layers switched back
 to the teacher's exact softmax attention, training free (evaluate/recall_layers.py; K = every layer is the
@@ -59,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--cache", type=int, default=0, metavar="M",
                    help="give the run's linear layers a sparse cache of M exact keys per KV head (set_sparse_cache, "
                         "as `linearize eval --cache M`; default: none)")
+    p.add_argument("--memory-cap", type=int, default=None, metavar="C",
+                   help="cap the run's linear memory at C keys (as `linearize eval --memory-cap C`; default: as "
+                        "converted)")
     p.add_argument("--out", default="docs/results/recall.json", help="the JSON; the markdown table goes beside it")
     p.add_argument("--resume", action="store_true", help="keep the variants an earlier --out already has")
     add_placement(p, "both models")
@@ -123,7 +127,7 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out)
     device, dtype = placement(args.device, args.dtype)
-    student, tokenizer = load_student(args.run, device, dtype, args.cache or None)
+    student, tokenizer = load_student(args.run, device, dtype, args.cache or None, args.memory_cap)
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
     rows = eval_sequences("sharegpt", tokenizer, 1024, args.ppl_sequences, data=training_data(args.run))
     candidates = linearized_layers(student.attention_modules())

@@ -78,10 +78,17 @@ def test_self_recall_error_and_selection():
     memory = fk[:, :, :2].transpose(-1, -2) @ torch.cat([v[:, :, :2], torch.ones(1, 1, 2, 1, dtype=v.dtype)], -1)
     errors = self_recall_error(fk, v, memory)
     read = fk @ memory
-    assert torch.allclose(errors, (v - read[..., :3] / (read[..., 3:] + 1e-6)).pow(2).sum(-1))
+    read = read[..., :3] / (read[..., 3:] + 1e-6)
+    cos = (v * read).sum(-1) / (v.norm(dim=-1) * read.norm(dim=-1))
+    assert torch.allclose(errors, 1 - cos)
     assert torch.equal(self_recall_error(None, v, None), v.pow(2).sum(-1))
+    # the direction counts, not the length: a value the memory points at, however long, is recalled
+    assert self_recall_error(fk[..., :1, :], 10 * read[..., :1, :], memory).abs().max() < 1e-9
+    assert torch.equal(self_recall_error(fk, v, torch.zeros_like(memory)), torch.ones(1, 1, 5, dtype=v.dtype))
     kept, evicted = keep_worst_recalled(torch.tensor([[[0.5, 3.0, 0.1, 2.0, 1.0]]]), 2)
     assert kept.tolist() == [[[1, 3]]] and evicted.tolist() == [[[0, 2, 4]]]  # position order both
+    kept, _ = keep_worst_recalled(torch.tensor([[[1.0, 1.0, 1.0, 1.0]]]), 2)
+    assert kept.tolist() == [[[0, 1]]]  # ties (an empty memory): the older keys stay
 
 
 def test_model_with_cache_for_everything_equals_teacher_and_state_is_constant(tiny_teacher):

@@ -628,7 +628,7 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
         if spec.memory:
             memory = (streams.fk * in_memory[..., None]).transpose(-1, -2) @ _ones_column(v)
         errors = sparse_cache.self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
-        kept = torch.zeros_like(cached).scatter_(-1, errors.topk(spec.cache, dim=-1).indices, True)
+        kept = sparse_cache.worst_recalled(errors, spec.cache)
         in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
     causal = pos[None, :] <= pos[:, None]
     exact = causal & ~memory_of  # (B, Hkv, T, T)
