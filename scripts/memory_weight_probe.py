@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy  # noqa: E402
-from linearize.ops import sparse_cache  # noqa: E402
 from linearize.models.linearized import set_memory_cap  # noqa: E402
+from linearize.ops import sparse_cache  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
 
@@ -33,8 +33,7 @@ def squared_error(fk, v, memory):
     cosine: kept here as the ablation."""
     if memory is None:
         return v.float().pow(2).sum(-1)
-    read = (fk @ memory).float()
-    return (v.float() - read[..., :-1] / (read[..., -1:] + sparse_cache.EPS)).pow(2).sum(-1)
+    return (v.float() - sparse_cache.read_out(fk, memory)).pow(2).sum(-1)
 
 
 SCORES = {"cosine": sparse_cache.self_recall_error, "squared": squared_error}

@@ -32,7 +32,15 @@ Shapes: cached keys k, v (B, Hkv, n, d); their features fk (B, Hkv, n, F); memor
 import torch
 import torch.nn.functional as F
 
+from .heavy_hitters import split
+
 EPS = 1e-6
+
+
+def read_out(fk: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, n, d): the memory's read-out of each key, phi(k) S_v / (phi(k) . s), in float32 at least (bf16 ties)."""
+    read = (fk @ memory).to(torch.promote_types(memory.dtype, torch.float32))  # (B, Hkv, n, d + 1)
+    return read[..., :-1] / (read[..., -1:] + EPS)
 
 
 def self_recall_error(fk: torch.Tensor | None, v: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
@@ -41,8 +49,7 @@ def self_recall_error(fk: torch.Tensor | None, v: torch.Tensor, memory: torch.Te
     wide = torch.promote_types(v.dtype, torch.float32)  # rank in float32 at least (bf16 ties)
     if memory is None:
         return v.to(wide).pow(2).sum(-1)
-    read = (fk @ memory).to(wide)  # (B, Hkv, n, d + 1)
-    return 1 - F.cosine_similarity(v.to(wide), read[..., :-1] / (read[..., -1:] + EPS), dim=-1)
+    return 1 - F.cosine_similarity(v.to(wide), read_out(fk, memory).to(wide), dim=-1)
 
 
 def worst_recalled(errors: torch.Tensor, size: int) -> torch.Tensor:
@@ -55,10 +62,7 @@ def worst_recalled(errors: torch.Tensor, size: int) -> torch.Tensor:
 def keep_worst_recalled(errors: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """errors (B, Hkv, n) with n > size -> (kept (B, Hkv, size), evicted (B, Hkv, n - size)): indices in position
     order, the kept ones the `size` largest errors of each head."""
-    n = errors.shape[-1]
-    keep = worst_recalled(errors, size)
-    order = torch.argsort(keep.to(torch.uint8), dim=-1, stable=True)  # evicted first, then kept, each in order
-    return order[..., n - size:], order[..., : n - size]
+    return split(worst_recalled(errors, size), size)
 
 
 def gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
