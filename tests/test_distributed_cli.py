@@ -15,9 +15,10 @@ from linearize.cli import main
 from test_cli import SMALL, one_error_line
 
 
-def torchrun_convert(args: list[str], out: Path, *distributed: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def torchrun_convert(args: list[str], out: Path, *distributed: str, processes: int = 2):
+    paths = [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", "linearize.cli", *args, "--out", str(out), "--distributed", *distributed]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +55,23 @@ def test_torchrun_convert_fsdp_equals_data(model_dir, data_file, tmp_path):  # n
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "lora").iterdir()) == [
         "meta.json", "optimizer.safetensors", "tensors.safetensors"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl)")
+def test_torchrun_fsdp_on_one_gpu_equals_single_process(model_dir, data_file, tmp_path):  # noqa: F811
+    """The nccl path: FSDP2 stage 2 on one rank (cuda:0, fully_shard over a mesh of one) gives the plain run."""
+    from safetensors.torch import load_file
+
+    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL, "--device", "cuda",
+            "--dtype", "float32"]
+    torchrun_convert(args, tmp_path / "fsdp", "fsdp", processes=1)
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    fsdp, single = (json.loads((tmp_path / d / "progress.json").read_text())["results"] for d in ("fsdp", "single"))
+    assert fsdp["stage2_ppl"] == pytest.approx(single["stage2_ppl"], rel=1e-4)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("fsdp", "single"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
 @pytest.mark.parametrize("mode", [[], ["fsdp"]])
