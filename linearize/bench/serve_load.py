@@ -190,6 +190,7 @@ def prompt_text(tokenizer, tokens: list[int], n: int, offset: int) -> str:
 
 def serve_bench(path, settings: ServeBenchSettings, out: str | Path) -> dict:
     import openai
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     settings.check()
@@ -198,7 +199,12 @@ def serve_bench(path, settings: ServeBenchSettings, out: str | Path) -> dict:
     tokens = text_tokens(tokenizer)
     max_context = int(1.2 * max(settings.max_prompt, settings.doc_tokens)) + settings.max_tokens + 256
     with tempfile.TemporaryFile() as log:
+        t_start = time.perf_counter()
         proc, url, cmd = start_server(path, settings, max_context, log)
+        print(f"server up at {url} after {time.perf_counter() - t_start:.0f} s; warm-up: {settings.clients} requests "
+              f"of {settings.max_prompt} tokens", flush=True)
+        total = settings.clients * settings.requests
+        bar = tqdm(total=total, desc="serve-bench", unit="req", mininterval=5)
         try:
             client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=settings.request_timeout)
             sampler = RssSampler(proc.pid)
@@ -217,7 +223,11 @@ def serve_bench(path, settings: ServeBenchSettings, out: str | Path) -> dict:
                         "completion_tokens": out.usage.completion_tokens}
 
             def client_loop(c):
-                return [ask(c, r) for r in range(settings.requests)]
+                done = []
+                for r in range(settings.requests):
+                    done.append(ask(c, r))
+                    bar.update()
+                return done
 
             with ThreadPoolExecutor(settings.clients) as pool:
                 warm = list(pool.map(lambda c: ask(c, settings.requests - 1), range(settings.clients)))
@@ -227,6 +237,9 @@ def serve_bench(path, settings: ServeBenchSettings, out: str | Path) -> dict:
                 t0 = time.perf_counter()
                 results = [x for xs in pool.map(client_loop, range(settings.clients)) for x in xs]
             seconds = time.perf_counter() - t0
+            bar.close()
+            if settings.doc_tokens:
+                print(f"state reuse: a {settings.doc_tokens}-token document", flush=True)
             state = state_reuse(client, url, tokenizer, settings) if settings.doc_tokens else None
             sampler.stop()
         finally:
