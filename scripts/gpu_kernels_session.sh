@@ -30,10 +30,10 @@ else
     LINEARIZE_FLA_KERNELS=1 step convert 240 python3 -m linearize.cli convert --device cuda --out runs/gpu-fla \
         --no-progress
     cp runs/gpu-fla/convert.json "$OUT/convert_fla.json" 2>/dev/null
-    left=$(( 420 - ($(date +%s) - T0) ))
+    left=$(( 420 - $(elapsed) ))
     if [ -f runs/gpu-fla/config.json ] && [ $left -gt 60 ]; then
         LINEARIZE_FLA_KERNELS=1 step bench $left python3 -m linearize.cli bench runs/gpu-fla --device cuda
         cp runs/gpu-fla/bench.json "$OUT/bench_fla.json" 2>/dev/null
     fi
 fi
-echo "phase ${PHASE} done in $(( $(date +%s) - T0 )) s"
+echo "phase ${PHASE} done in $(elapsed) s"

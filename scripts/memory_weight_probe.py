@@ -28,15 +28,18 @@ from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
 
 
+cosine_error = sparse_cache.self_recall_error  # the package's ranking (main() swaps the module's name)
+
+
 def squared_error(fk, v, memory):
-    """LoLA's self-recall error || v - read-out ||^2 (|| v ||^2 with no memory), the cache's ranking before the
-    cosine: kept here as the ablation."""
+    """LoLA's self-recall error || v - read-out ||^2 (|| v ||^2 with no memory, as the package), the cache's ranking
+    before the cosine: kept here as the ablation."""
     if memory is None:
-        return v.float().pow(2).sum(-1)
+        return cosine_error(fk, v, None)
     return (v.float() - sparse_cache.read_out(fk, memory)).pow(2).sum(-1)
 
 
-SCORES = {"cosine": sparse_cache.self_recall_error, "squared": squared_error}
+SCORES = {"cosine": cosine_error, "squared": squared_error}
 
 
 def main(argv=None):
