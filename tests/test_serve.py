@@ -201,6 +201,16 @@ def test_the_heap_is_trimmed_after_every_job(client, monkeypatch):
         threading.Event().wait(0.05)
     assert len(calls) == 2
 
+    calls.clear()  # a client that goes away mid-stream: its job is dropped, and that end trims too
+    stream = client.completions.create(model="tiny", prompt=QUESTION, max_tokens=200, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    for _ in range(200):
+        if calls:
+            break
+        threading.Event().wait(0.05)
+    assert len(calls) == 1
+
 
 def test_serve_bench_writes_its_results(tiny_converted, tmp_path):
     """`linearize serve-bench` end to end at toy sizes: a child server process, 2 clients x 2 requests, a state."""

@@ -228,12 +228,12 @@ class Engine:
                 pass
             job, steps = active.popleft()
             try:
-                if job.cancelled:
+                if job.cancelled:  # the client went away: drop the job (its end trims the heap like any other)
                     steps.close()
+                else:
+                    next(steps)
+                    active.append((job, steps))
                     continue
-                next(steps)
-                active.append((job, steps))
-                continue
             except StopIteration:
                 pass
             except LinearizeError as e:
