@@ -4,9 +4,11 @@ bundled SmolLM2 and data, each followed by a short `linearize eval`, then one ta
 
     python3 scripts/ablation.py --minutes 6 --out runs/ablation-6min --table docs/results/ablation_6min.json
 
-Rows (ROWS below): the default; the memory starting at 2 % / 0.03 % of the window's weight (--mix-init 4 / 8); a quarter-size
-linear memory (--feature-dim 16); stage-2 loss CE; LoRA only (no attention transfer); LoRA on attention + MLP; stage 2 also training the
-feature maps and mixing factors end to end (--lora-train-attention). The eval measures
+Rows (ROWS below): the default (when it started the memory at half the window's weight); the memory starting
+at 2 % / 0.03 % of it (--mix-init 4 / 8; 4 is the default now); a quarter-size linear memory (--feature-dim 16);
+stage-2 loss CE; LoRA only (no attention transfer); stage 2 also training the feature maps and mixing factors end to
+end (--lora-train-attention); then, on the mix-init 4 default, LoRA on attention + MLP and a bfloat16 teacher
+(--dtype bfloat16; trained parameters stay float32; this CPU emulates bfloat16 matmuls). The eval measures
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
 MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
@@ -31,8 +33,10 @@ ROWS = {  # name -> extra convert arguments
     "feature-dim-16": ["--feature-dim", "16"],
     "ce": ["--lora-loss", "ce"],
     "lora-only": ["--skip-transfer"],
-    "lora-mlp": ["--lora-targets", "attention+mlp"],
     "train-attention": ["--lora-train-attention"],
+    # rows added after the default became mix-init 4: pinned to it, so they compare with the mix-init-4 row
+    "lora-mlp-mix4": ["--mix-init", "4", "--lora-targets", "attention+mlp"],
+    "bf16-mix4": ["--mix-init", "4", "--dtype", "bfloat16"],
 }
 
 

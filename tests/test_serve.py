@@ -217,10 +217,37 @@ def test_serve_bench_writes_its_results(tiny_converted, tmp_path):
     from linearize.bench.serve_load import ServeBenchSettings, serve_bench
 
     settings = ServeBenchSettings(clients=2, requests=2, min_prompt=16, max_prompt=32, max_tokens=3, doc_tokens=64,
-                                  device="cpu")
+                                  device="cpu", mmap_threshold=0)
     res = serve_bench(tiny_converted[0], settings, tmp_path / "serve.json")
     assert json.loads((tmp_path / "serve.json").read_text()) == res
     assert res["load"]["requests"] == 4 and res["load"]["errors"] == 0 and res["load"]["requests_per_s"] > 0
     assert [r["round"] for r in res["load"]["rounds"]] == [0, 1] and res["memory"]["rss_warmup_peak_mib"] > 0
     reuse = res["state_reuse"]
     assert reuse["doc_tokens"] > 40 and reuse["from_state_s"] > 0 and reuse["from_scratch_s"] > 0
+    assert res["settings"]["mmap_threshold"] == 0 and "--mmap-threshold 0" in res["server_cmd"]
+
+
+def test_the_mmap_threshold_is_fixed_only_when_asked(monkeypatch):
+    """--mmap-threshold MIB fixes glibc's threshold at MIB MiB; 0 leaves glibc's dynamic one alone."""
+    from linearize.serve import engine
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(engine, "LIBC", FakeLibc())
+    engine.steady_heap(0)
+    assert calls == []
+    engine.steady_heap(8)
+    assert calls == [(engine.M_MMAP_THRESHOLD, 8 << 20)]
+
+
+def test_a_negative_mmap_threshold_is_refused(tiny_converted):
+    from linearize.errors import LinearizeError
+    from linearize.serve.cli import build
+
+    with pytest.raises(LinearizeError, match="--mmap-threshold"):
+        build(tiny_converted[0], mmap_threshold_mib=-1, device="cpu")

@@ -38,6 +38,7 @@ from pathlib import Path
 from ..errors import LinearizeError
 from ..options import add_placement, token_count
 from ..run_folder import check_converted, write_json
+from ..serve.engine import MMAP_THRESHOLD_MIB
 
 MODEL_NAME = "bench"
 
@@ -52,6 +53,7 @@ class ServeBenchSettings:
     doc_tokens: int = 16 * 1024  # the state-reuse document (0: skip)
     device: str = "auto"
     dtype: str = "auto"
+    mmap_threshold: float = MMAP_THRESHOLD_MIB  # the server's --mmap-threshold (MiB; 0: glibc's dynamic one)
     start_timeout: int = 600  # seconds for the server to come up
     request_timeout: int = 3600
 
@@ -83,6 +85,8 @@ def add(sub):
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="new tokens per request (default: %(default)s)")
     p.add_argument("--doc-tokens", type=token_count, default=d.doc_tokens,
                    help="document length of the state-reuse timing; 0 skips it (default: 16k)")
+    p.add_argument("--mmap-threshold", type=float, default=d.mmap_threshold, metavar="MIB",
+                   help="the server's --mmap-threshold (default: %(default)s)")
     p.add_argument("--out", default="docs/results/serve.json", help="results file (default: %(default)s)")
     add_placement(p, "the served model")
     p.set_defaults(run=run)
@@ -91,7 +95,7 @@ def add(sub):
 def run(args):
     settings = ServeBenchSettings(clients=args.clients, requests=args.requests, min_prompt=args.min_prompt,
                                   max_prompt=args.max_prompt, max_tokens=args.max_tokens, doc_tokens=args.doc_tokens,
-                                  device=args.device, dtype=args.dtype)
+                                  device=args.device, dtype=args.dtype, mmap_threshold=args.mmap_threshold)
     res = serve_bench(args.path, settings, args.out)
     load, mem = res["load"], res["memory"]
     print(f"{load['requests']} requests, {load['errors']} errors, {load['requests_per_s']:.3f} requests/s, "
@@ -153,7 +157,7 @@ def start_server(path, settings: ServeBenchSettings, max_context: int, log) -> t
     port = free_port()
     cmd = [sys.executable, "-m", "linearize.cli", "serve", str(path), "--port", str(port), "--name", MODEL_NAME,
            "--max-context", str(max_context), "--max-active", str(settings.clients), "--device", settings.device,
-           "--dtype", settings.dtype]
+           "--dtype", settings.dtype, "--mmap-threshold", str(settings.mmap_threshold)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + settings.start_timeout

@@ -191,6 +191,13 @@ def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.view(B, num_kv_heads, H // num_kv_heads, T, X)
 
 
+def _per_group(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, Hkv, G, T, X) @ b (B, Hkv, X, Y) -> (B, Hkv, G, T, Y): the G query heads of a KV head share b, so their
+    rows are stacked into one product per KV head (a broadcast b.unsqueeze(2) would copy b G times)."""
+    B, Hkv, G, T, X = a.shape
+    return (a.reshape(B, Hkv, G * T, X) @ b).view(B, Hkv, G, T, b.shape[-1])
+
+
 def _rms_normalized(lin, norm_gain, delta: bool):
     """The linear part's output without a denominator, RMS-normalised over its d channels and scaled by the gain:
     lin (B, Hkv, G, T, d[+1]: the sum rule's last column, its normaliser, is unused), norm_gain (H, d)."""
@@ -261,7 +268,7 @@ def _linear_part(fq, keys: Streams, spec: AttentionSpec, window: int, memory, **
 
 def _exact_num(scores, values, m):
     """sum_j exp(scores_ij - m_i) [v_j, 1]: scores (B, Hkv, G, T, N), values (B, Hkv, N, d), m (B, Hkv, G, T, 1)."""
-    return torch.exp(scores - m) @ _ones_column(values).unsqueeze(2)
+    return _per_group(torch.exp(scores - m), _ones_column(values))
 
 
 def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=None) -> torch.Tensor:
@@ -420,7 +427,7 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
         num_sm = m = s_sink = None
         if sink_set is not None:
             sinks, visible = sink_set
-            s_sink = ((qg @ sinks.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~visible, float("-inf"))
+            s_sink = (_per_group(qg, sinks.k.transpose(-1, -2)) * spec.scale).masked_fill(~visible, float("-inf"))
             m = s_sink.amax(-1, keepdim=True)
         if W > 0:
             num_sm, m, received = _sliding_window_chunked(qg, k.unsqueeze(2), _ones_column(v).unsqueeze(2), W,
@@ -473,13 +480,13 @@ def _heavy_chunked(qg, fq, keys: Streams, state, spec: AttentionSpec, n_sink: in
     available = torch.where(u >= w, held + (u - W - n_sink + 1).clamp(0, len(leaving)), 0)
     cols, heavy = heavy_hitters.heavy_sets(cand.received, available, spec.heavy)  # the state's held keys included
     part = cand._map(lambda x: x[:, :, cols])
-    s = ((qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale).masked_fill(~heavy.unsqueeze(2), float("-inf"))
+    s = (_per_group(qg, part.k.transpose(-1, -2)) * spec.scale).masked_fill(~heavy.unsqueeze(2), float("-inf"))
     m_all = torch.maximum(m, s.amax(-1, keepdim=True))
     num_sm = num_sm * torch.exp(m - m_all) + _exact_num(s, part.v, m_all)
     if lin is not None:  # + the state's heavy keys, - the heavy keys of each query; then in units of m'
         sign = (cols < held).to(lin.dtype) - heavy.to(lin.dtype)  # (B, Hkv, T, n)
-        a = (fq @ part.fk.unsqueeze(2).transpose(-1, -2)) * sign.unsqueeze(2)
-        lin = (lin + a @ _ones_column(part.v).unsqueeze(2)) * torch.exp(m - m_all)
+        a = _per_group(fq, part.fk.transpose(-1, -2)) * sign.unsqueeze(2)
+        lin = (lin + _per_group(a, _ones_column(part.v))) * torch.exp(m - m_all)
     last = heavy.new_zeros(*heavy.shape[:2], len(cand))
     last[..., cols] = heavy[..., -1, :]  # the last query chooses from every candidate
     return num_sm, lin, (cand, held, last)
@@ -678,7 +685,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     reference = causal & ((pos_k > pos_q - spec.window) | (pos_k < spec.sinks))  # the window and the sinks
 
     def scores(part: Streams):  # (B, Hkv, G, n, len(part))
-        return (qg @ part.k.unsqueeze(2).transpose(-1, -2)) * spec.scale
+        return _per_group(qg, part.k.transpose(-1, -2)) * spec.scale
 
     s = scores(keys).masked_fill(~causal, float("-inf"))
     parts = [(keys, s)]
@@ -692,7 +699,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     num_sm = sum(_exact_num(s, part.v, m) for part, s in parts)
     lin = None
     if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
-        lin = _capped((_group(streams.fq, Hkv) @ state.kv.unsqueeze(2)) * torch.exp(m_ref - m), in_memory, spec)
+        lin = _capped(_per_group(_group(streams.fq, Hkv), state.kv) * torch.exp(m_ref - m), in_memory, spec)
     y = _combine(num_sm, lin, mix, Hkv)
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
     n_sink = min(max(spec.sinks - first, 0), left)

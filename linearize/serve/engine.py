@@ -164,7 +164,7 @@ class StateStore:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks (a prefill block's activations) are mapped, and unmapped when freed
+MMAP_THRESHOLD_MIB = 1  # the server's default (--mmap-threshold): larger blocks are mapped, and unmapped when freed
 
 
 def _glibc():
@@ -179,13 +179,16 @@ def _glibc():
 LIBC = _glibc()
 
 
-def steady_heap():
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD. By default glibc raises it (up to 32 MiB) each time a mapped
-    block is freed, after which tensors of one prefill block come from the heap, whose freed holes a different mix
-    of sizes cannot reuse: a server interleaving prefill blocks and decoding steps then grows without bound (seen:
-    +1.7 GiB over the warm-up peak in `linearize serve-bench` at 1k-16k prompts). No-op without glibc."""
-    if LIBC is not None:
-        LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+def steady_heap(mib: float = MMAP_THRESHOLD_MIB):
+    """Fix glibc's mmap threshold at `mib` MiB (0: leave glibc's dynamic threshold). By default glibc raises it (up
+    to 32 MiB) each time a mapped block is freed, after which the tensors of one prefill block come from the heap,
+    whose freed holes a different mix of sizes cannot reuse: a server interleaving prefill blocks and decoding steps
+    then grows (seen: +1.7 GiB over the warm-up peak in `linearize serve-bench` at 1k-16k prompts; with 1 MiB:
+    +41 MiB, docs/results/serve.json). The price is speed: every large tensor is freshly mapped, so its pages are
+    faulted in again (8k-token prefill on the 2-core CPU: 443 tok/s with glibc's threshold, 384 with 8 MiB, 227
+    with 1 MiB; README). Process-wide; no-op without glibc."""
+    if LIBC is not None and mib > 0:
+        LIBC.mallopt(M_MMAP_THRESHOLD, int(mib * 2**20))
 
 
 def trim_heap():
@@ -197,14 +200,16 @@ def trim_heap():
 class Engine:
     """Serves one model: submit(job) from any thread; a worker thread runs the jobs (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, states: StateStore, max_active: int = 16):
+    def __init__(self, model, tokenizer, states: StateStore, max_active: int = 16,
+                 mmap_threshold_mib: float = MMAP_THRESHOLD_MIB):
         self.model, self.tokenizer, self.states, self.max_active = model.eval(), tokenizer, states, max_active
+        self.mmap_threshold_mib = mmap_threshold_mib
         self.device = next(model.parameters()).device
         self.jobs: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="linearize-serve-worker", daemon=True)
 
     def start(self) -> "Engine":
-        steady_heap()
+        steady_heap(self.mmap_threshold_mib)
         self.worker.start()
         return self
 
