@@ -185,8 +185,8 @@ def steady_heap(mib: float = MMAP_THRESHOLD_MIB):
     whose freed holes a different mix of sizes cannot reuse: a server interleaving prefill blocks and decoding steps
     then grows (seen: +1.7 GiB over the warm-up peak in `linearize serve-bench` at 1k-16k prompts; with 1 MiB:
     +41 MiB, docs/results/serve.json). The price is speed: every large tensor is freshly mapped, so its pages are
-    faulted in again (8k-token prefill on the 2-core CPU: 443 tok/s with glibc's threshold, 384 with 8 MiB, 227
-    with 1 MiB; README). Process-wide; no-op without glibc."""
+    faulted in again (8k-token prefill on the 2-core CPU: 398 tok/s with glibc's threshold, 315 with 8 MiB, 207
+    with 1 MiB: docs/results/serve_heap_threshold.json). Process-wide; no-op without glibc."""
     if LIBC is not None and mib > 0:
         LIBC.mallopt(M_MMAP_THRESHOLD, int(mib * 2**20))
 
