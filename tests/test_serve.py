@@ -28,7 +28,9 @@ def server(tiny_converted, tmp_path_factory):
 
     run = tiny_converted[0]
     states = tmp_path_factory.mktemp("states")
-    app, engine = build(run, name="tiny", states=states, max_context=MAX_CONTEXT, device="cpu")
+    # mmap threshold 0: glibc's own. The fixed 1 MiB of a real server is process-wide and would slow every later
+    # test in this pytest process (test_the_mmap_threshold_is_fixed_only_when_asked covers steady_heap)
+    app, engine = build(run, name="tiny", states=states, max_context=MAX_CONTEXT, device="cpu", mmap_threshold_mib=0)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
