@@ -59,6 +59,8 @@ def _add_convert(sub):
     p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 training tokens (default: %(default)s)")
     p.add_argument("--minutes", type=float, help="a wall-clock budget for the whole run: plans --tokens and "
                                                  "--lora-tokens from a short throughput probe (replaces them)")
+    p.add_argument("--transfer-share", type=float, help="with --minutes: the share of the training time that goes "
+                                                        "to stage 1, the rest to stage 2 (default: 1/3)")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens for perplexity")
     p.add_argument("--transfer-lr", type=float, default=d.transfer_lr)
     p.add_argument("--lora-lr", type=float, default=d.lora_lr)

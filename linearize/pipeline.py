@@ -73,6 +73,7 @@ class ConvertSettings:
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
     retrieval_fraction: float = 0.0  # share of stage 1 and 2 training rows made look-up exercises (data/retrieval.py)
     minutes: float | None = None  # a wall-clock budget: plan transfer_tokens and lora_tokens from it (budget.py)
+    transfer_share: float | None = None  # stage 1's share of a --minutes budget (None: budget.TRANSFER_SHARE)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # teacher precision: "auto" (bfloat16 on CUDA, float32 on CPU) | one of DTYPE_NAMES
@@ -101,6 +102,13 @@ class ConvertSettings:
             raise LinearizeError("give --keep-softmax K or --softmax-layers L1,L2,..., not both")
         if self.minutes is not None and self.minutes <= 0:
             raise LinearizeError(f"--minutes must be > 0 (got {self.minutes})")
+        if self.transfer_share is not None:
+            if self.minutes is None:
+                raise LinearizeError("--transfer-share divides a --minutes budget between the stages; without "
+                                     "--minutes give the token counts themselves (--tokens, --lora-tokens)")
+            if not 0 < self.transfer_share < 1:
+                raise LinearizeError(f"--transfer-share must be between 0 and 1, both excluded (got "
+                                     f"{self.transfer_share}); --skip-transfer gives stage 2 the whole budget")
         if self.dtype != "auto":
             torch_dtype(self.dtype)  # a clear error for a name --dtype does not know
         self.lora_settings()
@@ -276,8 +284,9 @@ def plan_budget(c: Conversion, stage1: bool) -> dict:
     stage 1 to run (stage1 False: --skip-transfer or --transfer-state) all the training time goes to stage 2."""
     s = c.settings
     teacher_s, transfer_s = budget.probe(c.teacher, c.heldout[0], s.attention_config())
+    share = budget.TRANSFER_SHARE if s.transfer_share is None else s.transfer_share
     plan = budget.plan(s.minutes, time.perf_counter() - c.started, teacher_s, transfer_s, len(c.heldout),
-                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=budget.TRANSFER_SHARE if stage1 else 0.0)
+                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=share if stage1 else 0.0)
     return plan.to_dict()
 
 

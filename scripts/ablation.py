@@ -8,11 +8,14 @@ Rows (ROWS below): the default (when it started the memory at half the window's 
 at 2 % / 0.03 % of it (--mix-init 4 / 8; 4 is the default now); a quarter-size linear memory (--feature-dim 16);
 stage-2 loss CE; LoRA only (no attention transfer); stage 2 also training the feature maps and mixing factors end to
 end (--lora-train-attention); then, on the mix-init 4 default, LoRA on attention + MLP and a bfloat16 teacher
-(--dtype bfloat16; trained parameters stay float32; this CPU emulates bfloat16 matmuls). The eval measures
+(--dtype bfloat16; trained parameters stay float32; this CPU emulates bfloat16 matmuls), and mix-init 4 once more
+beside those two (mix4-reference: a budget in minutes buys fewer tokens on a slower machine), and the budget split
+otherwise: stage 1 on 17 % or 67 % of the training time instead of a third (--transfer-share). The eval measures
 ppl ratio, top-1 and KL on ShareGPT / Shakespeare / Python docs (8 rows each), the repetition rate of greedy answers
 to --prompts prompts, and the StreamingLLM baseline of equal state bytes; passkey, multi-key, per-layer error and
-MMLU are skipped (minutes each on 2 cores). Finished rows are kept: a rerun only runs what is missing.
-Rows of the table are scripts/quality_table.run_row's, plus `setting` and `minutes`; TABLE.md has them as markdown.
+MMLU are skipped (minutes each on 2 cores). The rows of TABLE that --rows does not name are kept as they are; a named
+row whose run folder is finished is only read again. Rows are scripts/quality_table.run_row's, plus `setting`,
+`minutes` and `machine` (a budget in minutes buys tokens by the machine's speed); TABLE.md has them as markdown.
 """
 
 import argparse
@@ -26,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_table import sh as cli  # noqa: E402 (runs `linearize ARGS`, output appended to a log)
 from quality_table import run_row  # noqa: E402
 
+import torch  # noqa: E402
+
 ROWS = {  # name -> extra convert arguments
     "default": [],
     "mix-init-4": ["--mix-init", "4"],
@@ -37,6 +42,12 @@ ROWS = {  # name -> extra convert arguments
     # rows added after the default became mix-init 4: pinned to it, so they compare with the mix-init-4 row
     "lora-mlp-mix4": ["--mix-init", "4", "--lora-targets", "attention+mlp"],
     "bf16-mix4": ["--mix-init", "4", "--dtype", "bfloat16"],
+    # mix-init-4 again, beside the two rows above on the same machine: a --minutes budget buys fewer tokens on a
+    # slower CPU, so rows from different sessions compare only through their token counts
+    "mix4-reference": ["--mix-init", "4"],
+    # how the budget is split: stage 1 gets 1/3 of the training time by default (budget.TRANSFER_SHARE)
+    "share-0.17-mix4": ["--mix-init", "4", "--transfer-share", "0.17"],
+    "share-0.67-mix4": ["--mix-init", "4", "--transfer-share", "0.67"],
 }
 
 
@@ -76,10 +87,17 @@ def main():
     p.add_argument("--prompts", type=int, default=12, help="greedy-answer prompts for the repetition rate")
     p.add_argument("--answer-tokens", type=int, default=48, help="tokens per greedy answer")
     args = p.parse_args()
-    out = Path(args.out)
+    out, table = Path(args.out), Path(args.table)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.rows.split(","):
+    asked = args.rows.split(",")
+    if unknown := [name for name in asked if name not in ROWS]:
+        raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    # rows of the table that this call does not run are kept as they are (measured in earlier sessions)
+    kept = json.loads(table.read_text())["rows"] if table.is_file() else []
+    rows = {r["setting"]: r for r in kept if r["setting"] not in asked}
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    machine = f"{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()}, native bfloat16: {native_bf16}"
+    for name in asked:
         run, log = out / name, out / f"{name}.log"
         t0 = time.time()
         try:
@@ -90,17 +108,16 @@ def main():
             if not (run / "eval.json").is_file():
                 cli(["eval", str(run), "--skip", "passkey,multikey,layers,mmlu", "--generation-prompts",
                      str(args.prompts), "--generation-tokens", str(args.answer_tokens), "--no-progress"], log)
-            row = {"setting": name, "minutes": args.minutes, **run_row(run)}
+            row = {"setting": name, "minutes": args.minutes, "machine": machine, **run_row(run)}
         except RuntimeError as e:
-            row = {"setting": name, "minutes": args.minutes, "error": str(e)}
+            row = {"setting": name, "minutes": args.minutes, "machine": machine, "error": str(e)}
         print(f"{name}: {time.time() - t0:.0f} s; {json.dumps(row)[:300]}", flush=True)
-        rows.append(row)
-        table = Path(args.table)
+        rows[name] = row
+        ordered = [rows[n] for n in ROWS if n in rows]
         tmp = table.with_name(table.name + ".tmp")
-        tmp.write_text(json.dumps({"minutes": args.minutes, "machine": f"{os.cpu_count()} CPU cores", "rows": rows},
-                                  indent=2))
+        tmp.write_text(json.dumps({"minutes": args.minutes, "rows": ordered}, indent=2))
         tmp.replace(table)
-        table.with_suffix(".md").write_text(markdown(rows))
+        table.with_suffix(".md").write_text(markdown(ordered))
 
 
 if __name__ == "__main__":

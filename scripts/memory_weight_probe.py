@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy  # noqa: E402
-from linearize.models.linearized import set_memory_cap  # noqa: E402
+from linearize.models.linearized import set_memory_cap, set_sparse_cache  # noqa: E402
 from linearize.ops import sparse_cache  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
@@ -39,7 +39,13 @@ def squared_error(fk, v, memory):
     return (v.float() - sparse_cache.read_out(fk, memory)).pow(2).sum(-1)
 
 
-SCORES = {"cosine": cosine_error, "squared": squared_error}
+def pooled_error(fk, v, memory, radius=2):
+    """The cosine error pooled over `radius` cached keys on either side (sparse_cache.pooled): the package's ranking
+    since LinearAttentionConfig.cache_pool = 2; the probe sets the model's own pooling to 0 and pools here."""
+    return sparse_cache.pooled(cosine_error(fk, v, memory), radius)
+
+
+SCORES = {"cosine": cosine_error, "squared": squared_error, "cosine-pooled": pooled_error}
 
 
 def main(argv=None):
@@ -50,7 +56,8 @@ def main(argv=None):
     p.add_argument("--caps", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="memory caps in keys (0: none; default: 0)")
     p.add_argument("--scores", type=lambda s: s.split(","), default=["cosine"],
-                   help="how the cache ranks its keys: cosine (the package's) and/or squared (default: cosine)")
+                   help="how the cache ranks its keys: cosine (each key's own error), squared and/or cosine-pooled (the "
+                        "package's default ranking) (default: cosine)")
     p.add_argument("--lengths", type=token_counts, default=(4096,))
     p.add_argument("--multikey-lengths", type=token_counts, default=(),
                    help="also the multi-key test (k = 4) at these lengths (default: none)")
@@ -58,6 +65,7 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results/memory_weight_probe.json")
     args = p.parse_args(argv)
     model, tokenizer = load_student(args.run, cache=args.cache)
+    set_sparse_cache(model, args.cache, pool=0)  # the ranking is the score's alone (cosine-pooled pools itself)
     mixed = [m for m in model.attention_modules() if m.mix_logit is not None]
     trained = [m.mix_logit.detach().clone() for m in mixed]
     rows = []

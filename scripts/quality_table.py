@@ -10,6 +10,11 @@ the device they ran on. Ratios are student / teacher perplexity. The file as it 
     python scripts/quality_table.py --default runs/default-mix4 --row runs/default-heavy32 --row runs/default-w256 \
         --row runs/w64-s4-kl $(for r in default mix-init-4 mix-init-8 feature-dim-16 ce train-attention lora-only; \
         do echo --row runs/ablation-6min/$r; done) --baseline docs/results/baseline.json --wall-s 1380
+
+Rows measured later join it without the earlier run folders (which a fresh machine no longer has): `--add TABLE`
+adds the rows of an ablation table (scripts/ablation.py) whose run is not in the file yet, keeping everything else:
+
+    python scripts/quality_table.py --add docs/results/ablation_6min.json
 """
 
 import argparse
@@ -60,14 +65,37 @@ def run_row(run: Path) -> dict:
     return row
 
 
+def write(result: dict, out: Path):
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+
+
+def add_rows(table: Path, out: Path):
+    """The rows of an ablation table whose run folder is not an ablation row of `out` yet join it, in the table's
+    order (setting, minutes and machine included); everything else in `out` stays as it is."""
+    result = read(out)
+    have = {r["run"] for r in result["ablation"]}
+    new = [r for r in read(table)["rows"] if "error" not in r and r["run"] not in have]
+    result["ablation"] += new
+    write(result, out)
+    print(f"written {out}: {len(new)} rows added ({', '.join(r['run'] for r in new) or 'none'})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--default", required=True, help="the default conversion's run folder")
+    p.add_argument("--default", help="the default conversion's run folder (required unless --add)")
+    p.add_argument("--add", help="an ablation table (scripts/ablation.py) whose new rows join --out as it is")
     p.add_argument("--row", action="append", default=[], help="another run folder (an ablation row)")
     p.add_argument("--baseline", help="a baseline.json whose converted rows become ablation rows")
     p.add_argument("--wall-s", type=float, help="wall time of the whole default `linearize convert` process")
     p.add_argument("--out", default="docs/results/quality.json")
     args = p.parse_args()
+    if args.add:
+        add_rows(Path(args.add), Path(args.out))
+        return
+    if not args.default:
+        p.error("--default is required (or --add TABLE)")
     run = Path(args.default)
     conv, ev = read(run / "convert.json"), read(run / "eval.json")
     texts = ev["texts"]
@@ -92,9 +120,7 @@ def main():
                                            "heldout_ppl_ratio": r["heldout_ppl"]["student"] / r["heldout_ppl"]["teacher"],
                                            "ppl_ratio": r["ppl_ratio"], "top1": r["top1"], "kl": r["kl"]})
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write(result, out)
     print(f"written {out}: ShareGPT held-out ratio {result['student_ppl'] / result['teacher_ppl']:.3f}, "
           f"top-1 {result['top1']:.1%}, {len(result['ablation'])} ablation rows")
 

@@ -41,6 +41,32 @@ def test_a_budget_too_small_for_one_step_is_a_clear_error():
         ConvertSettings(minutes=0).check()
 
 
+def test_transfer_share_divides_a_minutes_budget_and_nothing_else():
+    with pytest.raises(LinearizeError, match="--transfer-share divides a --minutes budget"):
+        ConvertSettings(transfer_share=0.5).check()
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(LinearizeError, match="--transfer-share must be between 0 and 1"):
+            ConvertSettings(minutes=5, transfer_share=bad).check()
+    ConvertSettings(minutes=5, transfer_share=0.5).check()
+
+
+def test_convert_plans_the_split_it_is_given(model_dir, tmp_path, monkeypatch):
+    data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
+    monkeypatch.setattr(budget, "probe", lambda *a: (1.0, 2.0))
+    plans = {}
+    for share in (None, 2 / 3):
+        settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
+                                   device="cpu", transfer_share=share)
+        out = tmp_path / f"run-{share}"
+        load_inputs(Conversion(settings, out, RunState(out, settings, resume=False), None, None, False,
+                               lambda *a: None))
+        plan = json.loads((out / "progress.json").read_text())["results"]["plan"]
+        stage1_s = plan["transfer_tokens"] // T * plan["transfer_row_s"]
+        plans[share] = stage1_s / (stage1_s + plan["lora_tokens"] // T * plan["lora_row_s"])
+    assert plans[None] == pytest.approx(budget.TRANSFER_SHARE, abs=0.03)
+    assert plans[2 / 3] == pytest.approx(2 / 3, abs=0.03)
+
+
 def test_the_probe_times_a_real_forward_and_transfer_step(tiny_teacher):
     teacher_s, transfer_s = budget.probe(tiny_teacher, torch.randint(0, 320, (T,)), attention_preset("lolcats",
                                                                                                      window=8))

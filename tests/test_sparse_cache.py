@@ -11,7 +11,7 @@ from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
 from linearize.models.linearized import set_sparse_cache
 from linearize.ops.hybrid_attention import AttentionSpec, Streams, attention_quadratic
-from linearize.ops.sparse_cache import keep_worst_recalled, self_recall_error
+from linearize.ops.sparse_cache import keep_worst_recalled, pooled, self_recall_error
 
 from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
 
@@ -31,10 +31,11 @@ SPANS = {
 
 @pytest.mark.parametrize("form", sorted(SPANS))
 @pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("pool", [0, 2])
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,sinks,cache,every", CASES)
-def test_form_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, linear, form):
+def test_form_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, pool, linear, form):
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
-    spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, cache=cache, cache_every=every)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, cache=cache, cache_every=every, cache_pool=pool)
     ref = attention_quadratic(streams, spec, mix)
     y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
@@ -91,6 +92,17 @@ def test_self_recall_error_and_selection():
     assert kept.tolist() == [[[0, 1]]]  # ties (an empty memory): the older keys stay
 
 
+def test_pooled_ranking_keeps_a_kept_keys_neighbours():
+    errors = torch.tensor([[[0.0, 0.1, 5.0, 0.2, 0.0, 0.3, 0.0, 1.0]]])
+    assert pooled(errors, 0) is errors
+    torch.testing.assert_close(pooled(errors, 1), torch.tensor([[[0.1, 5.0, 5.0, 5.0, 0.3, 0.3, 1.0, 1.0]]]))
+    kept, _ = keep_worst_recalled(pooled(errors, 1), 3)
+    assert kept.tolist() == [[[1, 2, 3]]]  # the worst key and both of its neighbours (ties: the earlier keys)
+    assert keep_worst_recalled(errors, 3)[0].tolist() == [[[2, 5, 7]]]  # unpooled: three scattered keys
+    masked = pooled(torch.tensor([[[float("-inf"), 2.0, float("-inf")]]]), 1)
+    assert masked.tolist() == [[[float("-inf"), 2.0, float("-inf")]]]  # no candidate becomes one
+
+
 def test_model_with_cache_for_everything_equals_teacher_and_state_is_constant(tiny_teacher):
     """A converted model takes a cache without training. With room for every key nothing enters the memory, so it
     is its teacher (full forward and step-wise decoding); with a small cache its state has the same bytes at
@@ -101,6 +113,9 @@ def test_model_with_cache_for_everything_equals_teacher_and_state_is_constant(ti
     student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
     student = set_sparse_cache(student.eval(), 48, every=8)
     assert student.config.attention["cache"] == 48
+    assert {m.spec.cache_pool for m in student.attention_modules()} == {LinearAttentionConfig.cache_pool} == {2}
+    assert {m.spec.cache_pool for m in set_sparse_cache(student, 48, pool=0).attention_modules()} == {0}
+    assert {m.spec.cache_pool for m in set_sparse_cache(student, 48).attention_modules()} == {0}  # as configured
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         stepwise, _ = decode_stepwise(student, ids, prompt=13)
@@ -122,6 +137,8 @@ def test_bad_cache_settings_are_refused(tiny_teacher):
         LinearAttentionConfig(cache=8, gate="key")
     with pytest.raises(LinearizeError, match="cache"):
         LinearAttentionConfig(cache=-1)
+    with pytest.raises(LinearizeError, match="cache_pool >= 0"):
+        LinearAttentionConfig(cache=8, cache_pool=-1)
     pure = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=0))
     with pytest.raises(LinearizeError, match="--cache"):
         set_sparse_cache(pure, 8)

@@ -81,7 +81,7 @@ def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
 
 
 def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
-    """Change training-free settings (cache, cache_every, memory_cap, heavy) of every layer with a linear memory: its
+    """Change training-free settings (cache, cache_every, cache_pool, memory_cap, heavy) of every layer with a linear memory: its
     config (validated), its spec and the model's config, which records them."""
     for m in memory_layers(model):
         m.config = replace(m.config, **changes)
@@ -91,13 +91,18 @@ def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForC
     return model
 
 
-def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None) -> "LinearizedForCausalLM":
+def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None,
+                     pool: int | None = None) -> "LinearizedForCausalLM":
     """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
-    every `every` tokens (ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
+    every `every` tokens, each key ranked by the worst error within `pool` keys of it (None: as configured;
+    ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
     if size and any(m.mix_logit is None for m in memory_layers(model)):
         raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
                              "convert with --window or --sinks to use --cache")
-    return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64))
+    if pool is None:
+        pool = model.config.attention.get("cache_pool", LinearAttentionConfig.cache_pool)
+    return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64),
+                          cache_pool=pool)
 
 
 def set_heavy_hitters(model: "LinearizedForCausalLM", size: int) -> "LinearizedForCausalLM":

@@ -27,7 +27,8 @@ w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the sa
 - AttentionSpec: the mode. window W (0: pure linear; None: full causal softmax, no linear part), sinks S (the first
   S tokens stay in exact softmax for ever and never enter the memory: attention sinks, StreamingLLM), scale,
   rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM),
-  memory_cap C (0: none), cache M and cache_every (the sparse cache, sparse_cache.py), heavy M (heavy_hitters.py).
+  memory_cap C (0: none), cache M, cache_every and cache_pool (the sparse cache, sparse_cache.py), heavy M
+  (heavy_hitters.py).
 - mix (H,): the weight of the exact part (unused without a linear part).
 
 Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
@@ -66,6 +67,7 @@ class AttentionSpec:
     linear: bool = True
     cache: int = 0
     cache_every: int = 64
+    cache_pool: int = 0
     memory_cap: int = 0
     heavy: int = 0
 
@@ -74,8 +76,10 @@ class AttentionSpec:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         if self.memory_cap < 0 or (self.memory_cap and self.delta):
             raise ValueError("memory_cap must be >= 0 and needs the sum rule")
-        if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)):
-            raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule and cache_every >= 1")
+        if self.cache and (self.window is None or self.delta or self.cache_every < 1 or not (self.window or self.sinks)
+                           or self.cache_pool < 0):
+            raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule, cache_every >= 1 and "
+                             "cache_pool >= 0")
         if self.heavy < 0 or (self.heavy and (not self.window or self.delta or self.cache)):
             raise ValueError("heavy hitters need a bounded window > 0 and the sum rule, without a sparse cache")
 
@@ -635,6 +639,10 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
         if spec.memory:
             memory = (streams.fk * in_memory[..., None]).transpose(-1, -2) @ _ones_column(v)
         errors = sparse_cache.self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
+        if spec.cache_pool:  # over each head's cached keys alone, in position order, as the cache holds them
+            for b, h in [(b, h) for b in range(B) for h in range(Hkv)]:
+                at = cached[b, h].nonzero()[:, 0]
+                errors[b, h, at] = sparse_cache.pooled(errors[b, h, at][None, None], spec.cache_pool)[0, 0]
         kept = sparse_cache.worst_recalled(errors, spec.cache)
         in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
     causal = pos[None, :] <= pos[:, None]
@@ -717,7 +725,8 @@ def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
     """The cache keeps the spec.cache keys of each head the memory recalls worst; the rest enter the memory."""
     cache = state.cache
     fk = key_features(cache.k) if spec.memory else None
-    kept, evicted = sparse_cache.keep_worst_recalled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache)
+    errors = sparse_cache.pooled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache_pool)
+    kept, evicted = sparse_cache.keep_worst_recalled(errors, spec.cache)
     if spec.memory:
         fk_out, v_out = sparse_cache.gather_time(fk, evicted), sparse_cache.gather_time(cache.v, evicted)
         state.kv = state.kv + fk_out.transpose(-1, -2) @ _ones_column(v_out)  # S += sum phi(k)^T [v, 1]

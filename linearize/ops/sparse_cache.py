@@ -8,8 +8,10 @@ their values (sum rule, S = [S_v | s] of shape (F, d + 1), the last column the n
     e_j = 1 - cos(v_j, phi(k_j) S_v / (phi(k_j) . s))      (0 <= e_j <= 2; 1 while the memory is empty;
                                                               || v_j ||^2 with no linear part at all)
 
-The M keys with the largest error stay, the others are written into the memory (S += phi(k_j)^T [v_j, 1]) or, with
-no linear part, dropped. So query i attends exactly to every token up to i that is not in the memory (window, sinks,
+Each key then takes the largest error within `pool` keys on either side of it in the cache (which holds its keys in
+position order), so a kept key keeps its neighbours: a number written as several digit tokens stays whole, as SnapKV
+pools its scores. The M keys with the largest pooled error stay, the others are written into the memory
+(S += phi(k_j)^T [v_j, 1]) or, with no linear part, dropped. So query i attends exactly to every token up to i that is not in the memory (window, sinks,
 cache, and the keys that left the window since the last selection) and reads the others from the memory, which
 changes only at selections. The state holds at most M + every cached keys per head: constant in context length.
 
@@ -50,6 +52,16 @@ def self_recall_error(fk: torch.Tensor | None, v: torch.Tensor, memory: torch.Te
     if memory is None:
         return v.to(wide).pow(2).sum(-1)
     return 1 - F.cosine_similarity(v.to(wide), read_out(fk, memory).to(wide), dim=-1)
+
+
+def pooled(errors: torch.Tensor, radius: int) -> torch.Tensor:
+    """errors (B, Hkv, n) of keys in position order -> each the largest within `radius` keys on either side (-inf,
+    a key that is not a candidate, stays -inf); radius 0 returns errors."""
+    if not radius:
+        return errors
+    B, Hkv, n = errors.shape
+    wide = F.max_pool1d(errors.reshape(B * Hkv, 1, n), 2 * radius + 1, stride=1, padding=radius).view(B, Hkv, n)
+    return wide.masked_fill(errors == float("-inf"), float("-inf"))
 
 
 def worst_recalled(errors: torch.Tensor, size: int) -> torch.Tensor:
