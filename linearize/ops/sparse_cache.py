@@ -11,9 +11,10 @@ their values (sum rule, S = [S_v | s] of shape (F, d + 1), the last column the n
 Each key then takes the largest error within `pool` keys on either side of it in the cache (which holds its keys in
 position order), so a kept key keeps its neighbours: a number written as several digit tokens stays whole, as SnapKV
 pools its scores. The M keys with the largest pooled error stay, the others are written into the memory
-(S += phi(k_j)^T [v_j, 1]) or, with no linear part, dropped. So query i attends exactly to every token up to i that is not in the memory (window, sinks,
-cache, and the keys that left the window since the last selection) and reads the others from the memory, which
-changes only at selections. The state holds at most M + every cached keys per head: constant in context length.
+(S += phi(k_j)^T [v_j, 1]) or, with no linear part, dropped. So query i attends exactly to every token up to i that
+is not in the memory (window, sinks, cache, and the keys that left the window since the last selection) and reads
+the others from the memory, which changes only at selections. The state holds at most M + every cached keys per
+head: constant in context length.
 
 The direction, not the squared error of LoLA's self-recall: a linear read-out is an average of many values, short
 next to any one of them, so || v_j - read ||^2 mostly ranks keys by the norm of their values (on passkey prompts the
