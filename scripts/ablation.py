@@ -27,9 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_table import sh as cli  # noqa: E402 (runs `linearize ARGS`, output appended to a log)
-from quality_table import run_row  # noqa: E402
+from quality_table import read, run_row  # noqa: E402
 
 import torch  # noqa: E402
+
+from linearize.run_folder import write_json, write_text  # noqa: E402
 
 ROWS = {  # name -> extra convert arguments
     "default": [],
@@ -93,7 +95,7 @@ def main():
     if unknown := [name for name in asked if name not in ROWS]:
         raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
     # rows of the table that this call does not run are kept as they are (measured in earlier sessions)
-    kept = json.loads(table.read_text())["rows"] if table.is_file() else []
+    kept = read(table)["rows"] if table.is_file() else []
     rows = {r["setting"]: r for r in kept if r["setting"] not in asked}
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     machine = f"{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()}, native bfloat16: {native_bf16}"
@@ -114,10 +116,8 @@ def main():
         print(f"{name}: {time.time() - t0:.0f} s; {json.dumps(row)[:300]}", flush=True)
         rows[name] = row
         ordered = [rows[n] for n in ROWS if n in rows]
-        tmp = table.with_name(table.name + ".tmp")
-        tmp.write_text(json.dumps({"minutes": args.minutes, "rows": ordered}, indent=2))
-        tmp.replace(table)
-        table.with_suffix(".md").write_text(markdown(ordered))
+        write_json({"minutes": args.minutes, "rows": ordered}, table)
+        write_text(markdown(ordered), table.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Which tokens does the sparse cache keep? Prefill one passkey prompt (without its question) into a converted run
 with `--cache M` and report, per layer, in how many KV heads some of the key's digits (and every digit of one of
 its two mentions) are still exact at the end (in the window, the sinks or the cache) and which tokens fill the
-caches. A diagnosis for issue 12: at 8k the passkey is
-lost although the memory cap keeps the memory's weight at its training level.
+caches. A diagnosis for issue 12: at 8k the passkey is lost although the memory cap keeps the memory's weight at its
+training level.
 
     python scripts/cache_retention_probe.py --run runs/default-w256 --cache 64 --memory-cap 764 --length 8k \\
         --depths 0.25,0.5 --out docs/results/cache_retention.json

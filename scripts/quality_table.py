@@ -21,6 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
+from linearize.run_folder import write_json
+
 
 def read(path: Path) -> dict:
     return json.loads(path.read_text())
@@ -65,12 +67,6 @@ def run_row(run: Path) -> dict:
     return row
 
 
-def write(result: dict, out: Path):
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-
-
 def add_rows(table: Path, out: Path):
     """The rows of an ablation table whose run folder is not an ablation row of `out` yet join it, in the table's
     order (setting, minutes and machine included); everything else in `out` stays as it is."""
@@ -78,7 +74,7 @@ def add_rows(table: Path, out: Path):
     have = {r["run"] for r in result["ablation"]}
     new = [r for r in read(table)["rows"] if "error" not in r and r["run"] not in have]
     result["ablation"] += new
-    write(result, out)
+    write_json(result, out)
     print(f"written {out}: {len(new)} rows added ({', '.join(r['run'] for r in new) or 'none'})")
 
 
@@ -120,7 +116,7 @@ def main():
                                            "heldout_ppl_ratio": r["heldout_ppl"]["student"] / r["heldout_ppl"]["teacher"],
                                            "ppl_ratio": r["ppl_ratio"], "top1": r["top1"], "kl": r["kl"]})
     out = Path(args.out)
-    write(result, out)
+    write_json(result, out)
     print(f"written {out}: ShareGPT held-out ratio {result['student_ppl'] / result['teacher_ppl']:.3f}, "
           f"top-1 {result['top1']:.1%}, {len(result['ablation'])} ablation rows")
 

@@ -81,8 +81,8 @@ def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
 
 
 def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
-    """Change training-free settings (cache, cache_every, cache_pool, memory_cap, heavy) of every layer with a linear memory: its
-    config (validated), its spec and the model's config, which records them."""
+    """Change training-free settings (cache, cache_every, cache_pool, memory_cap, heavy) of every layer with a linear
+    memory: its config (validated), its spec and the model's config, which records them."""
     for m in memory_layers(model):
         m.config = replace(m.config, **changes)
         LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
