@@ -71,7 +71,9 @@ def _add_convert(sub):
                         "off and exact softmax on), ce (next token), kl+ce (default: %(default)s)")
     p.add_argument("--lora-temperature", type=float, default=d.lora_temperature, help="of the kl loss (default: 1)")
     p.add_argument("--lora-targets", default=d.lora_targets, choices=sorted(LORA_TARGETS),
-                   help="modules with LoRA adapters (default: %(default)s)")
+                   help="modules with LoRA adapters (default: %(default)s); none: no adapters, stage 2 trains the "
+                        "feature maps and mixing factors alone (needs --lora-train-attention), so the window and "
+                        "sinks stay the teacher's exact attention")
     p.add_argument("--lora-train-attention", action="store_true",
                    help="stage 2 also trains the feature maps and mixing factors (default: frozen)")
     p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
@@ -120,7 +122,10 @@ def _print_summary(res, out):
     for col in ("", "tokens", "wall s", "tokens/s", "held-out ppl"):
         table.add_column(col, justify="right")
     table.add_row("teacher", "", "", "", f"{res['teacher_ppl']:.3f}")
-    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), ("stage 2: LoRA", "lora", "stage2_ppl")):
+    from .finetune.lora import stage2_name
+
+    stage2 = stage2_name(res.get("settings", {}).get("lora_targets"))
+    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2, "lora", "stage2_ppl")):
         s = res.get(key, {})
         table.add_row(stage, str(s.get("tokens", "-")), str(s.get("seconds", "-")), str(s.get("tokens_per_s", "-")),
                       f"{res[ppl]:.3f}" if ppl in res else "-")

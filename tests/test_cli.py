@@ -101,3 +101,22 @@ def test_corrupt_safetensors_is_one_line_from_a_real_process(model_dir, data_fil
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("linearize: error:") and "corrupt" in proc.stderr
+
+
+def test_convert_with_no_adapters_keeps_the_teachers_projections(model_dir, data_file, tmp_path, capsys):
+    """--lora-targets none --lora-train-attention: stage 2 trains the feature maps and mixing factors alone; the
+    saved q/k/v/o are the teacher's own. Without --lora-train-attention: one clear error line."""
+    from linearize.run_folder import load
+
+    out = tmp_path / "none"
+    one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
+                            "--lora-targets", "none"], "--lora-train-attention")
+    assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
+                 "--lora-targets", "none", "--lora-train-attention"]) == 0
+    summary = json.loads((out / "convert.json").read_text())
+    assert summary["lora"]["tokens"] == 128 and 1.0 < summary["stage2_ppl"] < 1e4
+    student, _ = load(out)
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            key = f"model.layers.0.self_attn.{name}.weight"
+            torch.testing.assert_close(student.state_dict()[f"model.{key}"], f.get_tensor(key))

@@ -109,3 +109,44 @@ def test_bad_loss_settings_are_clear():
         LoraSettings(loss="kl+ce", init="pissa")
     with pytest.raises(LinearizeError, match="--lora-temperature"):
         LoraSettings(temperature=0)
+
+
+def test_attention_only_stage_2_keeps_the_teachers_exact_part(tmp_path, monkeypatch):
+    """--lora-targets none: no adapters, the feature maps and mixing factors are trained end to end. The teacher's
+    weights are untouched, so every position whose keys all lie in the window or the sinks is the teacher's own
+    prediction; the KL falls; an interrupted run resumes to the same parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    tiny_teacher = AutoModelForCausalLM.from_config(tiny_llama_config(initializer_range=0.3)).eval()
+    data = ids(n=8, T=48)
+    settings = LoraSettings(target_modules=(), train_attention=True, loss="kl")
+    trained, result = _run(tiny_teacher, data, settings=settings)
+    assert not any("lora_" in n for n, _ in trained.named_parameters())
+    teacher_weights = dict(tiny_teacher.named_parameters())
+    for n, p in trained.named_parameters():
+        if "feature_map_" not in n and "mix_logit" not in n:
+            torch.testing.assert_close(p, teacher_weights[n.removeprefix("model.")])
+    with torch.no_grad():
+        base = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), CONFIG)
+        teacher = tiny_teacher(input_ids=data).logits
+        student = trained(input_ids=data).logits
+        assert distillation_loss(student, teacher) < distillation_loss(base(input_ids=data).logits, teacher)
+    near = CONFIG.window + CONFIG.sinks  # positions 0 .. near - 1 read no memory
+    torch.testing.assert_close(student[:, :near], teacher[:, :near], rtol=1e-4, atol=1e-4)
+    assert (student[:, near:] - teacher[:, near:]).abs().max() > 1e-3
+
+    interrupted_at_step(monkeypatch, 5, lambda: _run(tiny_teacher, data, tmp_path / "ckpt", settings))
+    resumed, result = _run(tiny_teacher, data, tmp_path / "ckpt", settings)
+    assert result.tokens == 4 * data.shape[1]
+    for (n, a), (_, b) in zip(trained.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_no_adapters_needs_trained_attention():
+    with pytest.raises(LinearizeError, match="--lora-train-attention"):
+        LoraSettings(target_modules=())
+    with pytest.raises(LinearizeError, match="--lora-init"):
+        LoraSettings(target_modules=(), train_attention=True, init="pissa")

@@ -4,18 +4,20 @@ The loss: next-token cross-entropy ("ce"), distillation from the teacher's logit
 over the whole vocabulary at a temperature), or their sum ("kl+ce"). The teacher's logits come from the same model
 (teacher_view: adapters off, exact softmax in every linearized layer), so no second copy of the weights is held.
 The student's own attention parameters (feature maps, mixing factors, delta-rule strengths) stay frozen unless
-train_attention. `init="pissa"` starts the adapters from the principal singular directions of each weight
+train_attention. With no target modules (LORA_TARGETS["none"]) there are no adapters: stage 2 trains those
+attention parameters alone, end to end, and the teacher's projections stay as they are, so the exact part of every
+layer (window + sinks) stays the teacher's own attention. `init="pissa"` starts the adapters from the principal singular directions of each weight
 (PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
 """
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import LinearizeError
 from ..layers.linear_attention import LinearAttention
@@ -25,7 +27,13 @@ from ..training import TrainResult, train
 LORA_INITS = ("default", "pissa")
 LORA_LOSSES = ("ce", "kl", "kl+ce")
 LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-                "attention+mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+                "attention+mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                "none": ()}  # no adapters: stage 2 trains the attention's own parameters (train_attention)
+
+
+def stage2_name(lora_targets: str | None) -> str:
+    """The name of stage 2 in tables and progress bars, from ConvertSettings.lora_targets."""
+    return "stage 2: attention only" if lora_targets == "none" else "stage 2: LoRA"
 
 
 @dataclass
@@ -38,7 +46,17 @@ class LoraSettings:
     loss: str = "ce"  # "ce" | "kl" | "kl+ce" (`linearize convert` defaults to "kl": ConvertSettings.lora_loss)
     temperature: float = 1.0  # of the distillation loss
 
+    @property
+    def adapters(self) -> bool:
+        return bool(self.target_modules)
+
     def __post_init__(self):
+        if not self.adapters and not self.train_attention:
+            raise LinearizeError("--lora-targets none leaves nothing to train unless --lora-train-attention: give both "
+                                 "(stage 2 then trains the feature maps and mixing factors alone)")
+        if not self.adapters and self.init != "default":
+            raise LinearizeError(f"--lora-init {self.init} initialises adapters, and --lora-targets none has none: "
+                                 "drop --lora-init")
         if self.init not in LORA_INITS:
             raise LinearizeError(f"unknown --lora-init {self.init!r}; choose one of {LORA_INITS}")
         if self.loss not in LORA_LOSSES:
@@ -54,11 +72,14 @@ class LoraSettings:
 
 
 def add_lora(model, settings: LoraSettings):
-    """Wrap `model` (a LinearizedForCausalLM) with peft LoRA adapters; returns the PeftModel."""
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-                        target_modules=list(settings.target_modules),
-                        init_lora_weights=True if settings.init == "default" else "pissa")
-    peft_model = get_peft_model(model, config)
+    """Wrap `model` (a LinearizedForCausalLM) with peft LoRA adapters; returns the PeftModel (`model` itself when
+    settings name no target modules)."""
+    peft_model = model
+    if settings.adapters:
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                            target_modules=list(settings.target_modules),
+                            init_lora_weights=True if settings.init == "default" else "pissa")
+        peft_model = get_peft_model(model, config)
     if settings.train_attention:
         for m in peft_model.modules():
             if isinstance(m, LinearAttention):
@@ -73,7 +94,7 @@ def teacher_view(peft_model):
     every layer that approximates it (LinearAttention.approximates_teacher; the projections, norms and MLPs are the
     teacher's own, shared)."""
     attention = [m for m in peft_model.modules() if isinstance(m, LinearAttention)]
-    with peft_model.disable_adapter():
+    with peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else nullcontext():
         for m in attention:
             m.exact_softmax = True
         try:
@@ -92,13 +113,14 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0) 
 
 
 def _trainable_state(peft_model) -> dict[str, torch.Tensor]:
-    state = dict(get_peft_model_state_dict(peft_model))
+    state = dict(get_peft_model_state_dict(peft_model)) if isinstance(peft_model, PeftModel) else {}
     state.update({n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n})
     return state
 
 
 def _load_trainable_state(peft_model, tensors: dict[str, torch.Tensor]) -> None:
-    set_peft_model_state_dict(peft_model, {k: v for k, v in tensors.items() if "lora_" in k})
+    if isinstance(peft_model, PeftModel):
+        set_peft_model_state_dict(peft_model, {k: v for k, v in tensors.items() if "lora_" in k})
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for k, v in tensors.items():
@@ -165,7 +187,7 @@ def finetune_lora(
         return metrics
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    result: TrainResult = train("stage 2: LoRA", sequences, step, params,
+    result: TrainResult = train(stage2_name(None if settings.adapters else "none"), sequences, step, params,
                                 state_fn=lambda: _trainable_state(peft_model),
                                 restore_fn=lambda t: _load_trainable_state(peft_model, t),
                                 lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
@@ -173,7 +195,7 @@ def finetune_lora(
                                 write_checkpoints=data_parallel is None or data_parallel.rank == 0)
     if gather is not None:
         peft_model = gather()  # the whole trained model on every rank, unsharded, to merge as one process would
-    merged = peft_model.merge_and_unload().eval()
+    merged = (peft_model.merge_and_unload() if isinstance(peft_model, PeftModel) else peft_model).eval()
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged, result

@@ -41,8 +41,10 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
     parts = []
     if convert and "teacher_ppl" in convert:
         rows = [["teacher", "", "", fmt(convert.get("teacher_ppl"), ".2f")]]
-        for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
-                                ("stage 2: LoRA", "lora", "stage2_ppl")):
+        from ..finetune.lora import stage2_name
+
+        stage2 = stage2_name((convert.get("settings") or {}).get("lora_targets"))
+        for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2, "lora", "stage2_ppl")):
             s = convert.get(key) or {}
             rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), fmt(convert.get(ppl), ".2f")])
         parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))

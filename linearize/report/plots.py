@@ -22,9 +22,9 @@ def _figure(ncols: int = 1, width: float = 5.5):
 
 
 def loss_curves(curves: dict | None):
-    """Training loss vs tokens: stage 1 (attention-transfer MSE, log scale) and stage 2 (LoRA cross-entropy)."""
+    """Training loss vs tokens: stage 1 (attention-transfer MSE, log scale) and stage 2 (its --lora-loss)."""
     titles = {"transfer": "stage 1: attention transfer (sum of layer MSE)",
-              "lora": "stage 2: LoRA (next-token cross-entropy)"}
+              "lora": "stage 2 (--lora-loss: KL to the teacher by default)"}
     stages = [(k, title) for k, title in titles.items() if curves and curves.get(k)]
     if not stages:
         return None
