@@ -50,6 +50,10 @@ def _add_convert(sub):
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "
                                                   "weight sigmoid(M) against the linear memory (default from --attention: "
                                                   "4 for lolcats, the memory starts at about 2 %%; 0: half)")
+    p.add_argument("--local-layers", type=int, metavar="K",
+                   help="the first K layers keep the window + sinks alone, no linear memory (default from --attention: "
+                        "0; after an attention-only stage 2 the memory of the first 11 of SmolLM2's 30 layers costs "
+                        "agreement, README)")
     p.add_argument("--memory-cap", type=int, help="the linear memory weighs at most C keys: beyond, it is scaled by "
                                                    "C / n (default: seq-len - window - sinks, what it holds in "
                                                    "training: no change up to seq-len; 0: none)")

@@ -55,6 +55,7 @@ class ConvertSettings:
     mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
     heavy: int | None = None  # override the preset's heavy hitters (exact keys per KV head; ops/heavy_hitters.py)
     memory_cap: int | None = None  # cap the linear memory at this many keys (None: memory_cap_for_training_length)
+    local_layers: int | None = None  # override the preset's window-only first layers (LinearAttentionConfig)
     seq_len: int = 1024
     transfer_tokens: int = 65_536
     lora_tokens: int = 81_920
@@ -81,7 +82,7 @@ class ConvertSettings:
     def attention_config(self):
         config = attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
                                   feature_dim=self.feature_dim, cache=self.cache, mix_init=self.mix_init,
-                                  memory_cap=self.memory_cap, heavy=self.heavy)
+                                  memory_cap=self.memory_cap, heavy=self.heavy, local_layers=self.local_layers)
         if self.memory_cap is None:
             config = replace(config, memory_cap=memory_cap_for_training_length(config, self.seq_len))
         return config
@@ -146,7 +147,8 @@ class RunState:
             # settings added later read as what older runs did (then: the defaults of that time)
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
-            overrides = ("window", "sinks", "feature_map", "feature_dim", "cache", "mix_init", "memory_cap", "heavy")
+            overrides = ("window", "sinks", "feature_map", "feature_dim", "cache", "mix_init", "memory_cap", "heavy",
+                         "local_layers")
             overrides = overrides if "attention" in self.data else ()
             changed = [k for k, v in asdict(settings).items()
                        if k not in overrides and self.data["settings"].get(k, defaults[k]) != v]

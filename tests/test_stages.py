@@ -153,6 +153,24 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
     assert ConvertSettings(attention="gated-delta").attention_config().mix_init == 0.0
 
 
+def test_local_layers_keep_the_first_layers_window_only(tiny_teacher):
+    """--local-layers K overrides the preset: the first K layers have no linear part (no feature maps, no memory in
+    the state), the others do; a K that leaves no linearized layer is one clear error."""
+    import copy
+
+    from linearize.errors import LinearizeError
+    from linearize.pipeline import ConvertSettings
+
+    assert ConvertSettings().attention_config().local_layers == 0
+    cfg = ConvertSettings(local_layers=1, window=6, sinks=2).attention_config()
+    assert cfg.local_layers == 1
+    student = LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), cfg)
+    assert [m.config.linear for m in student.attention_modules()] == [False, True]
+    assert not any(n.startswith("feature_map_") for n, _ in student.attention_modules()[0].named_parameters())
+    with pytest.raises(LinearizeError, match="local_layers"):
+        LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), ConvertSettings(local_layers=2).attention_config())
+
+
 def test_feature_dim_sets_the_memory_size(tiny_teacher):
     """--feature-dim F: Hedgehog features of width 2F, so the linear memory holds 2F x (head_dim + 1) numbers per KV
     head; a bad width is one clear error."""
