@@ -115,10 +115,10 @@ def _run_convert(args):
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
     res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
     if os.environ.get("RANK", "0") == "0" or not args.distributed:  # one summary per run
-        _print_summary(res, args.out)
+        _print_summary(res, args.out, settings.lora_targets)
 
 
-def _print_summary(res, out):
+def _print_summary(res, out, lora_targets: str):
     from rich.console import Console
     from rich.table import Table
 
@@ -128,8 +128,8 @@ def _print_summary(res, out):
     table.add_row("teacher", "", "", "", f"{res['teacher_ppl']:.3f}")
     from .finetune.lora import stage2_name
 
-    stage2 = stage2_name(res.get("settings", {}).get("lora_targets"))
-    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2, "lora", "stage2_ppl")):
+    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
+                            (stage2_name(lora_targets), "lora", "stage2_ppl")):
         s = res.get(key, {})
         table.add_row(stage, str(s.get("tokens", "-")), str(s.get("seconds", "-")), str(s.get("tokens_per_s", "-")),
                       f"{res[ppl]:.3f}" if ppl in res else "-")
