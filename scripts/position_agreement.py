@@ -56,7 +56,8 @@ def main():
     near = attention["window"] + attention["sinks"]
     result = {"text": args.text, "rows": args.rows, "seq_len": args.seq_len, "near": near, "models": {}}
     nll = torch.stack([-lt.gather(-1, r[1:, None])[:, 0] for r, lt in zip(rows, teacher_logp)]).mean(0)
-    result["teacher_nll"] = {"near": nll[:near].mean().item(), "far": nll[near:].mean().item(), "all": nll.mean().item()}
+    result["teacher_nll"] = {"near": nll[:near].mean().item(), "far": nll[near:].mean().item(),
+                             "all": nll.mean().item()}
 
     def score(name, model):
         result["models"][name] = split_scores(model.eval(), rows, teacher_logp, near)

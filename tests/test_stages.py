@@ -168,7 +168,8 @@ def test_local_layers_keep_the_first_layers_window_only(tiny_teacher):
     assert [m.config.linear for m in student.attention_modules()] == [False, True]
     assert not any(n.startswith("feature_map_") for n, _ in student.attention_modules()[0].named_parameters())
     with pytest.raises(LinearizeError, match="local_layers"):
-        LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), ConvertSettings(local_layers=2).attention_config())
+        LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher),
+                                           ConvertSettings(local_layers=2).attention_config())
 
 
 def test_feature_dim_sets_the_memory_size(tiny_teacher):

@@ -6,8 +6,8 @@ over the whole vocabulary at a temperature), or their sum ("kl+ce"). The teacher
 The student's own attention parameters (feature maps, mixing factors, delta-rule strengths) stay frozen unless
 train_attention. With no target modules (LORA_TARGETS["none"]) there are no adapters: stage 2 trains those
 attention parameters alone, end to end, and the teacher's projections stay as they are, so the exact part of every
-layer (window + sinks) stays the teacher's own attention. `init="pissa"` starts the adapters from the principal singular directions of each weight
-(PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
+layer (window + sinks) stays the teacher's own attention. `init="pissa"` starts the adapters from the principal
+singular directions of each weight (PiSSA), deterministically (full SVD), so a resumed run rebuilds the same split.
 """
 
 import time
