@@ -13,7 +13,7 @@ from .bench import transfer_speed
 from .compare import cli as compare_cli
 from .errors import LinearizeError
 from .evaluate import cli as evaluate_cli
-from .options import add_placement, comma_ints
+from .options import add_placement, comma_ints, fmt
 from .report import cli as report_cli
 from .serve import cli as serve_cli
 from .transfer import cli as blocks_cli
@@ -42,7 +42,11 @@ def _add_convert(sub):
                                                    "twice it; default: head_dim); the linear memory holds "
                                                    "features x (head_dim + 1) numbers per KV head")
     p.add_argument("--cache", type=int, help="sparse cache: keep the M keys per KV head that the linear memory "
-                                             "recalls worst in exact softmax (LoLA; default from --attention: 0)")
+                                             "recalls worst in exact softmax (LoLA; default: 64 where the attention "
+                                             "takes one, else 0). It has no parameters: switched on in the saved "
+                                             "model after training")
+    p.add_argument("--train-with-cache", action="store_true",
+                   help="train stages 1 and 2 with the sparse cache in place (slow on the CPU; default: without)")
     p.add_argument("--heavy", type=int, metavar="M",
                    help="heavy hitters: of the keys that left the window, the M per KV head that drew the most window "
                         "attention stay in exact softmax instead of the linear memory (sinks that appear mid-text; "
@@ -75,11 +79,12 @@ def _add_convert(sub):
                         "off and exact softmax on), ce (next token), kl+ce (default: %(default)s)")
     p.add_argument("--lora-temperature", type=float, default=d.lora_temperature, help="of the kl loss (default: 1)")
     p.add_argument("--lora-targets", default=d.lora_targets, choices=sorted(LORA_TARGETS),
-                   help="modules with LoRA adapters (default: %(default)s); none: no adapters, stage 2 trains the "
-                        "feature maps and mixing factors alone (needs --lora-train-attention), so the window and "
-                        "sinks stay the teacher's exact attention")
-    p.add_argument("--lora-train-attention", action="store_true",
-                   help="stage 2 also trains the feature maps and mixing factors (default: frozen)")
+                   help="modules with LoRA adapters in stage 2 (default: %(default)s: no adapters, stage 2 trains "
+                        "the feature maps and mixing factors alone, so the window and sinks stay the teacher's exact "
+                        "attention; attention: q/k/v/o, the LoLCATs recipe)")
+    p.add_argument("--lora-train-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2 also trains the feature maps and mixing factors (default: only with --lora-targets "
+                        "none, which leaves nothing else to train)")
     p.add_argument("--keep-softmax", type=int, default=d.keep_softmax, metavar="K",
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
     p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",
@@ -115,24 +120,22 @@ def _run_convert(args):
     settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
     res = convert(settings, args.out, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
     if os.environ.get("RANK", "0") == "0" or not args.distributed:  # one summary per run
-        _print_summary(res, args.out, settings.lora_targets)
+        _print_summary(res, args.out, settings)
 
 
-def _print_summary(res, out, lora_targets: str):
+def _print_summary(res, out, settings):
+    from dataclasses import asdict
+
     from rich.console import Console
     from rich.table import Table
+
+    from .pipeline import stage_rows
 
     table = Table(title=f"linearize convert -> {out}")
     for col in ("", "tokens", "wall s", "tokens/s", "held-out ppl"):
         table.add_column(col, justify="right")
-    table.add_row("teacher", "", "", "", f"{res['teacher_ppl']:.3f}")
-    from .finetune.lora import stage2_name
-
-    for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"),
-                            (stage2_name(lora_targets), "lora", "stage2_ppl")):
-        s = res.get(key, {})
-        table.add_row(stage, str(s.get("tokens", "-")), str(s.get("seconds", "-")), str(s.get("tokens_per_s", "-")),
-                      f"{res[ppl]:.3f}" if ppl in res else "-")
+    for name, *counts, ppl in stage_rows(res, asdict(settings)):
+        table.add_row(name, *(fmt(x, "") for x in counts), fmt(ppl, ".3f"))
     Console().print(table)
     print(f"model saved to {out} (load with linearize.load('{out}'); try `linearize generate {out} \"Hello\"`)")
 

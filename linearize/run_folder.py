@@ -38,6 +38,12 @@ OPTIMIZER = "optimizer.safetensors"
 META = "meta.json"
 
 
+def student_ppl(results: dict) -> float:
+    """The held-out perplexity of the saved model from convert.json (or progress.json's results): with its sparse
+    cache when one was switched on after training, else after the last stage that ran."""
+    return results.get("saved_ppl", results.get("stage2_ppl", results.get("stage1_ppl")))
+
+
 def transfer_tensors(run: str | Path) -> Path:
     """The stage 1 result of a run (what `convert --transfer-state` loads)."""
     return Path(run) / CHECKPOINTS / "transfer" / TENSORS

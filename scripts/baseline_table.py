@@ -74,6 +74,8 @@ def finished_row(run: Path, name: str, device: str = "auto") -> dict:
     as the rows measured on a GPU."""
     import torch
 
+    from linearize.run_folder import student_ppl
+
     ev = json.loads((run / "eval.json").read_text())
     conv = json.loads((run / "convert.json").read_text())
     attention = json.loads((run / "config.json").read_text())["attention"]  # the resolved window and sinks
@@ -91,7 +93,7 @@ def finished_row(run: Path, name: str, device: str = "auto") -> dict:
         "ppl": {t: {"teacher": v["teacher_ppl"], "student": v["student_ppl"]} for t, v in texts.items()},
         "passkey": dict(zip(map(str, pk["lengths"]), pk["student"])),
         "teacher_passkey": dict(zip(map(str, pk["lengths"]), pk["teacher"])),
-        "heldout_ppl": {"teacher": conv["teacher_ppl"], "student": conv.get("stage2_ppl", conv["stage1_ppl"])},
+        "heldout_ppl": {"teacher": conv["teacher_ppl"], "student": student_ppl(conv)},
         "convert_seconds": conv.get("total_seconds"),
     }
 

@@ -11,6 +11,11 @@ the device they ran on. Ratios are student / teacher perplexity. The file as it 
         --row runs/w64-s4-kl $(for r in default mix-init-4 mix-init-8 feature-dim-16 ce train-attention lora-only; \
         do echo --row runs/ablation-6min/$r; done) --baseline docs/results/baseline.json --wall-s 1380
 
+A new default joins the rows already in the file (whose run folders a fresh machine no longer has) with
+`--keep-rows`:
+
+    python scripts/quality_table.py --default runs/smollm2 --keep-rows --out docs/results/quality.json
+
 Rows measured later join it without the earlier run folders (which a fresh machine no longer has): `--add TABLE`
 adds the rows of an ablation table (scripts/ablation.py) whose run is not in the file yet, keeping everything else:
 
@@ -21,7 +26,8 @@ import argparse
 import json
 from pathlib import Path
 
-from linearize.run_folder import write_json
+from linearize.pipeline import resolve_train_attention
+from linearize.run_folder import student_ppl, write_json
 
 
 def read(path: Path) -> dict:
@@ -42,11 +48,12 @@ def run_row(run: Path) -> dict:
         "run": str(run), "device": ev.get("device", {}).get("name") or "cpu",
         "attention": s["attention"], "window": s.get("window"), "sinks": s.get("sinks"),
         "lora_loss": s.get("lora_loss", "ce"), "lora_targets": s.get("lora_targets", "attention"),
-        "lora_train_attention": s.get("lora_train_attention", False), "dtype": s.get("dtype"),
+        "lora_train_attention": resolve_train_attention(s.get("lora_targets", "attention"),
+                                                        s.get("lora_train_attention", False)), "dtype": s.get("dtype"),
         # steps count the whole stage (a resumed run's summary counts only its own tokens)
         "transfer_tokens": stage_tokens(conv, "transfer"), "lora_tokens": stage_tokens(conv, "lora"),
         "convert_s": conv.get("total_seconds"),
-        "heldout_ppl_ratio": conv.get("stage2_ppl", conv["stage1_ppl"]) / conv["teacher_ppl"],
+        "heldout_ppl_ratio": student_ppl(conv) / conv["teacher_ppl"],
         "ppl_ratio": {t: v["student_ppl"] / v["teacher_ppl"] for t, v in texts.items()},
         "top1": {t: v["top1"] for t, v in texts.items()}, "kl": {t: v["kl"] for t, v in texts.items()},
     }
@@ -86,6 +93,9 @@ def main():
     p.add_argument("--baseline", help="a baseline.json whose converted rows become ablation rows")
     p.add_argument("--wall-s", type=float, help="wall time of the whole default `linearize convert` process")
     p.add_argument("--out", default="docs/results/quality.json")
+    p.add_argument("--keep-rows", action="store_true",
+                   help="keep the ablation rows of the existing --out after the new ones (their run folders may be "
+                        "gone): a new default joins the rows measured before it")
     args = p.parse_args()
     if args.add:
         add_rows(Path(args.add), Path(args.out))
@@ -97,7 +107,7 @@ def main():
     texts = ev["texts"]
     result = {
         "default_run": str(run), "settings": conv["settings"],
-        "teacher_ppl": conv["teacher_ppl"], "student_ppl": conv.get("stage2_ppl", conv["stage1_ppl"]),
+        "teacher_ppl": conv["teacher_ppl"], "student_ppl": student_ppl(conv),
         "heldout_tokens": conv.get("heldout_tokens"),
         "top1": texts["sharegpt"]["top1"], "kl": texts["sharegpt"]["kl"],
         "ood": {t: {"teacher_ppl": v["teacher_ppl"], "student_ppl": v["student_ppl"]}
@@ -116,6 +126,9 @@ def main():
                                            "heldout_ppl_ratio": r["heldout_ppl"]["student"] / r["heldout_ppl"]["teacher"],
                                            "ppl_ratio": r["ppl_ratio"], "top1": r["top1"], "kl": r["kl"]})
     out = Path(args.out)
+    if args.keep_rows and out.is_file():
+        have = {r["run"] for r in result["ablation"]}
+        result["ablation"] += [r for r in read(out)["ablation"] if r["run"] not in have]
     write_json(result, out)
     print(f"written {out}: ShareGPT held-out ratio {result['student_ppl'] / result['teacher_ppl']:.3f}, "
           f"top-1 {result['top1']:.1%}, {len(result['ablation'])} ablation rows")

@@ -104,15 +104,16 @@ def test_corrupt_safetensors_is_one_line_from_a_real_process(model_dir, data_fil
 
 
 def test_convert_with_no_adapters_keeps_the_teachers_projections(model_dir, data_file, tmp_path, capsys):
-    """--lora-targets none --lora-train-attention: stage 2 trains the feature maps and mixing factors alone; the
-    saved q/k/v/o are the teacher's own. Without --lora-train-attention: one clear error line."""
+    """--lora-targets none: stage 2 trains the feature maps and mixing factors alone (--lora-train-attention is on
+    by default without adapters); the saved q/k/v/o are the teacher's own. With --no-lora-train-attention: one clear
+    error line (nothing to train)."""
     from linearize.run_folder import load
 
     out = tmp_path / "none"
     one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
-                            "--lora-targets", "none"], "--lora-train-attention")
+                            "--lora-targets", "none", "--no-lora-train-attention"], "nothing to train")
     assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
-                 "--lora-targets", "none", "--lora-train-attention"]) == 0
+                 "--lora-targets", "none"]) == 0
     summary = json.loads((out / "convert.json").read_text())
     assert summary["lora"]["tokens"] == 128 and 1.0 < summary["stage2_ppl"] < 1e4
     student, _ = load(out)
@@ -120,3 +121,30 @@ def test_convert_with_no_adapters_keeps_the_teachers_projections(model_dir, data
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             key = f"model.layers.0.self_attn.{name}.weight"
             torch.testing.assert_close(student.state_dict()[f"model.{key}"], f.get_tensor(key))
+
+
+def test_convert_switches_the_sparse_cache_on_after_training(model_dir, data_file, tmp_path, capsys):
+    """--cache M has no parameters: the stages train without it (the weights are those of a run without --cache) and
+    the saved model has it in every layer with a memory; convert.json has the saved model's perplexity, the summary a
+    row for it. --train-with-cache trains with it in place (other weights)."""
+    from safetensors.torch import load_file
+
+    from linearize.run_folder import load, student_ppl
+
+    base = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+    outs = {name: tmp_path / name for name in ("plain", "cache", "trained")}
+    assert main([*base, "--out", str(outs["plain"]), "--cache", "0"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(outs["cache"]), "--cache", "4"]) == 0
+    assert "saved: + sparse cache" in capsys.readouterr().out
+    assert main([*base, "--out", str(outs["trained"]), "--cache", "4", "--train-with-cache"]) == 0
+    weights = {name: load_file(out / "model.safetensors") for name, out in outs.items()}
+    for key, value in weights["plain"].items():
+        torch.testing.assert_close(weights["cache"][key], value, rtol=0, atol=0)
+    assert any(not torch.equal(weights["trained"][k], v) for k, v in weights["plain"].items() if "feature_map" in k)
+    summary = json.loads((outs["cache"] / "convert.json").read_text())
+    assert student_ppl(summary) == summary["saved_ppl"] != summary["stage2_ppl"]
+    assert "saved_ppl" not in json.loads((outs["trained"] / "convert.json").read_text())
+    student, _ = load(outs["cache"])
+    assert student.config.attention["cache"] == 4
+    assert all(m.config.cache == 4 and m.spec.cache == 4 for m in student.attention_modules() if m.config.linear)

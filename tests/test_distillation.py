@@ -146,7 +146,15 @@ def test_attention_only_stage_2_keeps_the_teachers_exact_part(tmp_path, monkeypa
 
 
 def test_no_adapters_needs_trained_attention():
-    with pytest.raises(LinearizeError, match="--lora-train-attention"):
+    """Without adapters stage 2 trains the attention (on by default there); turned off, one clear error."""
+    from linearize.pipeline import ConvertSettings
+
+    with pytest.raises(LinearizeError, match="nothing to train"):
         LoraSettings(target_modules=())
+    assert ConvertSettings(lora_targets="none").lora_settings().train_attention
+    assert not ConvertSettings(lora_targets="attention").lora_settings().train_attention
+    assert ConvertSettings(lora_targets="attention", lora_train_attention=True).lora_settings().train_attention
+    with pytest.raises(LinearizeError, match="nothing to train"):
+        ConvertSettings(lora_targets="none", lora_train_attention=False).check()
     with pytest.raises(LinearizeError, match="--lora-init"):
         LoraSettings(target_modules=(), train_attention=True, init="pissa")

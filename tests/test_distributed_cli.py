@@ -39,10 +39,15 @@ def test_torchrun_convert_equals_single_process(model_dir, data_file, tmp_path):
     assert (tmp_path / "dist" / "model.safetensors").is_file()
 
 
-def test_torchrun_convert_fsdp_equals_data(model_dir, data_file, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("targets", ["none", "attention"])
+def test_torchrun_convert_fsdp_equals_data(model_dir, data_file, tmp_path, targets):  # noqa: F811
+    """Stage 2 sharded by FSDP equals DDP, without adapters (the default) and with LoRA. Adam divides every gradient
+    by its own scale, so where a gradient is near zero (the feature maps, trained without adapters: most of their
+    entries barely matter on this tiny model) the two reduction orders can end a fraction of one step (lr 1e-3)
+    apart: atol 5e-4 there; the perplexities agree to 1e-5."""
     from safetensors.torch import load_file
 
-    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
+    args = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL, "--lora-targets", targets]
     for mode in ("fsdp", "data"):
         torchrun_convert(args, tmp_path / mode, mode)
     fsdp, data = (json.loads((tmp_path / d / "progress.json").read_text())["results"] for d in ("fsdp", "data"))
@@ -52,7 +57,8 @@ def test_torchrun_convert_fsdp_equals_data(model_dir, data_file, tmp_path):  # n
         a, b = (load_file(str(tmp_path / mode / name)) for mode in ("fsdp", "data"))
         assert a.keys() == b.keys(), name  # the gathered checkpoint and model: the one-process layout
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+            atol = 5e-4 if targets == "none" else 1e-5
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=f"{name}: {k}")
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "lora").iterdir()) == [
         "meta.json", "optimizer.safetensors", "tensors.safetensors"]
 

@@ -104,6 +104,23 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
     RunState(tmp_path, ConvertSettings(lora_loss="ce", sinks=0), resume=True)  # the run's own settings: accepted
 
 
+def test_resume_reads_the_stage2_attention_default_as_its_value(tmp_path):
+    """A run that recorded lora_train_attention False with adapters (the default then) resumes with the default
+    None, which means the same; True does not."""
+    import json
+    from dataclasses import asdict
+
+    from linearize.errors import LinearizeError
+    from linearize.pipeline import ConvertSettings, RunState
+
+    recorded = ConvertSettings(lora_targets="attention", lora_train_attention=False)
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(recorded), "attention":
+                                                        recorded.attention_config().to_dict(), "results": {}}))
+    RunState(tmp_path, ConvertSettings(lora_targets="attention"), resume=True)
+    with pytest.raises(LinearizeError, match="lora_train_attention"):
+        RunState(tmp_path, ConvertSettings(lora_targets="attention", lora_train_attention=True), resume=True)
+
+
 def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_path):
     """convert caps the memory at seq_len - window - sinks (what a training row holds: no change there) where a cap
     applies, none elsewhere; a run recorded before the cap existed resumes (its training is the same)."""

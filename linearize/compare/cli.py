@@ -13,6 +13,8 @@ def add(sub):
                                    "OUT/NAME with the same token budget, then print held-out ppl, KL, top-1, the "
                                    "relative per-layer transfer error, passkey and decode speed side by side (ppl "
                                    "ratio, KL and top-1 per evaluation text in the JSON). Finished runs are reused. "
+                                   "The families are compared without the sparse cache that `linearize convert` "
+                                   "adds where it can (`linearize eval OUT/NAME --cache 64` adds it). "
                                    "Writes OUT/compare.json.")
     p.add_argument("--attention", type=names, default=c.attentions,
                    help=f"comma-separated families (default: {','.join(c.attentions)})")
@@ -54,8 +56,10 @@ def run(args):
     from ..pipeline import ConvertSettings
     from .run import COLUMNS, CompareSettings, compare, table_rows
 
+    # cache 0: the families as they are (a sparse cache, which only some take, would make those exact over the
+    # last 64 + 64 keys that left the window and hide their memory; `linearize eval RUN --cache 64` adds it after)
     base = ConvertSettings(model=args.model, data=args.data, window=args.window, sinks=args.sinks, heavy=args.heavy,
-                           seq_len=args.seq_len,
+                           cache=0, seq_len=args.seq_len,
                            transfer_tokens=args.tokens, lora_tokens=args.lora_tokens, eval_tokens=args.eval_tokens,
                            softmax_layers=args.softmax_layers, transfer_state=args.transfer_state,
                            device=args.device, dtype=args.dtype)

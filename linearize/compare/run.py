@@ -26,7 +26,7 @@ from ..evaluate.texts import EVAL_TEXTS
 from ..layers.linear_attention import ATTENTION_PRESETS
 from ..options import fmt as f
 from ..pipeline import ConvertSettings, convert
-from ..run_folder import COMPARE, COMPARE_TABLE, load, transfer_tensors, write_json, write_text
+from ..run_folder import COMPARE, COMPARE_TABLE, load, student_ppl, transfer_tensors, write_json, write_text
 
 PARTS = ("kl", "layers", "passkey", "decode")
 COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "top-1", "layer err", "passkey", "decode tok/s", "state MiB",
@@ -117,7 +117,7 @@ def compare(base: ConvertSettings, cs: CompareSettings, out: str | Path, progres
             stage1[attention] = str(transfer_tensors(out / name))
         runs[name] = {"attention": attention, "config": settings.attention_config().to_dict(),
                       "keep_softmax": res.get("keep_softmax", []),
-                      "teacher_ppl": res["teacher_ppl"], "student_ppl": res.get("stage2_ppl", res["stage1_ppl"]),
+                      "teacher_ppl": res["teacher_ppl"], "student_ppl": student_ppl(res),
                       "convert_seconds": res.get("total_seconds", round(time.perf_counter() - t0, 1)),
                       "stage1_from": shared}
     device, dtype = base.placement()

@@ -31,9 +31,9 @@ LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
                 "none": ()}  # no adapters: stage 2 trains the attention's own parameters (train_attention)
 
 
-def stage2_name(lora_targets: str | None) -> str:
-    """The name of stage 2 in tables and progress bars, from ConvertSettings.lora_targets."""
-    return "stage 2: attention only" if lora_targets == "none" else "stage 2: LoRA"
+def stage2_name(adapters: bool) -> str:
+    """The name of stage 2 in tables and progress bars: with LoRA adapters, or the attention alone."""
+    return "stage 2: LoRA" if adapters else "stage 2: attention only"
 
 
 @dataclass
@@ -52,11 +52,12 @@ class LoraSettings:
 
     def __post_init__(self):
         if not self.adapters and not self.train_attention:
-            raise LinearizeError("--lora-targets none leaves nothing to train unless --lora-train-attention: give both "
-                                 "(stage 2 then trains the feature maps and mixing factors alone)")
+            raise LinearizeError("--lora-targets none with --no-lora-train-attention leaves nothing to train in stage "
+                                 "2: drop --no-lora-train-attention (stage 2 then trains the feature maps and mixing "
+                                 "factors alone), or give --lora-targets attention")
         if not self.adapters and self.init != "default":
-            raise LinearizeError(f"--lora-init {self.init} initialises adapters, and --lora-targets none has none: "
-                                 "drop --lora-init")
+            raise LinearizeError(f"--lora-init {self.init} initialises adapters, and --lora-targets none (the "
+                                 "default) has none: add --lora-targets attention, or drop --lora-init")
         if self.init not in LORA_INITS:
             raise LinearizeError(f"unknown --lora-init {self.init!r}; choose one of {LORA_INITS}")
         if self.loss not in LORA_LOSSES:
@@ -187,7 +188,7 @@ def finetune_lora(
         return metrics
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    result: TrainResult = train(stage2_name(None if settings.adapters else "none"), sequences, step, params,
+    result: TrainResult = train(stage2_name(settings.adapters), sequences, step, params,
                                 state_fn=lambda: _trainable_state(peft_model),
                                 restore_fn=lambda t: _load_trainable_state(peft_model, t),
                                 lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,

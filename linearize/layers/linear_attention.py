@@ -117,6 +117,13 @@ class LinearAttentionConfig:
         it holds (what the sparse cache and the memory cap work with)."""
         return self.rule == "sum" and self.gate == "none" and self.norm == "shared"
 
+    @property
+    def takes_cache(self) -> bool:
+        """Whether a sparse cache (`cache` > 0) works with this attention: a linear part whose plain sum memory sits
+        beside a softmax window or sinks, and no heavy hitters."""
+        return self.linear and self.window is not None and bool(self.window or self.sinks) and \
+            self.plain_sum_memory and not self.heavy
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -134,6 +141,8 @@ ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
     # 6-minute ablation (docs/results/ablation_6min.md), confirmed at the default budget (docs/results/quality.json).
     # Heavy hitters (--heavy 32) are better on every teacher-forced column (held-out 1.124x -> 1.080x in 25 minutes)
     # but repeat more in greedy answers (0.186 against the teacher's 0.129): an option, not the default (README)
+    # `linearize convert` adds a sparse cache of 64 keys after training (pipeline.DEFAULT_CACHE), and its stage 2
+    # trains this attention alone, without LoRA (ConvertSettings.lora_targets "none")
     "lolcats": LinearAttentionConfig(feature_map="hedgehog", window=256, sinks=4, mix_init=4.0),
     "hedgehog": LinearAttentionConfig(feature_map="hedgehog", window=0),
     "t2r": LinearAttentionConfig(feature_map="t2r", window=0),

@@ -40,13 +40,10 @@ def _rounded(value) -> str:
 def summary_tables(convert: dict | None, results: dict | None, bench: dict | None) -> str:
     parts = []
     if convert and "teacher_ppl" in convert:
-        rows = [["teacher", "", "", fmt(convert.get("teacher_ppl"), ".2f")]]
-        from ..finetune.lora import stage2_name
+        from ..pipeline import stage_rows
 
-        stage2 = stage2_name((convert.get("settings") or {}).get("lora_targets"))
-        for stage, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2, "lora", "stage2_ppl")):
-            s = convert.get(key) or {}
-            rows.append([stage, s.get("tokens", "-"), s.get("seconds", "-"), fmt(convert.get(ppl), ".2f")])
+        rows = [[name, fmt(tokens, ""), fmt(seconds, ""), fmt(ppl, ".2f")]
+                for name, tokens, seconds, _, ppl in stage_rows(convert, convert.get("settings") or {})]
         parts.append("<h2>Conversion</h2>" + _table(["", "tokens", "wall s", "held-out ppl"], rows))
     if results and results.get("texts"):
         rows = []
