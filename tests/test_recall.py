@@ -209,7 +209,9 @@ def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, 
     assert v["student"]["state_bytes"]["64"] > plain  # --cache 4: the linear layers keep 4 exact keys too
     assert v["teacher"]["state_bytes"]["256"] == 4 * v["teacher"]["state_bytes"]["64"]
     assert v["recall-k2"]["state_bytes"]["256"] > v["recall-k2"]["state_bytes"]["64"]  # KV caches in both layers
-    assert v["recall-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=1e-4) != v["student"]["ppl"]
+    # every layer exact: the teacher to float error; the student (linear memory) differs, if only by ~1e-5 on this
+    # random tiny model
+    assert v["recall-k2"]["ppl"] == pytest.approx(v["teacher"]["ppl"], rel=1e-6) != v["student"]["ppl"]
     assert v["first-k2"]["same_as"] == "recall-k2" and sorted(res["ranking"]["recall"]["order"]) == [0, 1]
     assert "| recall-k1 |" in out.with_suffix(".md").read_text()
 
