@@ -21,7 +21,7 @@ from .data.retrieval import mix_retrieval
 from .device import placement, torch_dtype
 from .errors import LinearizeError
 from .evaluate.perplexity import perplexity
-from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora, stage2_name
+from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora, has_adapters, stage2_name
 from .layers.linear_attention import LinearAttentionConfig, attention_preset
 from .loading.teacher import load_teacher
 from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention, set_sparse_cache
@@ -50,7 +50,7 @@ def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) 
 def resolve_train_attention(lora_targets: str, lora_train_attention: bool | None) -> bool:
     """ConvertSettings.lora_train_attention, None resolved: on exactly without adapters (lora_targets "none")."""
     if lora_train_attention is None:
-        return not LORA_TARGETS.get(lora_targets, True)
+        return not has_adapters(lora_targets)
     return lora_train_attention
 
 
@@ -429,10 +429,9 @@ STAGES = (load_inputs, transfer, assemble, finetune, switch_on_cache)
 def stage_rows(results: dict, settings: dict) -> list[tuple]:
     """(step, tokens, seconds, tokens/s, held-out ppl) for the summary tables of a conversion (None: not run);
     settings: ConvertSettings as a dict (convert.json's "settings")."""
-    adapters = bool(LORA_TARGETS.get(settings.get("lora_targets", "attention"), True))
+    stage2 = stage2_name(has_adapters(settings.get("lora_targets", "attention")))
     rows = [("teacher", None, None, None, results.get("teacher_ppl"))]
-    for name, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2_name(adapters), "lora",
-                                                                               "stage2_ppl")):
+    for name, key, ppl in (("stage 1: transfer", "transfer", "stage1_ppl"), (stage2, "lora", "stage2_ppl")):
         s = results.get(key) or {}
         rows.append((name, s.get("tokens"), s.get("seconds"), s.get("tokens_per_s"), results.get(ppl)))
     if "saved_ppl" in results:

@@ -31,6 +31,12 @@ LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
                 "none": ()}  # no adapters: stage 2 trains the attention's own parameters (train_attention)
 
 
+def has_adapters(lora_targets: str) -> bool:
+    """Whether a --lora-targets name puts LoRA adapters on any module (an unknown name counts as adapters: the
+    settings check refuses it with its own message)."""
+    return bool(LORA_TARGETS.get(lora_targets, True))
+
+
 def stage2_name(adapters: bool) -> str:
     """The name of stage 2 in tables and progress bars: with LoRA adapters, or the attention alone."""
     return "stage 2: LoRA" if adapters else "stage 2: attention only"
