@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -273,6 +274,20 @@ def test_streaming_baseline_has_the_students_state_bytes_and_leaves_the_teacher_
     with torch.no_grad():
         torch.testing.assert_close(teacher(input_ids=ids).logits, before)  # the teacher is not modified
         assert (baseline(input_ids=ids).logits - before).abs().max() > 0  # the window (< 40 tokens) cuts in
+
+
+def test_state_bytes_count_a_sparse_cache_full_with_its_waiting_keys(tiny_teacher):
+    """A sparse cache of M keys holds up to M + cache_every - 1 of them between selections: state_bytes reports that
+    peak, whatever the prompt's length modulo cache_every (so the equal-bytes baseline gets no free keys)."""
+    from linearize.evaluate.baseline import refill_steps, state_bytes
+
+    plain = LinearAttentionConfig(window=6, sinks=2, chunk_size=8)
+    cached = replace(plain, cache=4, cache_every=8)
+    model = lambda cfg: LinearizedForCausalLM.from_teacher(copy.deepcopy(tiny_teacher), cfg).eval()  # noqa: E731
+    per_key = 2 * 2 * 2 * 16 * 4  # 2 layers x 2 KV heads x (k, v) x head_dim 16 x fp32
+    assert refill_steps(model(cached)) == 8 and refill_steps(model(plain)) == refill_steps(tiny_teacher) == 0
+    for context in (64, 67, 200):
+        assert state_bytes(model(cached), context) - state_bytes(model(plain), context) == (4 + 8 - 1) * per_key  # the 8th waiting key is selected as it arrives
 
 
 def test_without_memory_is_the_exact_part_alone(tiny_teacher):

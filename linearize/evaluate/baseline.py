@@ -12,12 +12,26 @@ from ..layers.linear_attention import attention_preset
 from ..models.linearized import LinearizedForCausalLM
 
 
+def refill_steps(model) -> int:
+    """Decoding steps after which a state has been at its largest: a sparse cache holds its M keys plus the keys
+    that left the window since the last selection, up to `cache_every` of them (ops/sparse_cache.py); 0 for a
+    state that is full after any prompt longer than its window (a KV cache, a window, sinks, a memory)."""
+    if not isinstance(model, LinearizedForCausalLM):
+        return 0
+    return max([m.config.cache_every for m in model.attention_modules() if m.config.cache] or [0])
+
+
 def state_bytes(model, context: int) -> int:
-    """Bytes of the decoding state after a `context`-token prompt (random tokens: the size depends on shapes only)."""
+    """Bytes of the decoding state after a `context`-token prompt (random tokens: the size depends on shapes only),
+    the largest it reaches over the next refill_steps(model) decoding steps: what serving it must reserve."""
     ids = torch.randint(model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     dec = Decoder(model)
-    dec.prefill(ids.to(model_device(model)))
-    return dec.cache_bytes()
+    logits = dec.prefill(ids.to(model_device(model)))
+    most = dec.cache_bytes()
+    for _ in range(refill_steps(model)):
+        logits = dec.step(logits.argmax(-1, keepdim=True))
+        most = max(most, dec.cache_bytes())
+    return most
 
 
 def streaming_baseline(teacher, student, sinks: int = 4, context: int = 2048):

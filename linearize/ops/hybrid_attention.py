@@ -539,6 +539,8 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
     leaving = new if window == 0 else state.win.slice(slice(i, i + 1))
     if position - window < spec.sinks:
         state.sinks = _then(state.sinks, Streams(leaving.k, leaving.v).clone())
+    elif spec.cache:  # it waits, exact, in the sparse cache for the next selection
+        state.cache = _then(state.cache, Streams(leaving.k, leaving.v).clone())
     elif spec.heavy:  # the best far keys stay exact; the one each head drops enters the memory
         dropped = _heavy_admit(state, spec, leaving)
         if dropped is not None and state.kv is not None:
@@ -579,8 +581,11 @@ def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_stat
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     state = _empty_state(streams, spec) if initial_state is None else initial_state
-    if spec.cache:
+    if spec.cache and not spec.window:
         return _attention_cached(streams, spec, mix, state, key_features, 1), state if output_final_state else None
+    if spec.cache:
+        ys = [_cached_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
+        return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q), state if output_final_state else None
     ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features, norm_gain)
           for t in range(len(streams))]
     y = torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
@@ -716,6 +721,33 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     if left > n_sink:
         state.cache = _then(state.cache, keys.slice(slice(n_sink, left)))
     state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
+    if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
+        _select(state, spec, key_features)
+    return y
+
+
+def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+    """One token (B, ., 1, .) with the sparse cache and a window W > 0, for decoding: _cached_segment with n = 1,
+    but the window is the ring of _push_window, written in place (the key leaving it joins the sinks or the cache),
+    and no mask is built. Returns y (B, H, 1, d)."""
+    q = streams.q
+    B, H, _, d = q.shape
+    Hkv = streams.k.shape[1]
+    in_memory = state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
+    _push_window(state, spec, streams, key_features)
+    qg = q.reshape(B, Hkv, -1, d)
+    parts = [state.win] + [p for p in (state.sinks, state.cache) if p is not None]
+    scores = [(qg @ part.k.transpose(-1, -2)) * spec.scale for part in parts]  # (B, Hkv, G, n)
+    m_ref = scores[0].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
+    if state.sinks is not None:
+        m_ref = torch.maximum(m_ref, scores[1].amax(-1, keepdim=True))
+    m = m_ref if state.cache is None else torch.maximum(m_ref, scores[-1].amax(-1, keepdim=True))
+    num_sm = sum(torch.exp(s - m) @ _ones_column(part.v) for s, part in zip(scores, parts)).unsqueeze(3)
+    lin = None
+    if spec.memory:
+        lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+        lin = _capped(lin * torch.exp(m_ref - m).unsqueeze(3), in_memory, spec)
+    y = _combine(num_sm, lin, mix, Hkv)
     if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
         _select(state, spec, key_features)
     return y

@@ -13,7 +13,7 @@ position order), so a kept key keeps its neighbours: a number written as several
 pools its scores. The M keys with the largest pooled error stay, the others are written into the memory
 (S += phi(k_j)^T [v_j, 1]) or, with no linear part, dropped. So query i attends exactly to every token up to i that
 is not in the memory (window, sinks, cache, and the keys that left the window since the last selection) and reads
-the others from the memory, which changes only at selections. The state holds at most M + every cached keys per
+the others from the memory, which changes only at selections. The state holds at most M + every - 1 cached keys per
 head: constant in context length.
 
 The direction, not the squared error of LoLA's self-recall: a linear read-out is an average of many values, short
