@@ -4,6 +4,7 @@
                                      [--parallel 3] [--convert-args "..."] [--eval-args "..."]
     python scripts/baseline_table.py --out runs/baseline --speed        # decode tokens/s at 16k, this machine
     python scripts/baseline_table.py --out docs/results --add RUN --name NAME   # a finished run as one more row
+    python scripts/baseline_table.py --out docs/results --retire NAME,...    # rows of an earlier default recipe
 
 Rows, each `linearize convert` then `linearize eval` (ppl / KL / top-1 on the three texts, passkey 1k-4k):
     streaming W S      the teacher itself over S sinks + its last W tokens (`--attention streaming`: no training)
@@ -181,9 +182,23 @@ def main():
     p.add_argument("--add", metavar="RUN", help="append the finished run RUN (convert.json + eval.json with passkey) "
                                                 "to OUT/baseline.json as a row named --name")
     p.add_argument("--name", help="the row name for --add")
+    p.add_argument("--retire", metavar="NAMES", help="move these rows (comma-separated names) from `rows` to "
+                                                     "`earlier_recipes`: conversions by a recipe that is no longer "
+                                                     "the default, kept for the record")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.retire:
+        result = json.loads((out / "baseline.json").read_text())
+        names = set(args.retire.split(","))
+        if missing := names - {r["name"] for r in result["rows"]}:
+            sys.exit(f"error: no row named {', '.join(sorted(missing))} in {out / 'baseline.json'}")
+        retired = [r for r in result["rows"] if r["name"] in names]
+        result["earlier_recipes"] = result.get("earlier_recipes", []) + retired
+        result["rows"] = [r for r in result["rows"] if r["name"] not in names]
+        write(out, result)
+        print(markdown(result["rows"]))
+        return
     if args.add:
         result = json.loads((out / "baseline.json").read_text())
         row = finished_row(Path(args.add), args.name or Path(args.add).name, args.device)

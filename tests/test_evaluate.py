@@ -287,7 +287,8 @@ def test_state_bytes_count_a_sparse_cache_full_with_its_waiting_keys(tiny_teache
     per_key = 2 * 2 * 2 * 16 * 4  # 2 layers x 2 KV heads x (k, v) x head_dim 16 x fp32
     assert refill_steps(model(cached)) == 8 and refill_steps(model(plain)) == refill_steps(tiny_teacher) == 0
     for context in (64, 67, 200):
-        assert state_bytes(model(cached), context) - state_bytes(model(plain), context) == (4 + 8 - 1) * per_key  # the 8th waiting key is selected as it arrives
+        # the 8th waiting key is selected as it arrives
+        assert state_bytes(model(cached), context) - state_bytes(model(plain), context) == (4 + 8 - 1) * per_key
 
 
 def test_without_memory_is_the_exact_part_alone(tiny_teacher):

@@ -737,12 +737,12 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     _push_window(state, spec, streams, key_features)
     qg = q.reshape(B, Hkv, -1, d)
     parts = [state.win] + [p for p in (state.sinks, state.cache) if p is not None]
-    scores = [(qg @ part.k.transpose(-1, -2)) * spec.scale for part in parts]  # (B, Hkv, G, n)
-    m_ref = scores[0].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
-    if state.sinks is not None:
-        m_ref = torch.maximum(m_ref, scores[1].amax(-1, keepdim=True))
-    m = m_ref if state.cache is None else torch.maximum(m_ref, scores[-1].amax(-1, keepdim=True))
-    num_sm = sum(torch.exp(s - m) @ _ones_column(part.v) for s, part in zip(scores, parts)).unsqueeze(3)
+    n_ref = len(state.win) + (0 if state.sinks is None else len(state.sinks))  # the window and sinks come first
+    k, v = (torch.cat([getattr(p, name) for p in parts], dim=2) for name in ("k", "v"))
+    scores = (qg @ k.transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n)
+    m_ref = scores[..., :n_ref].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
+    m = scores.amax(-1, keepdim=True)
+    num_sm = (torch.exp(scores - m) @ _ones_column(v)).unsqueeze(3)
     lin = None
     if spec.memory:
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
