@@ -721,8 +721,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     if left > n_sink:
         state.cache = _then(state.cache, keys.slice(slice(n_sink, left)))
     state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
-    if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
-        _select(state, spec, key_features)
+    _select_when_due(state, spec, key_features)
     return y
 
 
@@ -731,7 +730,7 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     but the window is the ring of _push_window, written in place (the key leaving it joins the sinks or the cache),
     and no mask is built. Returns y (B, H, 1, d)."""
     q = streams.q
-    B, H, _, d = q.shape
+    B, _, _, d = q.shape
     Hkv = streams.k.shape[1]
     in_memory = state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
     _push_window(state, spec, streams, key_features)
@@ -748,9 +747,14 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
         lin = _capped(lin * torch.exp(m_ref - m).unsqueeze(3), in_memory, spec)
     y = _combine(num_sm, lin, mix, Hkv)
+    _select_when_due(state, spec, key_features)
+    return y
+
+
+def _select_when_due(state: LinearAttentionState, spec: AttentionSpec, key_features):
+    """After the tokens at positions p with (p + 1) % cache_every == 0: a selection, if the cache has too many keys."""
     if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
         _select(state, spec, key_features)
-    return y
 
 
 def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
