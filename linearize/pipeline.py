@@ -43,8 +43,7 @@ def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) 
     training did (at 4k tokens: Shakespeare 1.60x -> 1.26x the teacher's ppl, docs/results/memory_cap.md). 0 (none)
     where a cap does not apply: no exact part beside the memory, a gate or the delta rule (they bound it already),
     or the output normalisation (no shared normaliser)."""
-    hybrid = config.linear and config.window is not None and (config.window > 0 or config.sinks > 0)
-    return max(seq_len - config.window - config.sinks, 1) if hybrid and config.plain_sum_memory else 0
+    return max(seq_len - config.window - config.sinks, 1) if config.plain_memory_beside_exact else 0
 
 
 def resolve_train_attention(lora_targets: str, lora_train_attention: bool | None) -> bool:

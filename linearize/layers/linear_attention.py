@@ -118,11 +118,16 @@ class LinearAttentionConfig:
         return self.rule == "sum" and self.gate == "none" and self.norm == "shared"
 
     @property
+    def plain_memory_beside_exact(self) -> bool:
+        """A linear part whose plain sum memory sits beside a softmax window or sinks: the attention a memory cap
+        and a sparse cache are made for."""
+        return self.linear and self.window is not None and bool(self.window or self.sinks) and self.plain_sum_memory
+
+    @property
     def takes_cache(self) -> bool:
-        """Whether a sparse cache (`cache` > 0) works with this attention: a linear part whose plain sum memory sits
-        beside a softmax window or sinks, and no heavy hitters."""
-        return self.linear and self.window is not None and bool(self.window or self.sinks) and \
-            self.plain_sum_memory and not self.heavy
+        """Whether a sparse cache (`cache` > 0) works with this attention: plain_memory_beside_exact, and no heavy
+        hitters."""
+        return self.plain_memory_beside_exact and not self.heavy
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -678,6 +678,12 @@ def _attention_cached(streams: Streams, spec: AttentionSpec, mix, state: LinearA
     return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
 
 
+def _cached_memory_size(state: LinearAttentionState) -> int:
+    """How many keys the memory of a state with a sparse cache holds: every token seen that is not exact (in the
+    window, the sinks or the cache)."""
+    return state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
+
+
 def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
     """n tokens that end at or before the next selection: each query attends exactly to the state's sinks and cache
     and (causally) to the window and the segment's keys, and reads the memory, which is fixed until the selection.
@@ -687,7 +693,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
         raise ValueError("the sparse cache supports the sum rule without a forget gate")
     q = streams.q
     n = q.shape[2]
-    in_memory = state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
+    in_memory = _cached_memory_size(state)
     keys = state.in_order().append(streams.keys())  # k, v (a cache has no gate or strength)
     w, Hkv = len(keys) - n, keys.k.shape[1]
     qg = _group(q, Hkv)
@@ -732,7 +738,7 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     q = streams.q
     B, _, _, d = q.shape
     Hkv = streams.k.shape[1]
-    in_memory = state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
+    in_memory = _cached_memory_size(state)
     _push_window(state, spec, streams, key_features)
     qg = q.reshape(B, Hkv, -1, d)
     parts = [state.win] + [p for p in (state.sinks, state.cache) if p is not None]
