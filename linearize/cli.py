@@ -45,6 +45,9 @@ def _add_convert(sub):
                                              "recalls worst in exact softmax (LoLA; default: 64 where the attention "
                                              "takes one, else 0). It has no parameters: switched on in the saved "
                                              "model after training")
+    p.add_argument("--cache-position", choices=("own", "edge"),
+                   help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
+                        "window (edge; training-free, default: edge where there is a cache)")
     p.add_argument("--train-with-cache", action="store_true",
                    help="train stages 1 and 2 with the sparse cache in place (slow on the CPU; default: without)")
     p.add_argument("--heavy", type=int, metavar="M",

@@ -61,6 +61,13 @@ def add_sparse_cache(p):
                         "default: as converted)")
 
 
+def add_cache_position(p):
+    """--cache-position own|edge: where the student's sparse cache is scored (LinearAttentionConfig.cache_position)."""
+    p.add_argument("--cache-position", choices=("own", "edge"),
+                   help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
+                        "window (edge): far keys read like near ones (training-free; default: as converted)")
+
+
 def add_heavy_hitters(p):
     """--heavy M: the student keeps the keys that drew the most window attention exact (ops/heavy_hitters.py)."""
     p.add_argument("--heavy", type=int, metavar="M",

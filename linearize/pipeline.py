@@ -34,6 +34,7 @@ from .transfer.distributed import distributed_transfer, init_distributed
 # (runs/memonly, 25 minutes) it took the held-out ShareGPT ppl ratio from 1.184 to 1.122 and top-1 from 89.6 to
 # 93.0 %, better than StreamingLLM 4 + 256 on every text (README, docs/results/default_cache64_eval.json)
 DEFAULT_CACHE = 64
+DEFAULT_CACHE_POSITION = "edge"
 LAYER_ERROR_SEQUENCES = 2  # held-out rows for the per-layer transfer error that ranks layers for --keep-softmax
 
 
@@ -65,6 +66,8 @@ class ConvertSettings:
     cache: int | None = None  # the sparse cache (exact keys per KV head; ops/sparse_cache.py), switched on in the
     # saved model after training (it has no parameters) unless train_with_cache; None: DEFAULT_CACHE where the
     # attention takes one (LinearAttentionConfig.takes_cache), else the preset's
+    cache_position: str | None = None  # where the cache is scored (LinearAttentionConfig.cache_position; None:
+    # DEFAULT_CACHE_POSITION where there is a cache, else the preset's)
     train_with_cache: bool = False  # stages 1 and 2 run with the sparse cache in place (slow on the CPU)
     mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
     heavy: int | None = None  # override the preset's heavy hitters (exact keys per KV head; ops/heavy_hitters.py)
@@ -100,9 +103,12 @@ class ConvertSettings:
     def attention_config(self):
         config = attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
                                   feature_dim=self.feature_dim, cache=self.cache, mix_init=self.mix_init,
-                                  memory_cap=self.memory_cap, heavy=self.heavy, local_layers=self.local_layers)
+                                  memory_cap=self.memory_cap, heavy=self.heavy, local_layers=self.local_layers,
+                                  cache_position=self.cache_position)
         if self.cache is None and config.takes_cache and not config.cache:
             config = replace(config, cache=DEFAULT_CACHE)
+        if self.cache_position is None and config.cache:
+            config = replace(config, cache_position=DEFAULT_CACHE_POSITION)
         if self.memory_cap is None:
             config = replace(config, memory_cap=memory_cap_for_training_length(config, self.seq_len))
         return config
@@ -179,7 +185,7 @@ class RunState:
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
             overrides = ("window", "sinks", "feature_map", "feature_dim", "cache", "mix_init", "memory_cap", "heavy",
-                         "local_layers")
+                         "local_layers", "cache_position")
             overrides = overrides if "attention" in self.data else ()
             recorded_settings = {k: self.data["settings"].get(k, defaults[k]) for k in defaults}
             for both in (recorded_settings, now := asdict(settings)):  # None (the default) and its value agree
@@ -189,6 +195,8 @@ class RunState:
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
             if "memory_cap" not in self.data.get("attention", attention):  # runs from before the cap: training
                 recorded["memory_cap"] = attention["memory_cap"]  # is the same with the default cap (no change there)
+            if "cache_position" not in self.data.get("attention", attention):  # runs from before it: the cache is
+                recorded["cache_position"] = attention["cache_position"]  # switched on after training, no change there
             if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")

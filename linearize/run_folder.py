@@ -170,11 +170,12 @@ def load(path: str | Path, dtype=None):
 
 
 def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None = None,
-                 memory_cap: int | None = None, heavy: int | None = None):
+                 memory_cap: int | None = None, heavy: int | None = None, cache_position: str | None = None):
     """(LinearizedForCausalLM on `device` in `dtype` (default float32), tokenizer); the folder must hold
     tokenizer files. cache: give it a sparse cache of that many keys per KV head; memory_cap: cap its linear memory
-    at that many keys; heavy: keep that many heavy hitters per KV head exact (None: as converted; all training-free)."""
-    from .models.linearized import set_heavy_hitters, set_memory_cap, set_sparse_cache
+    at that many keys; heavy: keep that many heavy hitters per KV head exact; cache_position: score the cache at its
+    keys' own positions ("own") or just beyond the window ("edge") (None: as converted; all training-free)."""
+    from .models.linearized import set_cache_position, set_heavy_hitters, set_memory_cap, set_sparse_cache
 
     model, tokenizer = load(path, dtype=dtype)
     if tokenizer is None:
@@ -185,6 +186,8 @@ def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None =
         set_sparse_cache(model, cache)
     if memory_cap is not None:
         set_memory_cap(model, memory_cap)
+    if cache_position is not None:
+        set_cache_position(model, cache_position)
     return model.to(device), tokenizer
 
 

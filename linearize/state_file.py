@@ -7,7 +7,8 @@ File layout (safetensors, written atomically):
     layers.{i}.kv                      (B, Hkv, F, d+1) linear memory of layer i (absent without a linear part)
     layers.{i}.win.{k,v,log_gate,beta} the softmax window's key streams (a ring: metadata `start` is its oldest slot)
     layers.{i}.sinks.{k,v}             attention-sink keys that left the window (absent until one has)
-    layers.{i}.cache.{k,v}             the sparse cache's keys (ops/sparse_cache.py; absent without one)
+    layers.{i}.cache.{k,v,position}    the sparse cache's keys (ops/sparse_cache.py; absent without one; position:
+                                       their positions, for a cache scored at a distance)
     layers.{i}.heavy.{k,v,received}    the heavy hitters (ops/heavy_hitters.py; absent without them)
     logits                             (1, V) next-token logits after the last token: lets an empty prompt continue
     metadata "linearize_state": JSON   {format, version, model (fingerprint), dtype, seen, layers: [null | {seen,
@@ -33,7 +34,7 @@ from .run_folder import CONFIG, WEIGHTS, check_converted, load_tensors, save_ten
 
 FORMAT, VERSION = "linearize-decoding-state", 1
 META_KEY = "linearize_state"
-WINDOW_STREAMS = ("k", "v", "log_gate", "beta", "received")  # what a state keeps of a token (Streams.keys())
+WINDOW_STREAMS = ("k", "v", "log_gate", "beta", "received", "position")  # what a state keeps of a token
 REPREFILL = "prefill the document again with this model (`linearize prefill`)"
 SAMPLES, SAMPLE_BYTES = 16, 4096  # of the weights file, for the fingerprint
 

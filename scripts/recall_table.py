@@ -60,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--cache", type=int, default=0, metavar="M",
                    help="give the run's linear layers a sparse cache of M exact keys per KV head (set_sparse_cache, "
                         "as `linearize eval --cache M`; default: none)")
+    p.add_argument("--cache-position", choices=("own", "edge"), default=None,
+                   help="score the run's sparse cache at its keys' own positions or just beyond the window (as "
+                        "`linearize eval --cache-position`; default: as converted)")
     p.add_argument("--memory-cap", type=int, default=None, metavar="C",
                    help="cap the run's linear memory at C keys (as `linearize eval --memory-cap C`; default: as "
                         "converted)")
@@ -127,7 +130,8 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out)
     device, dtype = placement(args.device, args.dtype)
-    student, tokenizer = load_student(args.run, device, dtype, args.cache or None, args.memory_cap)
+    student, tokenizer = load_student(args.run, device, dtype, args.cache or None, args.memory_cap,
+                                      cache_position=args.cache_position)
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
     rows = eval_sequences("sharegpt", tokenizer, 1024, args.ppl_sequences, data=training_data(args.run))
     candidates = linearized_layers(student.attention_modules())

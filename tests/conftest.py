@@ -248,7 +248,7 @@ def blocks(T: int) -> list:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, norm_gain=None):
+def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, norm_gain=None, inv_freq=None):
     """Feed `streams` span by span, each span as (slice, "chunked" | "recurrent"), every call continuing the state
     of the last one. check(span, state) runs after each span. Returns (y over all spans, the final state)."""
     import torch
@@ -259,7 +259,8 @@ def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, n
     for s, form in spans:
         kw = dict(chunk=chunk) if form == "chunked" else {}
         run = attention_chunked if form == "chunked" else attention_recurrent
-        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, norm_gain=norm_gain, **kw)
+        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, norm_gain=norm_gain,
+                       inv_freq=inv_freq, **kw)
         ys.append(y)
         if check:
             check(s, state)

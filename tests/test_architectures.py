@@ -10,7 +10,8 @@ import linearize
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import FULL_SOFTMAX, LinearAttentionConfig
 from linearize.loading.architectures import ARCHITECTURES, architecture_of
-from linearize.models.linearized import LinearizedForCausalLM
+from linearize.models.linearized import LinearizedForCausalLM, set_sparse_cache
+from linearize.ops.rotary import rotate
 
 from conftest import decode_stepwise
 
@@ -94,3 +95,38 @@ def test_unsupported_architecture_names_the_supported_ones():
     gemma.attn_logit_softcapping = 50.0
     with pytest.raises(LinearizeError, match="attn_logit_softcapping"):
         architecture_of(gemma)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_rope_frequencies_reproduce_the_teacher_rotary(name):
+    """Each layer reads the RoPE frequencies of its own rotary (Gemma 3: local and global layers differ): rotating by
+    them is what the teacher's rotary embedding does (what a cache scored at a distance relies on)."""
+    teacher = teacher_for(name)
+    model = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=4, chunk_size=8))
+    rotary = teacher.model.rotary_emb
+    head_dim = model.attention_modules()[0].head_dim
+    x, pos = torch.randn(1, 2, 5, head_dim), torch.arange(3, 8)[None]
+    for i, a in enumerate(model.attention_modules()):
+        kw = {"layer_type": teacher.config.layer_types[i]} if name == "gemma3_text" else {}
+        cos, sin = rotary(x, pos, **kw)
+        expected, _ = a._apply_rotary(x, x, cos, sin)
+        torch.testing.assert_close(rotate(x, pos[0], a.rope_frequencies), expected)
+    if name == "gemma3_text":
+        local, other = model.attention_modules()[0].rope_frequencies, model.attention_modules()[1].rope_frequencies
+        assert not torch.equal(local, other)
+
+
+def test_gemma3_saved_with_a_cache_keeps_its_local_layers_exact(tmp_path):
+    """A saved config holds the global layers' sparse cache; loading gives it to them alone (the teacher's local
+    layers stay its exact window: a cache there changed every output beyond the local window)."""
+    teacher = teacher_for("gemma3_text")
+    model = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=8)).eval()
+    set_sparse_cache(model, 2, every=8)
+    x = ids()[:1]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    loaded = LinearizedForCausalLM.from_pretrained(tmp_path).eval()
+    assert [a.config.cache for a in loaded.attention_modules()] == [0, 2, 0, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, before)

@@ -4,13 +4,16 @@ which replays the selections on explicit sets; a cache that holds everything is 
 kept in the cache is retrieved exactly; the decoding state does not grow; a converted model takes a cache without
 training and then, with room for every key, equals its teacher."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
-from linearize.models.linearized import set_sparse_cache
+from linearize.models.linearized import set_cache_position, set_sparse_cache
 from linearize.ops.hybrid_attention import AttentionSpec, Streams, attention_quadratic
+from linearize.ops.rotary import rotate
 from linearize.ops.sparse_cache import keep_worst_recalled, pooled, self_recall_error
 
 from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
@@ -142,3 +145,72 @@ def test_bad_cache_settings_are_refused(tiny_teacher):
     pure = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=0))
     with pytest.raises(LinearizeError, match="--cache"):
         set_sparse_cache(pure, 8)
+
+
+def rope_frequencies(d: int) -> torch.Tensor:
+    return 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+
+@pytest.mark.parametrize("form", sorted(SPANS))
+@pytest.mark.parametrize("B,H,Hkv,T,d,window,sinks,cache,every", CASES[:3])
+def test_cache_scored_at_a_distance_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, form):
+    """cache_distance D: every form equals the quadratic reference, and the result differs from the cache scored at
+    its keys' own positions."""
+    streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, cache=cache, cache_every=every, cache_distance=window)
+    inv_freq = rope_frequencies(d)
+    ref = attention_quadratic(streams, spec, mix, inv_freq=inv_freq)
+    y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T), inv_freq=inv_freq)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    assert state.cache.position.shape == state.cache.k.shape[:3]
+    own = attention_quadratic(streams, replace(spec, cache_distance=None), mix)
+    assert (ref - own).abs().max() > 1e-3
+
+
+def test_cache_at_a_distance_reads_a_needle_the_same_however_far_back():
+    """Linear part off, window 4, a cache of 1 key: keys and queries carry RoPE at their positions. The last query
+    reads the same output whether the needle sat 30 or 80 tokens back (the window and the needle's key and value
+    the same), as if it sat just beyond the window; scored at its own position it reads differently."""
+    T, d, W = 100, 8, 4
+    g = torch.Generator().manual_seed(0)
+    inv_freq = rope_frequencies(d)
+    raw_k, v, raw_q = (torch.randn(1, 1, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+    outputs = {}
+    for where in (70, 20):
+        k, vv = raw_k.clone(), v.clone()
+        k[0, 0, where], vv[0, 0, where] = raw_k[0, 0, 0], 20 * v[0, 0, 0]  # the needle: the largest value, kept
+        pos = torch.arange(T)
+        streams = Streams(rotate(k, pos, inv_freq), vv, q=rotate(raw_q, pos, inv_freq))
+        for distance in (W, None):
+            spec = AttentionSpec(W, d**-0.5, linear=False, cache=1, cache_every=8, cache_distance=distance)
+            y, state = run_in_spans(streams, spec, torch.ones(1), None, SPANS["recurrent"](T), inv_freq=inv_freq)
+            torch.testing.assert_close(y, attention_quadratic(streams, spec, torch.ones(1), inv_freq=inv_freq))
+            outputs[where, distance] = y[0, 0, -1]
+    torch.testing.assert_close(outputs[70, W], outputs[20, W], rtol=1e-12, atol=1e-12)
+    assert (outputs[70, None] - outputs[20, None]).abs().max() > 1e-3
+
+
+def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path):
+    """set_cache_position("edge"): the layers read the teacher's RoPE frequencies (kept after save and load), full
+    forward and step-wise decoding agree, and the logits differ from the cache at its own positions."""
+    ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(1))
+    student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
+    student = set_sparse_cache(student.eval(), 3, every=8)
+    with torch.no_grad():
+        own = student(input_ids=ids).logits
+        set_cache_position(student, "edge")
+        assert {m.spec.cache_distance for m in student.attention_modules()} == {4}
+        edge = student(input_ids=ids).logits
+        stepwise, _ = decode_stepwise(student, ids, prompt=13)
+    torch.testing.assert_close(stepwise, edge, rtol=1e-4, atol=1e-4)
+    assert (edge - own).abs().max() > 1e-3
+    rotary = tiny_teacher.model.rotary_emb.inv_freq
+    student.save_pretrained(tmp_path)
+    loaded = LinearizedForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.attention["cache_position"] == "edge"
+    for m in loaded.attention_modules():
+        torch.testing.assert_close(m.rope_frequencies, rotary)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, edge, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LinearizeError, match="cache_position"):
+        LinearAttentionConfig(cache=8, cache_position="far")

@@ -207,3 +207,22 @@ def test_feature_dim_sets_the_memory_size(tiny_teacher):
     assert all(s.kv.shape[-2:] == (8, head_dim + 1) for s in state)
     with pytest.raises(LinearizeError, match="feature-dim"):
         attention_preset("lolcats", feature_dim=0)
+
+
+def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_path):
+    """convert saves the cache at the window's edge where there is a cache (own positions on request, nothing to
+    set without one); training runs without the cache; a run recorded before the setting existed resumes."""
+    import json
+    from dataclasses import asdict
+
+    from linearize.pipeline import ConvertSettings, RunState
+
+    assert ConvertSettings().attention_config().cache_position == "edge"
+    assert ConvertSettings().training_attention_config().cache == 0
+    assert ConvertSettings(cache_position="own").attention_config().cache_position == "own"
+    assert ConvertSettings(cache=0).attention_config().cache_position == "own"
+    attention = ConvertSettings().attention_config().to_dict()
+    del attention["cache_position"]
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
+                                                        "results": {}}))
+    RunState(tmp_path, ConvertSettings(), resume=True)

@@ -15,6 +15,8 @@ CONFIGS = {  # every kind of layer state: window + sinks ring, gated delta (log_
     # window), and a kept softmax layer (no memory, a growing KV window)
     "window+sinks": (LinearAttentionConfig(window=8, sinks=2, chunk_size=8), ()),
     "sparse-cache": (LinearAttentionConfig(window=4, sinks=1, cache=3, cache_every=8, chunk_size=8), ()),
+    "cache-at-edge": (LinearAttentionConfig(window=4, sinks=1, cache=3, cache_every=8, chunk_size=8,
+                                            cache_position="edge"), ()),
     "heavy-hitters": (LinearAttentionConfig(window=4, sinks=1, heavy=3, chunk_size=8), ()),
     "gated-delta": (LinearAttentionConfig(window=4, gate="key", rule="delta", chunk_size=8), ()),
     "pure-linear": (LinearAttentionConfig(window=0, feature_map="t2r", chunk_size=8), ()),
@@ -41,8 +43,8 @@ def test_saved_state_decodes_like_prefilling_again(tiny_teacher, tmp_path, name)
     dec = Decoder(model)
     dec.generate(torch.zeros(1, 0, dtype=torch.long), 6, state=state, state_logits=logits)  # 5 decoding steps
     logits = dec.step(torch.tensor([[3]]))  # and one more: the windows' rings have moved
-    if name == "sparse-cache":  # the cache holds keys beside the ring
-        assert all(len(s.cache) >= 3 for s in state)
+    if name in ("sparse-cache", "cache-at-edge"):  # the cache holds keys (and their positions) beside the ring
+        assert all(len(s.cache) >= 3 and (s.cache.position is not None) == (name == "cache-at-edge") for s in state)
     assert any(s.start for s in state if s is not None) or name == "pure-linear"
     saved = copy_state(state)
     save_state(tmp_path / "s.safetensors", state, logits, model="m1", dtype=torch.float32, document="doc.txt")

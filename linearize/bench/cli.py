@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, add_sparse_cache, fmt, token_count, token_counts
+from ..options import add_cache_position, add_placement, add_sparse_cache, fmt, token_count, token_counts
 
 
 def add(sub):
@@ -28,6 +28,7 @@ def add(sub):
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
     add_sparse_cache(p)
+    add_cache_position(p)
     add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
@@ -40,7 +41,8 @@ def run(args):
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
                              timeout=args.timeout, linears=args.linears, device=args.device, dtype=args.dtype,
-                             in_process=args.in_process, cache=args.cache)
+                             in_process=args.in_process, cache=args.cache,
+                             cache_position=args.cache_position)
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {Path(args.path) / bench_file(settings)}")

@@ -51,6 +51,7 @@ class BenchSettings:
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
     cache: int | None = None  # the student with a sparse cache of this many keys per KV head (None: as converted)
+    cache_position: str | None = None  # the student's cache scored at "own" positions or the window's "edge"
     # the targets (issue: SmolLM2-135M on a 2-core CPU), judged at context target_at
     target_at: int = 16 * K
     flat_band: tuple[float, float] = (0.85, 1.15)  # student decode tokens/s vs the shortest context
@@ -72,12 +73,14 @@ class BenchSettings:
 
 
 def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
-              linears: str = "decode", dtype: str = "float32", cache: int | None = None) -> dict:
+              linears: str = "decode", dtype: str = "float32", cache: int | None = None,
+              cache_position: str | None = None) -> dict:
     """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
            "--decode-tokens", str(decode_tokens), "--linears", linears, "--dtype", dtype]
     cmd += ["--teacher", teacher] if teacher else []
     cmd += ["--cache", str(cache)] if cache is not None else []
+    cmd += ["--cache-position", cache_position] if cache_position is not None else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -123,11 +126,12 @@ class InProcess:
     """Both models loaded once on `device`; point() measures one in this process (errors come back as
     {"error": ...}, a CUDA out-of-memory included, with the cache emptied after it)."""
 
-    def __init__(self, path, teacher: str | None, device, dtype, linears: str, cache: int | None = None):
+    def __init__(self, path, teacher: str | None, device, dtype, linears: str, cache: int | None = None,
+                 cache_position: str | None = None):
         from .measure import load_model
 
         self.device = device
-        self.models = {which: load_model(path, which, teacher, device, dtype, linears, cache)
+        self.models = {which: load_model(path, which, teacher, device, dtype, linears, cache, cache_position)
                        for which in ("student", "teacher")}
 
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
@@ -145,8 +149,11 @@ class InProcess:
 
 
 def bench_file(settings: BenchSettings) -> str:
-    """bench.json, or bench_cacheM.json for a student given a sparse cache by --cache M."""
-    return BENCH if settings.cache is None else f"bench_cache{settings.cache}.json"
+    """bench.json, or bench_cacheM.json for a student given a sparse cache by --cache M (_own / _edge added for a
+    --cache-position)."""
+    cache = "" if settings.cache is None else f"_cache{settings.cache}"
+    position = "" if settings.cache_position is None else f"_{settings.cache_position}"
+    return f"bench{cache}{position}.json" if cache or position else BENCH
 
 
 def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str | None = None, log=print) -> dict:
@@ -168,7 +175,8 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
     if device.type == "cuda":
         machine.update(device_name=device_name(device), cuda=torch.version.cuda)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [], "machine": machine}
-    here = InProcess(path, spec, device, dtype, settings.linears, settings.cache) if settings.in_process else None
+    here = InProcess(path, spec, device, dtype, settings.linears, settings.cache,
+                     settings.cache_position) if settings.in_process else None
     for context in sorted(set(settings.contexts) | set(settings.decode_contexts)):
         n_decode = settings.decode_tokens if context in settings.decode_contexts else 0
         for which in ("student", "teacher"):
@@ -179,7 +187,7 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
                 point = here.point(which, context, n_decode, settings.linears)
             else:
                 point = run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears, dtype_name,
-                                  settings.cache)
+                                  settings.cache, settings.cache_position)
             res["points"].append(point)
             if "error" in point:
                 log(f"bench: {which} at {context}: {point['error']}")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import (add_heavy_hitters, add_memory_cap, add_placement, add_sparse_cache, comma_ints, mmlu_limit,
+from ..options import (add_cache_position, add_heavy_hitters, add_memory_cap, add_placement, add_sparse_cache, comma_ints, mmlu_limit,
                        names, token_counts)
 
 
@@ -43,6 +43,7 @@ def add(sub):
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
     add_sparse_cache(p)
     add_memory_cap(p)
+    add_cache_position(p)
     add_heavy_hitters(p)
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
@@ -63,7 +64,7 @@ def run(args):
                             prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
                             dtype=args.dtype, cache=args.cache, memory_cap=args.memory_cap,
-                            heavy=args.heavy)
+                            heavy=args.heavy, cache_position=args.cache_position)
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")

@@ -56,6 +56,7 @@ class EvalSettings:
     cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
     memory_cap: int | None = None  # cap the student's linear memory at this many keys (training-free)
     heavy: int | None = None  # keep this many heavy hitters per KV head exact (training-free; ops/heavy_hitters.py)
+    cache_position: str | None = None  # "own" | "edge": where the student's sparse cache is scored (training-free)
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -94,7 +95,8 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap, settings.heavy)
+    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap, settings.heavy,
+                                      settings.cache_position)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

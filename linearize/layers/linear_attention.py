@@ -20,6 +20,7 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 GATES = ("none", "key")
 RULES = ops.RULES
 NORMS = ("shared", "rms")
+CACHE_POSITIONS = ("own", "edge")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class LinearAttentionConfig:
       `cache_pool` keys on either side of it (whole numbers stay: 4k passkey 60 -> 100 %, 10 trials,
       docs/results/recall_pooled_probe.json); 0 = none. Sum rule without a gate only; it
       needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache);
+    cache_position: where the cache's keys are scored: "own" (their own positions, however far back) | "edge" (as if
+      each sat `window` tokens before the query, just beyond the window, ops/rotary.py); training-free like the
+      cache (models.linearized.set_cache_position). Needs the teacher's RoPE frequencies;
     norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);
@@ -73,6 +77,7 @@ class LinearAttentionConfig:
     mix_init: float = 0.0
     memory_cap: int = 0
     heavy: int = 0
+    cache_position: str = "own"
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -90,6 +95,9 @@ class LinearAttentionConfig:
         if self.sinks < 0 or (self.sinks and self.window is None):
             raise LinearizeError(f"sinks must be >= 0, and need a bounded window (got sinks={self.sinks}, "
                                  f"window={self.window})")
+        if self.cache_position not in CACHE_POSITIONS:
+            raise LinearizeError(f"cache_position (--cache-position) must be one of {CACHE_POSITIONS} (got "
+                                 f"{self.cache_position!r})")
         if self.cache < 0 or self.cache_every < 1 or self.cache_pool < 0:
             raise LinearizeError(f"cache must be >= 0, cache_every >= 1 and cache_pool >= 0 (got {self.cache}, "
                                  f"{self.cache_every}, {self.cache_pool})")
@@ -199,7 +207,8 @@ class LinearAttention(nn.Module):
     # adapters disabled the model then *is* the teacher (stage 2 distils from it without a second copy, teacher_view)
     exact_softmax: bool = False
 
-    def __init__(self, teacher_attn: nn.Module, config: LinearAttentionConfig, num_heads: int, num_kv_heads: int):
+    def __init__(self, teacher_attn: nn.Module, config: LinearAttentionConfig, num_heads: int, num_kv_heads: int,
+                 rope_frequencies=None):
         super().__init__()
         self.config = config
         self.layer_idx = teacher_attn.layer_idx
@@ -223,11 +232,27 @@ class LinearAttention(nn.Module):
         # output normalisation (norm "rms"): the RMSNorm gain of the linear part, per head and channel
         rms = linear_and_window and config.norm == "rms"
         self.norm_gain = nn.Parameter(torch.ones(num_heads, self.head_dim)) if rms else None
-        # the mode of this layer's attention calls, made once (not on every decoding step)
-        self.spec = ops.AttentionSpec(window=config.window, scale=self.scaling, sinks=config.sinks, rule=config.rule,
-                                      linear=config.linear, cache=config.cache, cache_every=config.cache_every,
-                                      cache_pool=config.cache_pool, memory_cap=config.memory_cap, heavy=config.heavy)
+        # () -> the teacher's RoPE frequencies (d/2,) or None, for a cache scored away from its own positions: read
+        # from the model's rotary module when used (transformers fills that buffer in after loading the weights)
+        self._rope_frequencies = rope_frequencies or (lambda: None)
+        self.spec = self.make_spec()
         self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
+
+    @property
+    def rope_frequencies(self) -> torch.Tensor | None:
+        return self._rope_frequencies()
+
+    def make_spec(self) -> ops.AttentionSpec:
+        """The mode of this layer's attention calls, from its config: made once (not on every decoding step), again
+        when a training-free setting changes (models.linearized._recall_layers)."""
+        c = self.config
+        distance = c.window if c.cache and c.cache_position == "edge" else None
+        if distance is not None and self.rope_frequencies is None:
+            raise LinearizeError("--cache-position edge needs the teacher's RoPE frequencies, which this model's "
+                                 "rotary module does not expose; use --cache-position own")
+        return ops.AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear,
+                                 cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
+                                 memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance)
 
     @property
     def approximates_teacher(self) -> bool:
@@ -293,12 +318,12 @@ class LinearAttention(nn.Module):
             kw = {} if form is ops.attention_recurrent else dict(chunk=self.config.chunk_size)
             # the state keeps window keys, not their features: key_features recomputes them
             y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features,
-                                            norm_gain=self.norm_gain, **kw)
+                                            norm_gain=self.norm_gain, inv_freq=self.rope_frequencies, **kw)
             return y
         if self.form == "quadratic":
-            return ops.attention_quadratic(streams, spec, mix, self.norm_gain)
+            return ops.attention_quadratic(streams, spec, mix, self.norm_gain, self.rope_frequencies)
         return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size, key_features=self.key_features,
-                                     norm_gain=self.norm_gain)[0]
+                                     norm_gain=self.norm_gain, inv_freq=self.rope_frequencies)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape

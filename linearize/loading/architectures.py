@@ -42,6 +42,15 @@ class Architecture:
         """The teacher layer's sliding window (it keys i - W < j <= i), or None for a global layer."""
         return getattr(attn, self.window_attr, None) if self.window_attr else None
 
+    def rope_frequencies(self, model: nn.Module, layer_idx: int):
+        """() -> the inverse RoPE frequencies (head_dim / 2,) the model's rotary module gives layer `layer_idx`
+        (Gemma 3: one set per layer type), or None where the model has none that this can read. A function, read
+        when called: transformers fills the rotary buffers in after loading the weights."""
+        rotary = getattr(getattr(model, self.layers_path.split(".")[0], model), "rotary_emb", None)
+        layer_types = getattr(model.config, "layer_types", None)
+        name = "inv_freq" if hasattr(rotary, "inv_freq") else f"{layer_types[layer_idx]}_inv_freq" if layer_types else ""
+        return lambda: getattr(rotary, name, None)
+
     def check(self, config) -> None:
         for flag in self.unsupported:
             if getattr(config, flag, None):

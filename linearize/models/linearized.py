@@ -42,11 +42,13 @@ def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) ->
     students = []
     for i, (attn, window) in enumerate(zip(attns, windows)):
         cfg = config
-        if window is not None:  # the teacher's own local layer: its exact window, no sinks, no heavy hitters
-            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0, heavy=0)
+        if window is not None:  # the teacher's own local layer: its exact window alone (no sinks, heavy hitters or
+            # sparse cache: a saved config's cache is the global layers')
+            cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0, heavy=0, cache=0, memory_cap=0)
         elif i < config.local_layers:  # DiagAttention: the window (and sinks) of the config, exact softmax
             cfg = replace(config, linear=False)
-        student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads)
+        student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads,
+                                  arch.rope_frequencies(teacher, i))
         students.append(student.to(attn.q_proj.weight.device))
     return students
 
@@ -81,12 +83,12 @@ def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
 
 
 def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
-    """Change training-free settings (cache, cache_every, cache_pool, memory_cap, heavy) of every layer with a linear
-    memory: its config (validated), its spec and the model's config, which records them."""
+    """Change training-free settings (cache, cache_every, cache_pool, cache_position, memory_cap, heavy) of every
+    layer with a linear memory: its config (validated), its spec and the model's config, which records them."""
     for m in memory_layers(model):
         m.config = replace(m.config, **changes)
         LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
-        m.spec = replace(m.spec, **changes)
+        m.spec = m.make_spec()
     model.config.attention = {**model.config.attention, **changes}
     return model
 
@@ -103,6 +105,12 @@ def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | Non
         pool = model.config.attention.get("cache_pool", LinearAttentionConfig.cache_pool)
     return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64),
                           cache_pool=pool)
+
+
+def set_cache_position(model: "LinearizedForCausalLM", where: str) -> "LinearizedForCausalLM":
+    """Score every layer's sparse cache at its keys' own positions ("own") or just beyond the window ("edge";
+    LinearAttentionConfig.cache_position). Training-free; the model's config records it."""
+    return _recall_layers(model, cache_position=where)
 
 
 def set_heavy_hitters(model: "LinearizedForCausalLM", size: int) -> "LinearizedForCausalLM":

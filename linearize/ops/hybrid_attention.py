@@ -27,8 +27,9 @@ w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the sa
 - AttentionSpec: the mode. window W (0: pure linear; None: full causal softmax, no linear part), sinks S (the first
   S tokens stay in exact softmax for ever and never enter the memory: attention sinks, StreamingLLM), scale,
   rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM),
-  memory_cap C (0: none), cache M, cache_every and cache_pool (the sparse cache, sparse_cache.py), heavy M
-  (heavy_hitters.py).
+  memory_cap C (0: none), cache M, cache_every and cache_pool (the sparse cache, sparse_cache.py), cache_distance
+  (None: a cached key is scored at its own position; D: as if it sat D tokens before every query, rotary.py),
+  heavy M (heavy_hitters.py).
 - mix (H,): the weight of the exact part (unused without a linear part).
 
 Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
@@ -42,6 +43,13 @@ Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in t
 key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made fk: a state keeps its window keys, not
 their features, and recomputes them when the keys leave the window. norm_gain (H, d) or None: the gain of the
 output normalisation of the linear part (None: the shared normaliser); a per-token map, so the state is unchanged.
+inv_freq (d/2,) or None: the model's RoPE frequencies, needed where spec.cache_distance is set.
+
+    cache distance (cache_distance = D): a cached key j (sparse cache, not the window or sinks) is scored as if it
+        were D tokens before the query: s_ij = rope(q_i, D - i) . rope(k_j, -j) * scale (q, k carry RoPE at their
+        own positions i, j). With D = W every cached key sits just beyond the window, where the model is used to
+        reading, however far back it was written: a 135M teacher finds a pass key 8k tokens back 6 times in 10,
+        the student with its cache at D = W 7 in 10 (0 at its own positions; README).
 """
 
 from dataclasses import dataclass, fields, replace
@@ -50,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fla_kernels, heavy_hitters, sparse_cache
+from .rotary import rotate
 from .linear_memory import memory_chunked, memory_naive, memory_step
 
 EPS = 1e-6
@@ -70,6 +79,7 @@ class AttentionSpec:
     cache_pool: int = 0
     memory_cap: int = 0
     heavy: int = 0
+    cache_distance: int | None = None
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -80,6 +90,8 @@ class AttentionSpec:
                            or self.cache_pool < 0):
             raise ValueError("a sparse cache needs a bounded window > 0 or sinks, the sum rule, cache_every >= 1 and "
                              "cache_pool >= 0")
+        if self.cache_distance is not None and (not self.cache or self.cache_distance < 0):
+            raise ValueError("cache_distance needs a sparse cache and must be >= 0")
         if self.heavy < 0 or (self.heavy and (not self.window or self.delta or self.cache)):
             raise ValueError("heavy hitters need a bounded window > 0 and the sum rule, without a sparse cache")
 
@@ -97,7 +109,8 @@ class AttentionSpec:
 class Streams:
     """Per-token streams along time (dim 2) that travel together; any of them may be None (a decoding state's
     window holds keys only: k, v, log_gate, beta, received). received (B, Hkv, T): the window attention each key
-    drew so far (heavy hitters only)."""
+    drew so far (heavy hitters only); position (B, Hkv, T): each key's position in the sequence (a sparse cache with
+    a cache_distance only)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -107,6 +120,7 @@ class Streams:
     log_gate: torch.Tensor | None = None
     beta: torch.Tensor | None = None
     received: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
     def _map(self, fn, *others: "Streams") -> "Streams":
         out = {}
@@ -163,7 +177,8 @@ class LinearAttentionState:
     the window is full it is a ring: decoding overwrites the oldest key in place, `start` is the slot of the oldest
     key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
     sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position);
-    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached;
+    cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached
+    (scored at a distance: k with its RoPE undone, and each key's position);
     heavy: the key streams (k, v, received) of the heavy hitters (heavy_hitters.py), per KV head in position order,
     None until a key has left the window."""
 
@@ -275,10 +290,10 @@ def _exact_num(scores, values, m):
     return _per_group(torch.exp(scores - m), _ones_column(values))
 
 
-def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=None) -> torch.Tensor:
+def attention_quadratic(streams: Streams, spec: AttentionSpec, mix, norm_gain=None, inv_freq=None) -> torch.Tensor:
     """Reference form with explicit T x T weights. Returns (B, H, T, d)."""
     if spec.cache:
-        return _cached_quadratic(streams, spec, mix)
+        return _cached_quadratic(streams, spec, mix, inv_freq)
     if spec.heavy:
         return _heavy_quadratic(streams, spec, mix)
     q, k, v = streams.q, streams.k, streams.v
@@ -387,7 +402,8 @@ def _sinks_outside_window(state, keys: Streams, n_sink: int, window: int):
 
 
 def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                      output_final_state: bool = False, chunk: int = 64, key_features=None, norm_gain=None):
+                      output_final_state: bool = False, chunk: int = 64, key_features=None, norm_gain=None,
+                      inv_freq=None):
     """Same result as attention_quadratic in O(T * (chunk + W)) memory. Returns (y (B, H, T, d), the
     LinearAttentionState after the last token if output_final_state else None).
     initial_state: continue after the tokens it holds (prefill in blocks): its window keys are prepended to this
@@ -395,7 +411,7 @@ def attention_chunked(streams: Streams, spec: AttentionSpec, mix, initial_state:
     ones (it is not modified)."""
     if spec.cache:  # segment by segment between the cache's selections
         state = _empty_state(streams, spec) if initial_state is None else replace(initial_state)
-        y = _attention_cached(streams, spec, mix, state, key_features, spec.cache_every)
+        y = _attention_cached(streams, spec, mix, state, key_features, spec.cache_every, inv_freq)
         return y, state if output_final_state else None
     state = initial_state
     w = 0 if state is None else len(state.win)
@@ -525,7 +541,7 @@ def _empty_state(streams: Streams, spec: AttentionSpec) -> LinearAttentionState:
     return LinearAttentionState(kv, window)
 
 
-def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams, key_features):
+def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams, key_features, inv_freq=None):
     """One new token's streams (B, Hkv, 1, .) enter the window. Once it is full, the oldest key leaves it (with
     W = 0: the new key itself) for the sinks if it is one of the first `sinks` tokens, else for the linear memory
     (when there is one), and the new key takes its slot in place; an unbounded window (a KV cache) just grows."""
@@ -540,7 +556,7 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
     if position - window < spec.sinks:
         state.sinks = _then(state.sinks, Streams(leaving.k, leaving.v).clone())
     elif spec.cache:  # it waits, exact, in the sparse cache for the next selection
-        state.cache = _then(state.cache, Streams(leaving.k, leaving.v).clone())
+        state.cache = _then(state.cache, _to_cache(leaving, position - window, spec, inv_freq).clone())
     elif spec.heavy:  # the best far keys stay exact; the one each head drops enters the memory
         dropped = _heavy_admit(state, spec, leaving)
         if dropped is not None and state.kv is not None:
@@ -575,16 +591,18 @@ def _heavy_admit(state: LinearAttentionState, spec: AttentionSpec, leaving: Stre
 
 
 def attention_recurrent(streams: Streams, spec: AttentionSpec, mix, initial_state: LinearAttentionState | None = None,
-                        output_final_state: bool = False, key_features=None, norm_gain=None):
+                        output_final_state: bool = False, key_features=None, norm_gain=None, inv_freq=None):
     """Decode T >= 1 new tokens one at a time. Returns (y (B, H, T, d), the state after them if output_final_state
     else None). initial_state (None: an empty one) is advanced in place, so the returned state is that object:
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
     state = _empty_state(streams, spec) if initial_state is None else initial_state
     if spec.cache and not spec.window:
-        return _attention_cached(streams, spec, mix, state, key_features, 1), state if output_final_state else None
+        y = _attention_cached(streams, spec, mix, state, key_features, 1, inv_freq)
+        return y, state if output_final_state else None
     if spec.cache:
-        ys = [_cached_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features) for t in range(len(streams))]
+        ys = [_cached_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features, inv_freq)
+              for t in range(len(streams))]
         return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q), state if output_final_state else None
     ys = [_recurrent_step(streams.slice(slice(t, t + 1)), spec, mix, state, key_features, norm_gain)
           for t in range(len(streams))]
@@ -626,7 +644,7 @@ def _recurrent_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
 
 # ---- the sparse cache (sparse_cache.py): the exact part is every token not in the memory ----
 
-def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tensor:
+def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix, inv_freq=None) -> torch.Tensor:
     """Reference: replay the cache's selections on explicit per-head sets of memory keys, then explicit T x T weights:
     query i attends exactly to every key j <= i outside the memory it reads, and reads the memory linearly."""
     q, k, v = streams.q, streams.k, streams.v
@@ -652,13 +670,17 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
         in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
     causal = pos[None, :] <= pos[:, None]
     exact = causal & ~memory_of  # (B, Hkv, T, T)
+    reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    if spec.cache_distance is not None:  # cached keys (exact, not window or sinks) as if cache_distance back
+        q_far, k_far = rotate(q, spec.cache_distance - pos, inv_freq), rotate(k, -pos, inv_freq)
+        s_far = (_group(q_far, Hkv) @ k_far.unsqueeze(2).transpose(-1, -2)) * spec.scale
+        s = torch.where(reference, s, s_far)
     s_exact = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
     m = s_exact.amax(-1, keepdim=True)
     num_sm = _exact_num(s_exact, v, m)
     lin = None
     if spec.memory:  # in the units of the window and sinks: exp(s - m_ref)
-        reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
         m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
         a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
         lin = _capped((a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m), memory_of.sum(-1).unsqueeze(2),
@@ -667,13 +689,13 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix) -> torch.Tenso
 
 
 def _attention_cached(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
-                      longest: int) -> torch.Tensor:
+                      longest: int, inv_freq=None) -> torch.Tensor:
     """Feed the tokens in segments of at most `longest` that never cross a selection; `state` moves on in place.
     Returns y (B, H, T, d)."""
     ys, t, T = [], 0, len(streams)
     while t < T:
         n = min(longest, spec.cache_every - state.seen % spec.cache_every, T - t)
-        ys.append(_cached_segment(streams.slice(slice(t, t + n)), spec, mix, state, key_features))
+        ys.append(_cached_segment(streams.slice(slice(t, t + n)), spec, mix, state, key_features, inv_freq))
         t += n
     return torch.cat(ys, dim=2) if ys else torch.zeros_like(streams.q)
 
@@ -684,7 +706,35 @@ def _cached_memory_size(state: LinearAttentionState) -> int:
     return state.seen - len(state.win) - sum(0 if p is None else len(p) for p in (state.sinks, state.cache))
 
 
-def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+def _to_cache(keys: Streams, first: int, spec: AttentionSpec, inv_freq) -> Streams:
+    """Keys (B, Hkv, n, .) at positions first, first + 1, ... as the sparse cache holds them: k, v; where the cache
+    scores them at a distance, k rotated back to position 0 (its RoPE undone, so a step rotates its query alone)
+    and their positions (to redo it: _rope_keys)."""
+    if spec.cache_distance is None:
+        return Streams(keys.k, keys.v)
+    B, Hkv, n, _ = keys.k.shape
+    position = torch.arange(first, first + n, device=keys.k.device, dtype=torch.int32).expand(B, Hkv, n)
+    return Streams(rotate(keys.k, -position, inv_freq), keys.v, position=position)
+
+
+def _rope_keys(cache: Streams, inv_freq) -> torch.Tensor:
+    """The cache's keys (B, Hkv, m, d) with RoPE at their own positions, as they left the window."""
+    return cache.k if cache.position is None else rotate(cache.k, cache.position, inv_freq)
+
+
+def _cache_queries(qg, pos_q, spec: AttentionSpec, inv_freq) -> torch.Tensor:
+    """Queries qg (B, Hkv, G, n, d) at positions pos_q (n,) as they score the cache: as they are, or, where the cache
+    is scored at a distance, rotated to it (its keys are at position 0)."""
+    return qg if spec.cache_distance is None else rotate(qg, spec.cache_distance - pos_q, inv_freq)
+
+
+def _cache_scores(qg_cache, cache: Streams, spec: AttentionSpec) -> torch.Tensor:
+    """Queries (B, Hkv, G, n, d) from _cache_queries against the cache's m keys -> scores (B, Hkv, G, n, m)."""
+    return _per_group(qg_cache, cache.k.transpose(-1, -2)) * spec.scale
+
+
+def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                    inv_freq=None):
     """n tokens that end at or before the next selection: each query attends exactly to the state's sinks and cache
     and (causally) to the window and the segment's keys, and reads the memory, which is fixed until the selection.
     Then the keys that left the window join the sinks or the cache, and at a selection the cache keeps its worst
@@ -706,32 +756,39 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     def scores(part: Streams):  # (B, Hkv, G, n, len(part))
         return _per_group(qg, part.k.transpose(-1, -2)) * spec.scale
 
-    s = scores(keys).masked_fill(~causal, float("-inf"))
+    s = scores(keys)
+    left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 leave the window during the segment
+    leaving = _to_cache(keys.slice(slice(0, left)), first, spec, inv_freq)
+    qg_cache = _cache_queries(qg, pos_q[:, 0], spec, inv_freq)
+    if spec.cache_distance is not None and left:  # such a key is a cached one for the queries it is out of reach of
+        s[..., :left] = torch.where((reference | ~causal)[:, :left], s[..., :left], _cache_scores(qg_cache, leaving,
+                                                                                                  spec))
+    s = s.masked_fill(~causal, float("-inf"))
     parts = [(keys, s)]
     m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)  # the largest window/sink score
     if state.sinks is not None:
         parts.append((state.sinks, scores(state.sinks)))
         m_ref = torch.maximum(m_ref, parts[-1][1].amax(-1, keepdim=True))
     if state.cache is not None:
-        parts.append((state.cache, scores(state.cache)))
+        parts.append((state.cache, _cache_scores(qg_cache, state.cache, spec)))
     m = torch.stack([s.amax(-1, keepdim=True) for _, s in parts]).amax(0)
     num_sm = sum(_exact_num(s, part.v, m) for part, s in parts)
     lin = None
     if spec.memory:  # the memory was trained against the window and sinks: in units of exp(s - m_ref)
         lin = _capped(_per_group(_group(streams.fq, Hkv), state.kv) * torch.exp(m_ref - m), in_memory, spec)
     y = _combine(num_sm, lin, mix, Hkv)
-    left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 have left the window
     n_sink = min(max(spec.sinks - first, 0), left)
     if n_sink:
         state.sinks = _then(state.sinks, keys.slice(slice(0, n_sink)))
     if left > n_sink:
-        state.cache = _then(state.cache, keys.slice(slice(n_sink, left)))
+        state.cache = _then(state.cache, leaving.slice(slice(n_sink, left)))
     state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
-    _select_when_due(state, spec, key_features)
+    _select_when_due(state, spec, key_features, inv_freq)
     return y
 
 
-def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features):
+def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
+                 inv_freq=None):
     """One token (B, ., 1, .) with the sparse cache and a window W > 0, for decoding: _cached_segment with n = 1,
     but the window is the ring of _push_window, written in place (the key leaving it joins the sinks or the cache),
     and no mask is built. Returns y (B, H, 1, d)."""
@@ -739,12 +796,18 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     B, _, _, d = q.shape
     Hkv = streams.k.shape[1]
     in_memory = _cached_memory_size(state)
-    _push_window(state, spec, streams, key_features)
+    _push_window(state, spec, streams, key_features, inv_freq)
     qg = q.reshape(B, Hkv, -1, d)
     parts = [state.win] + [p for p in (state.sinks, state.cache) if p is not None]
     n_ref = len(state.win) + (0 if state.sinks is None else len(state.sinks))  # the window and sinks come first
-    k, v = (torch.cat([getattr(p, name) for p in parts], dim=2) for name in ("k", "v"))
-    scores = (qg @ k.transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n)
+    v = torch.cat([p.v for p in parts], dim=2)
+    if spec.cache_distance is None or state.cache is None:
+        scores = (qg @ torch.cat([p.k for p in parts], dim=2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n)
+    else:  # the window and sinks as they are, the cache (last) at its distance
+        near = (qg @ torch.cat([p.k for p in parts[:-1]], dim=2).transpose(-1, -2)) * spec.scale
+        pos_q = torch.full((1,), state.seen - 1, device=q.device)
+        far = _cache_scores(_cache_queries(qg.unsqueeze(3), pos_q, spec, inv_freq), state.cache, spec).squeeze(3)
+        scores = torch.cat([near, far], dim=-1)
     m_ref = scores[..., :n_ref].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
     m = scores.amax(-1, keepdim=True)
     num_sm = (torch.exp(scores - m) @ _ones_column(v)).unsqueeze(3)
@@ -753,23 +816,24 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
         lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
         lin = _capped(lin * torch.exp(m_ref - m).unsqueeze(3), in_memory, spec)
     y = _combine(num_sm, lin, mix, Hkv)
-    _select_when_due(state, spec, key_features)
+    _select_when_due(state, spec, key_features, inv_freq)
     return y
 
 
-def _select_when_due(state: LinearAttentionState, spec: AttentionSpec, key_features):
+def _select_when_due(state: LinearAttentionState, spec: AttentionSpec, key_features, inv_freq=None):
     """After the tokens at positions p with (p + 1) % cache_every == 0: a selection, if the cache has too many keys."""
     if state.seen % spec.cache_every == 0 and state.cache is not None and len(state.cache) > spec.cache:
-        _select(state, spec, key_features)
+        _select(state, spec, key_features, inv_freq)
 
 
-def _select(state: LinearAttentionState, spec: AttentionSpec, key_features):
+def _select(state: LinearAttentionState, spec: AttentionSpec, key_features, inv_freq=None):
     """The cache keeps the spec.cache keys of each head the memory recalls worst; the rest enter the memory."""
     cache = state.cache
-    fk = key_features(cache.k) if spec.memory else None
+    fk = key_features(_rope_keys(cache, inv_freq)) if spec.memory else None
     errors = sparse_cache.pooled(sparse_cache.self_recall_error(fk, cache.v, state.kv), spec.cache_pool)
     kept, evicted = sparse_cache.keep_worst_recalled(errors, spec.cache)
     if spec.memory:
         fk_out, v_out = sparse_cache.gather_time(fk, evicted), sparse_cache.gather_time(cache.v, evicted)
         state.kv = state.kv + fk_out.transpose(-1, -2) @ _ones_column(v_out)  # S += sum phi(k)^T [v, 1]
-    state.cache = Streams(sparse_cache.gather_time(cache.k, kept), sparse_cache.gather_time(cache.v, kept))
+    state.cache = Streams(sparse_cache.gather_time(cache.k, kept), sparse_cache.gather_time(cache.v, kept),
+                          position=None if cache.position is None else torch.take_along_dim(cache.position, kept, 2))
