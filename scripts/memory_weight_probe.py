@@ -62,9 +62,11 @@ def main(argv=None):
     p.add_argument("--multikey-lengths", type=token_counts, default=(),
                    help="also the multi-key test (k = 4) at these lengths (default: none)")
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--cache-position", choices=("own", "edge"), default=None,
+                   help="score the cache at its keys' own positions or just beyond the window (default: as converted)")
     p.add_argument("--out", default="docs/results/memory_weight_probe.json")
     args = p.parse_args(argv)
-    model, tokenizer = load_student(args.run, cache=args.cache)
+    model, tokenizer = load_student(args.run, cache=args.cache, cache_position=args.cache_position)
     set_sparse_cache(model, args.cache, pool=0)  # the ranking is the score's alone (cosine-pooled pools itself)
     mixed = [m for m in model.attention_modules() if m.mix_logit is not None]
     trained = [m.mix_logit.detach().clone() for m in mixed]
@@ -85,7 +87,8 @@ def main(argv=None):
             row["mean_exact_weight"] = torch.sigmoid(torch.cat([m.mix_logit.detach() for m in mixed])).mean().item()
             rows.append(row)
             print(rows[-1], flush=True)
-            write_json({"run": args.run, "cache": args.cache, "trials": args.trials, "rows": rows}, Path(args.out))
+            write_json({"run": args.run, "cache": args.cache, "cache_position": model.config.attention.get(
+                "cache_position", "own"), "trials": args.trials, "rows": rows}, Path(args.out))
     print(f"written {args.out}")
 
 
