@@ -21,7 +21,7 @@ from .transfer import cli as blocks_cli
 
 def _add_convert(sub):
     from .finetune.lora import LORA_LOSSES, LORA_TARGETS
-    from .layers.linear_attention import ATTENTION_PRESETS
+    from .layers.linear_attention import ATTENTION_PRESETS, CACHE_POSITIONS
     from .pipeline import ConvertSettings
     from .transfer.distributed import DISTRIBUTED_MODES
 
@@ -45,7 +45,7 @@ def _add_convert(sub):
                                              "recalls worst in exact softmax (LoLA; default: 64 where the attention "
                                              "takes one, else 0). It has no parameters: switched on in the saved "
                                              "model after training")
-    p.add_argument("--cache-position", choices=("own", "edge"),
+    p.add_argument("--cache-position", choices=CACHE_POSITIONS,
                    help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
                         "window (edge; training-free, default: edge where there is a cache)")
     p.add_argument("--train-with-cache", action="store_true",

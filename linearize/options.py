@@ -4,6 +4,7 @@ a table (terminal, markdown or HTML)."""
 from argparse import ArgumentTypeError
 
 from .device import DTYPE_NAMES
+from .layers.linear_attention import CACHE_POSITIONS
 
 
 def comma_ints(text: str) -> list[int]:
@@ -63,7 +64,7 @@ def add_sparse_cache(p):
 
 def add_cache_position(p):
     """--cache-position own|edge: where the student's sparse cache is scored (LinearAttentionConfig.cache_position)."""
-    p.add_argument("--cache-position", choices=("own", "edge"),
+    p.add_argument("--cache-position", choices=CACHE_POSITIONS,
                    help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
                         "window (edge): far keys read like near ones (training-free; default: as converted)")
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy  # noqa: E402
 from linearize.models.linearized import set_memory_cap, set_sparse_cache  # noqa: E402
 from linearize.ops import sparse_cache  # noqa: E402
-from linearize.options import token_counts  # noqa: E402
+from linearize.options import add_cache_position, token_counts  # noqa: E402
 from linearize.run_folder import load_student, write_json  # noqa: E402
 
 
@@ -62,8 +62,7 @@ def main(argv=None):
     p.add_argument("--multikey-lengths", type=token_counts, default=(),
                    help="also the multi-key test (k = 4) at these lengths (default: none)")
     p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--cache-position", choices=("own", "edge"), default=None,
-                   help="score the cache at its keys' own positions or just beyond the window (default: as converted)")
+    add_cache_position(p)
     p.add_argument("--out", default="docs/results/memory_weight_probe.json")
     args = p.parse_args(argv)
     model, tokenizer = load_student(args.run, cache=args.cache, cache_position=args.cache_position)

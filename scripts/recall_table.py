@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linearize.device import device_name, placement  # noqa: E402
 from linearize.errors import LinearizeError  # noqa: E402
-from linearize.options import add_placement, comma_ints, names, token_count, token_counts  # noqa: E402
+from linearize.options import add_cache_position, add_placement, comma_ints, names, token_count, token_counts  # noqa: E402
 from linearize.run_folder import (load_student, load_teacher_of, read_json, training_data,  # noqa: E402
                                   write_json, write_text)
 
@@ -60,9 +60,7 @@ def parse(argv=None):
     p.add_argument("--cache", type=int, default=0, metavar="M",
                    help="give the run's linear layers a sparse cache of M exact keys per KV head (set_sparse_cache, "
                         "as `linearize eval --cache M`; default: none)")
-    p.add_argument("--cache-position", choices=("own", "edge"), default=None,
-                   help="score the run's sparse cache at its keys' own positions or just beyond the window (as "
-                        "`linearize eval --cache-position`; default: as converted)")
+    add_cache_position(p)  # as `linearize eval --cache-position`
     p.add_argument("--memory-cap", type=int, default=None, metavar="C",
                    help="cap the run's linear memory at C keys (as `linearize eval --memory-cap C`; default: as "
                         "converted)")

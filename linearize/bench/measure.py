@@ -20,6 +20,7 @@ import torch
 
 from ..decoding import Decoder
 from ..device import model_device, now, placement
+from ..layers.linear_attention import CACHE_POSITIONS
 from .run import LINEARS
 
 WARMUP_TOKENS = 16
@@ -150,7 +151,7 @@ def main(argv=None):
     p.add_argument("--linears", choices=LINEARS, default="decode")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--cache", type=int)
-    p.add_argument("--cache-position", choices=("own", "edge"))
+    p.add_argument("--cache-position", choices=CACHE_POSITIONS)
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from ..options import (add_cache_position, add_heavy_hitters, add_memory_cap, add_placement, add_sparse_cache, comma_ints, mmlu_limit,
-                       names, token_counts)
+from ..options import (add_cache_position, add_heavy_hitters, add_memory_cap, add_placement, add_sparse_cache,
+                       comma_ints, mmlu_limit, names, token_counts)
 
 
 def add(sub):

@@ -47,8 +47,9 @@ class Architecture:
         (Gemma 3: one set per layer type), or None where the model has none that this can read. A function, read
         when called: transformers fills the rotary buffers in after loading the weights."""
         rotary = getattr(getattr(model, self.layers_path.split(".")[0], model), "rotary_emb", None)
-        layer_types = getattr(model.config, "layer_types", None)
-        name = "inv_freq" if hasattr(rotary, "inv_freq") else f"{layer_types[layer_idx]}_inv_freq" if layer_types else ""
+        name = "inv_freq"
+        if not hasattr(rotary, name) and getattr(model.config, "layer_types", None):  # one set per layer type
+            name = f"{model.config.layer_types[layer_idx]}_inv_freq"
         return lambda: getattr(rotary, name, None)
 
     def check(self, config) -> None:
