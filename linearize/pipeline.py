@@ -24,7 +24,8 @@ from .evaluate.perplexity import perplexity
 from .finetune.lora import LORA_TARGETS, LoraSettings, finetune_lora, has_adapters, stage2_name
 from .layers.linear_attention import LinearAttentionConfig, attention_preset
 from .loading.teacher import load_teacher
-from .models.linearized import LinearizedForCausalLM, linearized_layers, make_student_attention, set_sparse_cache
+from .models.linearized import (LinearizedForCausalLM, linearized_layers, make_student_attention, set_memory_cap,
+                                set_sparse_cache)
 from .run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, read_json, save_model, write_json
 from .transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
 from .transfer.distributed import distributed_transfer, init_distributed
@@ -35,6 +36,10 @@ from .transfer.distributed import distributed_transfer, init_distributed
 # 93.0 %, better than StreamingLLM 4 + 256 on every text (README, docs/results/default_cache64_eval.json)
 DEFAULT_CACHE = 64
 DEFAULT_CACHE_POSITION = "edge"
+# The memory cap of a model with the sparse cache, set with the cache after training (training keeps the cap at its
+# own length, where it never bites): at 8k tokens a memory capped at 764 keys still outweighed the cached pass key in
+# 3 of 10 trials; at 256, none (README, docs/results/recall.json); texts at 1k move by < 0.3 % of ppl.
+CACHE_MEMORY_CAP = 256
 LAYER_ERROR_SEQUENCES = 2  # held-out rows for the per-layer transfer error that ranks layers for --keep-softmax
 
 
@@ -110,14 +115,19 @@ class ConvertSettings:
         if self.cache_position is None and config.cache:
             config = replace(config, cache_position=DEFAULT_CACHE_POSITION)
         if self.memory_cap is None:
-            config = replace(config, memory_cap=memory_cap_for_training_length(config, self.seq_len))
+            cap = memory_cap_for_training_length(config, self.seq_len)
+            config = replace(config, memory_cap=min(cap, CACHE_MEMORY_CAP) if cap and config.cache else cap)
         return config
 
     def training_attention_config(self):
-        """The attention the stages train: the saved model's (attention_config) without its sparse cache, which is
-        switched on after training (it has no parameters; like `linearize eval --cache`), unless train_with_cache."""
+        """The attention the stages train: the saved model's (attention_config) without its sparse cache and with the
+        memory cap of the training length, both set after training (they have no parameters; like `linearize eval
+        --cache --memory-cap`), unless train_with_cache."""
         config = self.attention_config()
-        return config if self.train_with_cache else replace(config, cache=0)
+        if self.train_with_cache:
+            return config
+        cap = memory_cap_for_training_length(config, self.seq_len) if self.memory_cap is None else config.memory_cap
+        return replace(config, cache=0, memory_cap=cap)
 
     def check(self):
         attention = self.attention_config()
@@ -193,8 +203,8 @@ class RunState:
                                                                        both["lora_train_attention"])
             changed = [k for k, v in now.items() if k not in overrides and recorded_settings[k] != v]
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
-            if "memory_cap" not in self.data.get("attention", attention):  # runs from before the cap: training
-                recorded["memory_cap"] = attention["memory_cap"]  # is the same with the default cap (no change there)
+            if settings.memory_cap is None:  # the default cap, whatever it was when the run started (or before there
+                recorded["memory_cap"] = attention["memory_cap"]  # was one), trains the same: no change there
             if "cache_position" not in self.data.get("attention", attention):  # runs from before it: the cache is
                 recorded["cache_position"] = attention["cache_position"]  # switched on after training, no change there
             if recorded != attention:  # later read as their defaults: what the run did
@@ -419,12 +429,15 @@ def finetune(c: Conversion):
 
 
 def switch_on_cache(c: Conversion):
-    """The saved model's sparse cache: trained without it (unless --train-with-cache), it is switched on now (it has
-    no parameters, as `linearize eval --cache` does), and the held-out perplexity of the model as saved measured."""
-    cache = c.settings.attention_config().cache
+    """The saved model's sparse cache and memory cap: trained without them (unless --train-with-cache), they are set
+    now (no parameters, as `linearize eval --cache --memory-cap` does), and the held-out perplexity of the model as
+    saved measured."""
+    attention = c.settings.attention_config()
+    cache = attention.cache
     if not cache or c.model.config.attention.get("cache", 0) == cache:
         return
     set_sparse_cache(c.model, cache)
+    set_memory_cap(c.model, attention.memory_cap)
     ppl = c.state.once("saved_ppl", lambda: perplexity(c.model, c.heldout, desc="student perplexity (+ cache)",
                                                        progress=c.progress))
     c.log(f"sparse cache of {cache} keys per KV head switched on (training-free): held-out perplexity {ppl:.3f}")

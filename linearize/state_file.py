@@ -6,7 +6,8 @@ File layout (safetensors, written atomically):
 
     layers.{i}.kv                      (B, Hkv, F, d+1) linear memory of layer i (absent without a linear part)
     layers.{i}.win.{k,v,log_gate,beta} the softmax window's key streams (a ring: metadata `start` is its oldest slot)
-    layers.{i}.sinks.{k,v}             attention-sink keys that left the window (absent until one has)
+    layers.{i}.sinks.{k,v,position}    attention-sink keys that left the window (absent until one has; held as the
+                                       cache holds its keys)
     layers.{i}.cache.{k,v,position}    the sparse cache's keys (ops/sparse_cache.py; absent without one; position:
                                        their positions, for a cache scored at a distance)
     layers.{i}.heavy.{k,v,received}    the heavy hitters (ops/heavy_hitters.py; absent without them)
@@ -32,7 +33,7 @@ from .layers.linear_attention import DecodingState
 from .ops.hybrid_attention import LinearAttentionState, Streams
 from .run_folder import CONFIG, WEIGHTS, check_converted, load_tensors, save_tensors
 
-FORMAT, VERSION = "linearize-decoding-state", 1
+FORMAT, VERSION = "linearize-decoding-state", 2  # 2: sinks held as the cache holds its keys
 META_KEY = "linearize_state"
 WINDOW_STREAMS = ("k", "v", "log_gate", "beta", "received", "position")  # what a state keeps of a token
 REPREFILL = "prefill the document again with this model (`linearize prefill`)"

@@ -190,6 +190,33 @@ def test_cache_at_a_distance_reads_a_needle_the_same_however_far_back():
     assert (outputs[70, None] - outputs[20, None]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_sinks_at_a_distance_read_the_same_however_far_back(form):
+    """With a cache distance the sinks sit there too: linear part off, window 4, one sink, a cache of 1; the keys
+    between sink and window are zero with zero values (each weighs the same at any position). The last query reads
+    the same whether it is 40 or 88 tokens after its sink (the sink, window and query alike); with the sinks at their
+    own positions (no distance) it reads differently."""
+    d, W = 8, 4
+    g = torch.Generator().manual_seed(2)
+    inv_freq = rope_frequencies(d)
+    sink_k, sink_v, near_k, near_v, near_q = (torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+                                              for n in (1, 1, W, W, W))
+    outputs = {}
+    for T in (40, 88):  # the same number of keys in the cache at the last query (T % 8 alike)
+        middle = torch.zeros(1, 1, T - 1 - W, d, dtype=torch.float64)
+        k, v = torch.cat([5 * sink_k, middle, near_k], 2), torch.cat([sink_v, middle, near_v], 2)
+        q = torch.cat([torch.zeros(1, 1, T - W, d, dtype=torch.float64), near_q], 2)
+        pos = torch.arange(T)
+        streams = Streams(rotate(k, pos, inv_freq), v, q=rotate(q, pos, inv_freq))
+        for distance in (W, None):
+            spec = AttentionSpec(W, d**-0.5, sinks=1, linear=False, cache=1, cache_every=8, cache_distance=distance)
+            y, _ = run_in_spans(streams, spec, torch.ones(1), None, SPANS[form](T), inv_freq=inv_freq)
+            torch.testing.assert_close(y, attention_quadratic(streams, spec, torch.ones(1), inv_freq=inv_freq))
+            outputs[T, distance] = y[0, 0, -1]
+    torch.testing.assert_close(outputs[40, W], outputs[88, W], rtol=1e-12, atol=1e-12)
+    assert (outputs[40, None] - outputs[88, None]).abs().max() > 1e-3
+
+
 def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path):
     """set_cache_position("edge"): the layers read the teacher's RoPE frequencies (kept after save and load), full
     forward and step-wise decoding agree, and the logits differ from the cache at its own positions."""

@@ -123,18 +123,28 @@ def test_resume_reads_the_stage2_attention_default_as_its_value(tmp_path):
 
 def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_path):
     """convert caps the memory at seq_len - window - sinks (what a training row holds: no change there) where a cap
-    applies, none elsewhere; a run recorded before the cap existed resumes (its training is the same)."""
+    applies, none elsewhere, and with a sparse cache saves the model with the smaller CACHE_MEMORY_CAP (training keeps
+    the training length's); a run recorded before the cap existed, or with another default cap, resumes (its
+    training is the same)."""
     import json
     from dataclasses import asdict
 
-    from linearize.pipeline import ConvertSettings, RunState
+    from linearize.pipeline import CACHE_MEMORY_CAP, ConvertSettings, RunState
 
-    assert ConvertSettings(seq_len=512, window=64, sinks=4).attention_config().memory_cap == 444
+    assert ConvertSettings(seq_len=512, window=64, sinks=4, cache=0).attention_config().memory_cap == 444
+    cached = ConvertSettings(seq_len=512, window=64, sinks=4)
+    assert cached.attention_config().cache and cached.attention_config().memory_cap == CACHE_MEMORY_CAP < 444
+    assert cached.training_attention_config().memory_cap == 444 and not cached.training_attention_config().cache
+    assert ConvertSettings(seq_len=512, window=64, sinks=4, memory_cap=32).training_attention_config().memory_cap == 32
     assert ConvertSettings(memory_cap=0).attention_config().memory_cap == 0
     for preset in ("liger-swa", "gated-delta-swa", "transnormer-norm", "hedgehog", "streaming"):
         assert ConvertSettings(attention=preset).attention_config().memory_cap == 0, preset
     attention = ConvertSettings().attention_config().to_dict()
     del attention["memory_cap"]
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
+                                                        "results": {}}))
+    RunState(tmp_path, ConvertSettings(), resume=True)
+    attention["memory_cap"] = 764  # the default cap of a cached run before CACHE_MEMORY_CAP
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
                                                         "results": {}}))
     RunState(tmp_path, ConvertSettings(), resume=True)

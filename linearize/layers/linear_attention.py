@@ -42,9 +42,10 @@ class LinearAttentionConfig:
       `cache_pool` keys on either side of it (whole numbers stay: 4k passkey 60 -> 100 %, 10 trials,
       docs/results/recall_pooled_probe.json); 0 = none. Sum rule without a gate only; it
       needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache);
-    cache_position: where the cache's keys are scored: "own" (their own positions, however far back) | "edge" (as if
-      each sat `window` tokens before the query, just beyond the window, ops/rotary.py); training-free like the
-      cache (models.linearized.set_cache_position). Needs the teacher's RoPE frequencies;
+    cache_position: where the cache's keys (and the sinks, once out of the window) are scored: "own" (their own
+      positions, however far back) | "edge" (as if each sat `window` tokens before the query, just beyond the window,
+      ops/rotary.py); training-free like the cache (models.linearized.set_cache_position). Needs the teacher's RoPE
+      frequencies;
     norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);

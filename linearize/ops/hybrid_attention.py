@@ -45,11 +45,13 @@ their features, and recomputes them when the keys leave the window. norm_gain (H
 output normalisation of the linear part (None: the shared normaliser); a per-token map, so the state is unchanged.
 inv_freq (d/2,) or None: the model's RoPE frequencies, needed where spec.cache_distance is set.
 
-    cache distance (cache_distance = D): a cached key j (sparse cache, not the window or sinks) is scored as if it
-        were D tokens before the query: s_ij = rope(q_i, D - i) . rope(k_j, -j) * scale (q, k carry RoPE at their
-        own positions i, j). With D = W every cached key sits just beyond the window, where the model is used to
+    cache distance (cache_distance = D): an exact key j outside the window (a cached key or a sink) is scored as if
+        it were D tokens before the query: s_ij = rope(q_i, D - i) . rope(k_j, -j) * scale (q, k carry RoPE at their
+        own positions i, j). With D = W every such key sits just beyond the window, where the model is used to
         reading, however far back it was written: a 135M teacher finds a pass key 8k tokens back 6 times in 10,
-        the student with its cache at D = W 7 in 10 (0 at its own positions; README).
+        the student with its cache at D = W 7 in 10 (0 at its own positions). The sinks sit at D too: at their own
+        positions they drift beyond any distance trained on as the context grows (with them at D and the memory
+        capped at 256 keys: 10 in 10; README).
 """
 
 from dataclasses import dataclass, fields, replace
@@ -178,7 +180,7 @@ class LinearAttentionState:
     key (in_order() gives time order). sinks: the key streams (k, v) of the sink tokens (the first S of the
     sequence) that have left the window (None until one has); seen: tokens consumed so far (the next position);
     cache: the key streams (k, v) of the sparse cache (sparse_cache.py), per KV head, None until a key is cached
-    (scored at a distance: k with its RoPE undone, and each key's position);
+    (scored at a distance: k with its RoPE undone, and each key's position; the sinks alike);
     heavy: the key streams (k, v, received) of the heavy hitters (heavy_hitters.py), per KV head in position order,
     None until a key has left the window."""
 
@@ -553,8 +555,8 @@ def _push_window(state: LinearAttentionState, spec: AttentionSpec, new: Streams,
         return
     i = state.start
     leaving = new if window == 0 else state.win.slice(slice(i, i + 1))
-    if position - window < spec.sinks:
-        state.sinks = _then(state.sinks, Streams(leaving.k, leaving.v).clone())
+    if position - window < spec.sinks:  # held as the cache holds its keys (scored at its distance, if it has one)
+        state.sinks = _then(state.sinks, _to_cache(leaving, position - window, spec, inv_freq).clone())
     elif spec.cache:  # it waits, exact, in the sparse cache for the next selection
         state.cache = _then(state.cache, _to_cache(leaving, position - window, spec, inv_freq).clone())
     elif spec.heavy:  # the best far keys stay exact; the one each head drops enters the memory
@@ -672,10 +674,10 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix, inv_freq=None)
     exact = causal & ~memory_of  # (B, Hkv, T, T)
     reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
-    if spec.cache_distance is not None:  # cached keys (exact, not window or sinks) as if cache_distance back
+    if spec.cache_distance is not None:  # exact keys outside the window (cache, sinks) as if cache_distance back
         q_far, k_far = rotate(q, spec.cache_distance - pos, inv_freq), rotate(k, -pos, inv_freq)
         s_far = (_group(q_far, Hkv) @ k_far.unsqueeze(2).transpose(-1, -2)) * spec.scale
-        s = torch.where(reference, s, s_far)
+        s = torch.where(causal & (pos[None, :] > pos[:, None] - spec.window), s, s_far)
     s_exact = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
     m = s_exact.amax(-1, keepdim=True)
     num_sm = _exact_num(s_exact, v, m)
@@ -760,14 +762,15 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 leave the window during the segment
     leaving = _to_cache(keys.slice(slice(0, left)), first, spec, inv_freq)
     qg_cache = _cache_queries(qg, pos_q[:, 0], spec, inv_freq)
-    if spec.cache_distance is not None and left:  # such a key is a cached one for the queries it is out of reach of
-        s[..., :left] = torch.where((reference | ~causal)[:, :left], s[..., :left], _cache_scores(qg_cache, leaving,
-                                                                                                  spec))
+    if spec.cache_distance is not None and left:  # such a key is cached (or a sink) for the queries it is out of
+        near = (pos_k > pos_q - spec.window) | ~causal  # reach of: scored at the distance
+        s[..., :left] = torch.where(near[:, :left], s[..., :left], _cache_scores(qg_cache, leaving, spec))
     s = s.masked_fill(~causal, float("-inf"))
     parts = [(keys, s)]
     m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)  # the largest window/sink score
     if state.sinks is not None:
-        parts.append((state.sinks, scores(state.sinks)))
+        parts.append((state.sinks, _cache_scores(qg_cache, state.sinks, spec) if spec.cache_distance is not None
+                      else scores(state.sinks)))
         m_ref = torch.maximum(m_ref, parts[-1][1].amax(-1, keepdim=True))
     if state.cache is not None:
         parts.append((state.cache, _cache_scores(qg_cache, state.cache, spec)))
@@ -779,7 +782,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     y = _combine(num_sm, lin, mix, Hkv)
     n_sink = min(max(spec.sinks - first, 0), left)
     if n_sink:
-        state.sinks = _then(state.sinks, keys.slice(slice(0, n_sink)))
+        state.sinks = _then(state.sinks, leaving.slice(slice(0, n_sink)))
     if left > n_sink:
         state.cache = _then(state.cache, leaving.slice(slice(n_sink, left)))
     state.win, state.start, state.seen = keys.slice(slice(left, None)), 0, state.seen + n
@@ -801,12 +804,13 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     parts = [state.win] + [p for p in (state.sinks, state.cache) if p is not None]
     n_ref = len(state.win) + (0 if state.sinks is None else len(state.sinks))  # the window and sinks come first
     v = torch.cat([p.v for p in parts], dim=2)
-    if spec.cache_distance is None or state.cache is None:
+    if spec.cache_distance is None or len(parts) == 1:
         scores = (qg @ torch.cat([p.k for p in parts], dim=2).transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n)
-    else:  # the window and sinks as they are, the cache (last) at its distance
-        near = (qg @ torch.cat([p.k for p in parts[:-1]], dim=2).transpose(-1, -2)) * spec.scale
+    else:  # the window as it is, the sinks and the cache (after it) at their distance
+        near = (qg @ state.win.k.transpose(-1, -2)) * spec.scale
         pos_q = torch.full((1,), state.seen - 1, device=q.device)
-        far = _cache_scores(_cache_queries(qg.unsqueeze(3), pos_q, spec, inv_freq), state.cache, spec).squeeze(3)
+        far_k = torch.cat([p.k for p in parts[1:]], dim=2)
+        far = (_cache_queries(qg, pos_q, spec, inv_freq) @ far_k.transpose(-1, -2)) * spec.scale
         scores = torch.cat([near, far], dim=-1)
     m_ref = scores[..., :n_ref].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
     m = scores.amax(-1, keepdim=True)
