@@ -297,11 +297,12 @@ class LinearAttention(nn.Module):
             return like.new_zeros(self.num_heads)
         return torch.sigmoid(self.mix_logit).to(like.dtype)
 
-    def features(self, streams: ops.Streams) -> ops.Streams:
-        """Add what the linear part reads: fq, fk (unit norm for the delta rule) and the delta-rule strength beta."""
+    def features(self, streams: ops.Streams, keys: bool = True) -> ops.Streams:
+        """Add what the linear part reads: fq, fk (unit norm for the delta rule; None with keys=False) and the
+        delta-rule strength beta."""
         if not self.config.linear:
             return streams
-        fq, fk, beta = self.feature_map_q(streams.q), self.key_features(streams.k), None
+        fq, fk, beta = self.feature_map_q(streams.q), self.key_features(streams.k) if keys else None, None
         if self.beta_logit is not None:  # delta rule: unit-norm features, per-head write strength
             fq = F.normalize(fq, dim=-1)
             beta = torch.sigmoid(self.beta_logit).to(streams.k.dtype)[None, :, None].expand(streams.k.shape[:3])
@@ -312,10 +313,13 @@ class LinearAttention(nn.Module):
         prefill (a prompt, or its next block) or decode (one token)."""
         if self.exact_softmax and self.approximates_teacher and state is None:  # causal softmax (SDPA)
             return ops.attention_chunked(streams, self.teacher_spec, None)[0]
-        streams, spec, mix = self.features(streams), self.spec, self.mix(streams.q)
+        step = state is not None and state[self.layer_idx] is not None and len(streams) == 1
+        # a decoding step with a window needs no features of its key: they are made when the key leaves the window
+        spec, mix = self.spec, self.mix(streams.q)
+        streams = self.features(streams, keys=not (step and spec.window))
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
             previous = state[self.layer_idx]
-            form = ops.attention_recurrent if previous is not None and len(streams) == 1 else ops.attention_chunked
+            form = ops.attention_recurrent if step else ops.attention_chunked
             kw = {} if form is ops.attention_recurrent else dict(chunk=self.config.chunk_size)
             # the state keeps window keys, not their features: key_features recomputes them
             y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features,

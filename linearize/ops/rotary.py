@@ -13,8 +13,7 @@ import torch
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """x (..., T, d) rotated by `positions` (..., T) (any integer or float, negative undoes a rotation)."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # bfloat16 / float16 rotate in float32
-    angles = positions.to(dtype)[..., None] * inv_freq.to(device=x.device, dtype=dtype)
-    angles = torch.cat([angles, angles], dim=-1)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    half = torch.cat([-x2, x1], dim=-1)
-    return (x.to(dtype) * angles.cos() + half * angles.sin()).to(x.dtype)
+    angles = positions.to(dtype)[..., None] * inv_freq.to(device=x.device, dtype=dtype)  # (..., T, d/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)  # each half's pairs (x1, x2) turn by the same angle
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
