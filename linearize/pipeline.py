@@ -441,7 +441,9 @@ def switch_on_cache(c: Conversion):
     set_memory_cap(c.model, attention.memory_cap)
     ppl = c.state.once("saved_ppl", lambda: perplexity(c.model, c.heldout, desc="student perplexity (+ cache)",
                                                        progress=c.progress))
-    c.log(f"sparse cache of {cache} keys per KV head switched on (training-free): held-out perplexity {ppl:.3f}")
+    capped = f", the memory capped at {attention.memory_cap} keys" if attention.memory_cap else ""
+    c.log(f"sparse cache of {cache} keys per KV head switched on{capped} (training-free): held-out perplexity "
+          f"{ppl:.3f}")
 
 
 STAGES = (load_inputs, transfer, assemble, finetune, switch_on_cache)
