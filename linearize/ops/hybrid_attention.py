@@ -672,17 +672,18 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix, inv_freq=None)
         in_memory |= cached & ~kept  # written into the memory (dropped without a linear part)
     causal = pos[None, :] <= pos[:, None]
     exact = causal & ~memory_of  # (B, Hkv, T, T)
-    reference = causal & ((pos[None, :] > pos[:, None] - spec.window) | (pos[None, :] < spec.sinks))
+    window = causal & (pos[None, :] > pos[:, None] - spec.window)
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
     if spec.cache_distance is not None:  # exact keys outside the window (cache, sinks) as if cache_distance back
         q_far, k_far = rotate(q, spec.cache_distance - pos, inv_freq), rotate(k, -pos, inv_freq)
         s_far = (_group(q_far, Hkv) @ k_far.unsqueeze(2).transpose(-1, -2)) * spec.scale
-        s = torch.where(causal & (pos[None, :] > pos[:, None] - spec.window), s, s_far)
+        s = torch.where(window, s, s_far)
     s_exact = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
     m = s_exact.amax(-1, keepdim=True)
     num_sm = _exact_num(s_exact, v, m)
     lin = None
     if spec.memory:  # in the units of the window and sinks: exp(s - m_ref)
+        reference = window | (causal & (pos[None, :] < spec.sinks))
         m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)
         a = (_group(streams.fq, Hkv) @ streams.fk.unsqueeze(2).transpose(-1, -2)) * memory_of.unsqueeze(2)
         lin = _capped((a @ _ones_column(v).unsqueeze(2)) * torch.exp(m_ref - m), memory_of.sum(-1).unsqueeze(2),
@@ -754,11 +755,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     pos_k = torch.arange(first, first + w + n, device=q.device)[None, :]
     causal = pos_k <= pos_q
     reference = causal & ((pos_k > pos_q - spec.window) | (pos_k < spec.sinks))  # the window and the sinks
-
-    def scores(part: Streams):  # (B, Hkv, G, n, len(part))
-        return _per_group(qg, part.k.transpose(-1, -2)) * spec.scale
-
-    s = scores(keys)
+    s = _per_group(qg, keys.k.transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(keys))
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 leave the window during the segment
     leaving = _to_cache(keys.slice(slice(0, left)), first, spec, inv_freq)
     qg_cache = _cache_queries(qg, pos_q[:, 0], spec, inv_freq)
@@ -769,8 +766,7 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     parts = [(keys, s)]
     m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)  # the largest window/sink score
     if state.sinks is not None:
-        parts.append((state.sinks, _cache_scores(qg_cache, state.sinks, spec) if spec.cache_distance is not None
-                      else scores(state.sinks)))
+        parts.append((state.sinks, _cache_scores(qg_cache, state.sinks, spec)))  # held and scored as the cache
         m_ref = torch.maximum(m_ref, parts[-1][1].amax(-1, keepdim=True))
     if state.cache is not None:
         parts.append((state.cache, _cache_scores(qg_cache, state.cache, spec)))
