@@ -46,8 +46,9 @@ def _add_convert(sub):
                                              "takes one, else 0). It has no parameters: switched on in the saved "
                                              "model after training")
     p.add_argument("--cache-position", choices=CACHE_POSITIONS,
-                   help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
-                        "window (edge; training-free, default: edge where there is a cache)")
+                   help="score the sparse cache's keys at their own positions (own), as if each sat just beyond the "
+                        "window (edge), or in a row from there back in their order (packed; training-free, default: "
+                        "edge where there is a cache)")
     p.add_argument("--train-with-cache", action="store_true",
                    help="train stages 1 and 2 with the sparse cache in place (slow on the CPU; default: without)")
     p.add_argument("--heavy", type=int, metavar="M",

@@ -56,17 +56,38 @@ def add_placement(p, what: str, dtype: str = "auto"):
 
 
 def add_sparse_cache(p):
-    """--cache M: the student with a sparse cache (ops/sparse_cache.py), switched on without training."""
+    """--cache M and --cache-every N: the student with a sparse cache (ops/sparse_cache.py), without training."""
     p.add_argument("--cache", type=int, metavar="M",
                    help="the student with a sparse cache of M exact keys per KV head (training-free; 0: none; "
                         "default: as converted)")
+    p.add_argument("--cache-every", type=int, metavar="N",
+                   help="re-select the sparse cache every N tokens: the state holds up to M + N - 1 cached keys per "
+                        "KV head (training-free; default: as converted, 64)")
+
+
+def add_training_free(p):
+    """Every training-free setting of the student: --cache, --cache-every, --cache-position, --memory-cap, --heavy."""
+    add_sparse_cache(p)
+    add_cache_position(p)
+    add_memory_cap(p)
+    add_heavy_hitters(p)
+
+
+def training_free(args) -> dict:
+    """The student's training-free settings given in `args` (parsed flags or settings; the names of TRAINING_FREE
+    that it has and that are not None), for run_folder.load_student / models.linearized.set_training_free."""
+    from .models.linearized import TRAINING_FREE
+
+    return {name: getattr(args, name) for name in TRAINING_FREE if getattr(args, name, None) is not None}
 
 
 def add_cache_position(p):
-    """--cache-position own|edge: where the student's sparse cache is scored (LinearAttentionConfig.cache_position)."""
+    """--cache-position own|edge|packed: where the student's sparse cache is scored
+    (LinearAttentionConfig.cache_position)."""
     p.add_argument("--cache-position", choices=CACHE_POSITIONS,
-                   help="score the sparse cache's keys at their own positions (own) or as if each sat just beyond the "
-                        "window (edge): far keys read like near ones (training-free; default: as converted)")
+                   help="score the sparse cache's keys at their own positions (own), as if each sat just beyond the "
+                        "window (edge), or in a row from there back in their order (packed): far keys read like near "
+                        "ones (training-free; default: as converted)")
 
 
 def add_heavy_hitters(p):

@@ -169,26 +169,16 @@ def load(path: str | Path, dtype=None):
     return model.to(dtype or torch.float32).eval(), tokenizer
 
 
-def load_student(path: str | Path, device="cpu", dtype=None, cache: int | None = None,
-                 memory_cap: int | None = None, heavy: int | None = None, cache_position: str | None = None):
+def load_student(path: str | Path, device="cpu", dtype=None, **training_free):
     """(LinearizedForCausalLM on `device` in `dtype` (default float32), tokenizer); the folder must hold
-    tokenizer files. cache: give it a sparse cache of that many keys per KV head; memory_cap: cap its linear memory
-    at that many keys; heavy: keep that many heavy hitters per KV head exact; cache_position: score the cache at its
-    keys' own positions ("own") or just beyond the window ("edge") (None: as converted; all training-free)."""
-    from .models.linearized import set_cache_position, set_heavy_hitters, set_memory_cap, set_sparse_cache
+    tokenizer files. training_free: heavy, cache, cache_every, memory_cap, cache_position changed without training
+    (models.linearized.set_training_free; None: as converted)."""
+    from .models.linearized import set_training_free
 
     model, tokenizer = load(path, dtype=dtype)
     if tokenizer is None:
         raise LinearizeError(f"{path} has no tokenizer files; re-run `linearize convert`")
-    if heavy is not None:  # before the cache: the two exclude each other
-        set_heavy_hitters(model, heavy)
-    if cache is not None:
-        set_sparse_cache(model, cache)
-    if memory_cap is not None:
-        set_memory_cap(model, memory_cap)
-    if cache_position is not None:
-        set_cache_position(model, cache_position)
-    return model.to(device), tokenizer
+    return set_training_free(model, **training_free).to(device), tokenizer
 
 
 def load_teacher_of(path: str | Path, override: str | None = None, device="cpu", dtype=None):

@@ -128,7 +128,7 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out)
     device, dtype = placement(args.device, args.dtype)
-    student, tokenizer = load_student(args.run, device, dtype, args.cache or None, args.memory_cap,
+    student, tokenizer = load_student(args.run, device, dtype, cache=args.cache or None, memory_cap=args.memory_cap,
                                       cache_position=args.cache_position)
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
     rows = eval_sequences("sharegpt", tokenizer, 1024, args.ppl_sequences, data=training_data(args.run))

@@ -92,6 +92,54 @@ def test_bench_command_writes_bench_json(tiny_converted):
         BenchSettings(linears="packed").check()
 
 
+def test_bench_passes_the_students_training_free_settings_to_its_processes(tiny_converted):
+    """--cache 4 --cache-every 2 --cache-position packed reach the fresh measuring process (BenchSettings.student):
+    the state it reports is that of the student so set (evaluate/baseline.state_bytes after the same prompt), and
+    the results file is named after them."""
+    from linearize.bench.run import bench_file
+    from linearize.decoding import Decoder
+    from linearize.run_folder import load_student
+
+    student_dir = tiny_converted[0]
+    flags = ["--cache", "4", "--cache-every", "2", "--cache-position", "packed"]
+    assert main(["bench", str(student_dir), "--contexts", "48", "--decode-contexts", "48", "--decode-tokens", "2",
+                 "--teacher-max-context", "32", *flags]) == 0
+    name = bench_file(BenchSettings(student={"cache": 4, "cache_every": 2, "cache_position": "packed"}))
+    assert name == "bench_cache4_every2_packed.json"
+    res = json.loads((student_dir / name).read_text())
+    assert res["settings"]["student"] == {"cache": 4, "cache_every": 2, "cache_position": "packed"}
+    def prefilled_bytes(model):  # what a point reports: the state after its prompt (any tokens: shapes only)
+        dec = Decoder(model)
+        dec.prefill(torch.zeros(1, 48, dtype=torch.long))
+        return dec.cache_bytes()
+
+    set_so = load_student(student_dir, cache=4, cache_every=2, cache_position="packed")[0]
+    plain = load_student(student_dir)[0]
+    assert res["points"][0]["cache_bytes"] == prefilled_bytes(set_so) != prefilled_bytes(plain)
+
+
+def test_repeated_points_keep_their_medians(tiny_converted):
+    """--repeats R: every point measured R times (teacher and student in turn), the point keeps the medians of the
+    timed fields and the measurements under "repeats"; an error in any measurement is the point's."""
+    from linearize.bench.run import bench, median_point
+
+    runs = [{"which": "student", "context": 8, "decode_ms_per_token": ms, "decode_tokens_per_s": 1000 / ms,
+             "cache_bytes": 5} for ms in (30.0, 10.0, 20.0)]
+    point = median_point(runs)
+    assert point["decode_ms_per_token"] == 20.0 and point["decode_tokens_per_s"] == 50.0
+    assert point["cache_bytes"] == 5 and [r["decode_ms_per_token"] for r in point["repeats"]] == [30.0, 10.0, 20.0]
+    assert median_point(runs[:1]) == runs[0] and "repeats" not in runs[0]
+    failed = {"which": "student", "context": 8, "error": "timed out"}
+    assert median_point([runs[0], failed]) == failed
+    log = []
+    res = bench(tiny_converted[0], BenchSettings(contexts=(16,), decode_contexts=(16,), decode_tokens=2,
+                                                 in_process=True, repeats=2, linears="stock"), log=log.append)
+    assert [(p["which"], len(p["repeats"])) for p in res["points"]] == [("student", 2), ("teacher", 2)]
+    assert [line.split(" (")[0] for line in log] == ["bench: student at context 16", "bench: teacher at context 16"] * 2
+    with pytest.raises(LinearizeError, match="--repeats"):
+        BenchSettings(repeats=0).check()
+
+
 def test_bench_rejects_a_folder_without_a_model(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     assert "not a converted model folder" in capsys.readouterr().err

@@ -236,3 +236,22 @@ def test_a_run_loads_entirely_in_the_asked_dtype(tiny_converted):
 
     student, _ = load_student(tiny_converted[0], "cpu", torch.bfloat16)
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+
+
+def test_cache_every_sets_how_many_keys_the_state_reserves(tiny_converted):
+    """load_student(cache=M, cache_every=N) (`linearize eval --cache M --cache-every N`): every linear layer
+    re-selects every N tokens, so its state reserves M + N - 1 cached keys per KV head: the bytes fall with N by
+    exactly the keys of the difference, each layer the same, and the settings are recorded in the config."""
+    from linearize.evaluate.baseline import state_bytes
+    from linearize.run_folder import load_student
+
+    size = {}
+    for every in (2, 8):
+        student, _ = load_student(tiny_converted[0], cache=4, cache_every=every, cache_position="packed")
+        assert {(m.spec.cache, m.spec.cache_every, m.spec.cache_packed) for m in student.attention_modules()
+                if m.config.linear} == {(4, every, True)}
+        assert student.config.attention["cache_every"] == every
+        size[every] = state_bytes(student, 64)
+    linear = [m for m in student.attention_modules() if m.config.linear]
+    per_key = sum(m.num_kv_heads * (2 * m.head_dim * 4 + 4) for m in linear)  # k, v in float32, an int32 position
+    assert size[8] - size[2] == (8 - 2) * per_key

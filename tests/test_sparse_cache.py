@@ -152,19 +152,45 @@ def rope_frequencies(d: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("form", sorted(SPANS))
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("B,H,Hkv,T,d,window,sinks,cache,every", CASES[:3])
-def test_cache_scored_at_a_distance_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, form):
-    """cache_distance D: every form equals the quadratic reference, and the result differs from the cache scored at
-    its keys' own positions."""
+def test_cache_scored_at_a_distance_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, packed, form):
+    """cache_distance D (and packed): every form equals the quadratic reference, and the result differs from the
+    cache scored at its keys' own positions (and packed from all at D)."""
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d)
-    spec = AttentionSpec(window, d**-0.5, sinks=sinks, cache=cache, cache_every=every, cache_distance=window)
+    spec = AttentionSpec(window, d**-0.5, sinks=sinks, cache=cache, cache_every=every, cache_distance=window,
+                         cache_packed=packed)
     inv_freq = rope_frequencies(d)
     ref = attention_quadratic(streams, spec, mix, inv_freq=inv_freq)
     y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T), inv_freq=inv_freq)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     assert state.cache.position.shape == state.cache.k.shape[:3]
-    own = attention_quadratic(streams, replace(spec, cache_distance=None), mix)
-    assert (ref - own).abs().max() > 1e-3
+    other = replace(spec, cache_packed=False) if packed else replace(spec, cache_distance=None)
+    assert (ref - attention_quadratic(streams, other, mix, inv_freq=inv_freq)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_packed_cache_reads_as_if_the_text_between_were_cut_out(form):
+    """cache_position "packed": linear part off, window 4, a cache of 2 re-selected after every token. A two-token
+    needle (the largest values: kept) sits 20 or 60 tokens back; the last query's output is exact softmax over the
+    shortened text -- the needle, the one key that just left the window, then the window -- with RoPE at the
+    positions of that text, wherever the needle was."""
+    T, d, W = 90, 8, 4
+    g = torch.Generator().manual_seed(3)
+    inv_freq = rope_frequencies(d)
+    raw_k, raw_v, raw_q = (torch.randn(1, 1, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+    spec = AttentionSpec(W, d**-0.5, linear=False, cache=2, cache_every=1, cache_distance=W, cache_packed=True)
+    for where in (T - 1 - W - 20, T - 1 - W - 60):
+        k, v = raw_k.clone(), raw_v.clone()
+        k[0, 0, where : where + 2], v[0, 0, where : where + 2] = raw_k[0, 0, :2], 20 * raw_v[0, 0, :2]
+        pos = torch.arange(T)
+        streams = Streams(rotate(k, pos, inv_freq), v, q=rotate(raw_q, pos, inv_freq))
+        y, _ = run_in_spans(streams, spec, torch.ones(1), None, SPANS[form](T), inv_freq=inv_freq)
+        kept = [where, where + 1] + list(range(T - 1 - W, T))  # the needle, the key that just left, the window
+        short = torch.arange(len(kept))
+        q = rotate(raw_q[:, :, -1:], short[-1:], inv_freq)
+        weights = ((q @ rotate(k[:, :, kept], short, inv_freq).transpose(-1, -2)) * d**-0.5).softmax(-1)
+        torch.testing.assert_close(y[:, :, -1:], weights @ v[:, :, kept], rtol=1e-12, atol=1e-12)
 
 
 def test_cache_at_a_distance_reads_a_needle_the_same_however_far_back():
@@ -217,16 +243,18 @@ def test_sinks_at_a_distance_read_the_same_however_far_back(form):
     assert (outputs[40, None] - outputs[88, None]).abs().max() > 1e-3
 
 
-def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path):
-    """set_cache_position("edge"): the layers read the teacher's RoPE frequencies (kept after save and load), full
-    forward and step-wise decoding agree, and the logits differ from the cache at its own positions."""
+@pytest.mark.parametrize("where", ["edge", "packed"])
+def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path, where):
+    """set_cache_position("edge" / "packed"): the layers read the teacher's RoPE frequencies (kept after save and
+    load), full forward and step-wise decoding agree, and the logits differ from the cache at its own positions."""
     ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(1))
     student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
     student = set_sparse_cache(student.eval(), 3, every=8)
     with torch.no_grad():
         own = student(input_ids=ids).logits
-        set_cache_position(student, "edge")
-        assert {m.spec.cache_distance for m in student.attention_modules()} == {4}
+        set_cache_position(student, where)
+        assert {(m.spec.cache_distance, m.spec.cache_packed) for m in student.attention_modules()} == {
+            (4, where == "packed")}
         edge = student(input_ids=ids).logits
         stepwise, _ = decode_stepwise(student, ids, prompt=13)
     torch.testing.assert_close(stepwise, edge, rtol=1e-4, atol=1e-4)
@@ -234,7 +262,7 @@ def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path):
     rotary = tiny_teacher.model.rotary_emb.inv_freq
     student.save_pretrained(tmp_path)
     loaded = LinearizedForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.attention["cache_position"] == "edge"
+    assert loaded.config.attention["cache_position"] == where
     for m in loaded.attention_modules():
         torch.testing.assert_close(m.rope_frequencies, rotary)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_cache_position, add_placement, add_sparse_cache, fmt, token_count, token_counts
+from ..options import add_placement, add_training_free, fmt, token_count, token_counts, training_free
 
 
 def add(sub):
@@ -23,12 +23,14 @@ def add(sub):
                    help="decode steps timed per point (median; default: %(default)s)")
     p.add_argument("--teacher-max-context", type=token_count, default=d.teacher_max_context,
                    help="skip the teacher above this context (default: 16k; on CUDA 128k)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="measure every point R times, teacher and student in turn, and keep the medians (a noisy "
+                        "machine: the ratios of one run can move by a third; default: %(default)s)")
     p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per point in a fresh process (default: %(default)s)")
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
-    add_sparse_cache(p)
-    add_cache_position(p)
+    add_training_free(p)
     add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
@@ -40,9 +42,8 @@ def run(args):
 
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
-                             timeout=args.timeout, linears=args.linears, device=args.device, dtype=args.dtype,
-                             in_process=args.in_process, cache=args.cache,
-                             cache_position=args.cache_position)
+                             timeout=args.timeout, repeats=args.repeats, linears=args.linears, device=args.device,
+                             dtype=args.dtype, in_process=args.in_process, student=training_free(args))
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {Path(args.path) / bench_file(settings)}")

@@ -20,7 +20,7 @@ import torch
 
 from ..decoding import Decoder
 from ..device import model_device, now, placement
-from ..layers.linear_attention import CACHE_POSITIONS
+from ..options import add_training_free, training_free
 from .run import LINEARS
 
 WARMUP_TOKENS = 16
@@ -124,16 +124,14 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dic
     return out
 
 
-def load_model(path, which: str, teacher: str | None, device, dtype, linears: str, cache: int | None = None,
-               cache_position: str | None = None):
-    """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied; `cache`:
-    give the student a sparse cache of that many keys per KV head, `cache_position`: score it at "own" positions or
-    the window's "edge" (None: as converted)."""
+def load_model(path, which: str, teacher: str | None, device, dtype, linears: str, **training_free):
+    """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied;
+    training_free: the student's settings changed without training (run_folder.load_student; none: as converted)."""
     from ..ops.decode_linear import use_decode_linears
     from ..run_folder import load_student, load_teacher_of
 
     if which == "student":
-        model = load_student(path, device, dtype, cache, cache_position=cache_position)[0]
+        model = load_student(path, device, dtype, **training_free)[0]
     else:
         model = load_teacher_of(path, teacher, device, dtype)[0]
     if linears == "decode":
@@ -150,8 +148,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--linears", choices=LINEARS, default="decode")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--cache", type=int)
-    p.add_argument("--cache-position", choices=CACHE_POSITIONS)
+    add_training_free(p)  # the student's, as BenchSettings.student passes them
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -162,7 +159,7 @@ def main(argv=None):
     torch.set_flush_denormal(True)  # as the `linearize` command does: subnormal floats are very slow on CPU
     try:
         model = load_model(args.path, args.which, args.teacher, *placement("cpu", args.dtype), args.linears,
-                           args.cache, args.cache_position)
+                           **training_free(args))
     except LinearizeError as e:
         sys.exit(f"linearize: error: {e}")
     print(json.dumps({"which": args.which, "linears": args.linears, **measure_point(model, args.context, args.decode_tokens)}))

@@ -4,20 +4,22 @@ On the CPU each (model, context) point runs in its own process (bench/measure.py
 is that point's alone. On CUDA (or with --in-process) both models are loaded once and every point runs in this
 process: clocks are read after torch.cuda.synchronize() and memory is the peak of allocated tensor memory per
 phase. Both models run the same nn.Linear kernel (settings.linears), so the ratios measure the attention.
-Writes DIR/bench.json (with --cache M: DIR/bench_cacheM.json) after every point:
+Writes DIR/bench.json (with --cache M: DIR/bench_cacheM.json; bench_file) after every context:
 
     model, teacher, machine {cpus, torch, threads, device, dtype; on CUDA also device_name, cuda}, settings
     points      [{which, context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes,
-                  decode_ms_per_token, decode_tokens_per_s, decode_peak_bytes, linear_layers_ms, model_rss_bytes}
-                 or {which, context, error}]  (see measure.py)
+                  decode_ms_per_token, decode_tokens_per_s, decode_peak_bytes, linear_layers_ms, model_rss_bytes,
+                  and with --repeats R > 1: repeats [{the TIMED fields of each measurement}], the TIMED fields
+                  their medians} or {which, context, error}]  (see measure.py)
     targets     the issue's targets, each {value, target, met} (None where a point is missing)
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..device import device_name, placement
@@ -26,6 +28,7 @@ from ..run_folder import BENCH, check_converted, teacher_spec, write_json
 
 K = 1024
 LINEARS = ("decode", "stock")
+TIMED = ("prefill_s", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s")
 
 
 CPU_DEFAULTS = dict(contexts=(512, 1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K),  # prefill
@@ -46,12 +49,13 @@ class BenchSettings:
     decode_tokens: int = 32
     teacher_max_context: int | None = None
     timeout: int = 900  # seconds per point (fresh-process points only)
+    repeats: int = 1  # measurements per point, teacher and student in turn; the point keeps their medians
     linears: str | None = None  # both models' nn.Linear: "decode" (ops/decode_linear.py, CPU) | "stock"
     device: str = "auto"  # "auto" (CUDA when torch sees one) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
-    cache: int | None = None  # the student with a sparse cache of this many keys per KV head (None: as converted)
-    cache_position: str | None = None  # the student's cache scored at "own" positions or the window's "edge"
+    student: dict = field(default_factory=dict)  # the student's training-free settings (`--cache 64
+    # --cache-position edge` ...: models.linearized.set_training_free; none: as converted)
     # the targets (issue: SmolLM2-135M on a 2-core CPU), judged at context target_at
     target_at: int = 16 * K
     flat_band: tuple[float, float] = (0.85, 1.15)  # student decode tokens/s vs the shortest context
@@ -65,22 +69,23 @@ class BenchSettings:
 
     def check(self):
         sizes = (*(self.contexts or ()), *(self.decode_contexts or ()), self.decode_tokens,
-                 self.teacher_max_context or 1, self.timeout)
+                 self.teacher_max_context or 1, self.timeout, self.repeats)
         if min(sizes) < 1:
-            raise LinearizeError("contexts, --decode-tokens, --teacher-max-context and --timeout must be >= 1")
+            raise LinearizeError("contexts, --decode-tokens, --teacher-max-context, --timeout and --repeats must be "
+                                 ">= 1")
         if self.linears not in (None, *LINEARS):
             raise LinearizeError(f"unknown --linears {self.linears!r}; choose one of {LINEARS}")
 
 
 def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
-              linears: str = "decode", dtype: str = "float32", cache: int | None = None,
-              cache_position: str | None = None) -> dict:
-    """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}."""
+              linears: str = "decode", dtype: str = "float32", student: dict | None = None) -> dict:
+    """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}.
+    student: its training-free settings (BenchSettings.student), passed on as the flags of the same names."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
            "--decode-tokens", str(decode_tokens), "--linears", linears, "--dtype", dtype]
     cmd += ["--teacher", teacher] if teacher else []
-    cmd += ["--cache", str(cache)] if cache is not None else []
-    cmd += ["--cache-position", cache_position] if cache_position is not None else []
+    for name, value in (student or {}).items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -89,6 +94,20 @@ def run_point(path, which: str, context: int, decode_tokens: int, teacher: str |
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"which": which, "context": context, "error": last[:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median_point(measurements: list[dict]) -> dict:
+    """One point from its repeated measurements: the first one's fields with the TIMED ones replaced by their
+    medians, and each measurement's TIMED fields under "repeats" (one measurement: itself; any error: that error)."""
+    failed = [m for m in measurements if "error" in m]
+    if failed or len(measurements) == 1:
+        return (failed or measurements)[0]
+    point = dict(measurements[0])
+    for key in TIMED:
+        if key in point:
+            point[key] = statistics.median(m[key] for m in measurements)
+    point["repeats"] = [{key: m[key] for key in TIMED if key in m} for m in measurements]
+    return point
 
 
 def _point(points, which, context, key):
@@ -126,12 +145,11 @@ class InProcess:
     """Both models loaded once on `device`; point() measures one in this process (errors come back as
     {"error": ...}, a CUDA out-of-memory included, with the cache emptied after it)."""
 
-    def __init__(self, path, teacher: str | None, device, dtype, linears: str, cache: int | None = None,
-                 cache_position: str | None = None):
+    def __init__(self, path, teacher: str | None, device, dtype, linears: str, student: dict | None = None):
         from .measure import load_model
 
         self.device = device
-        self.models = {which: load_model(path, which, teacher, device, dtype, linears, cache, cache_position)
+        self.models = {which: load_model(path, which, teacher, device, dtype, linears, **(student or {}))
                        for which in ("student", "teacher")}
 
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
@@ -148,12 +166,15 @@ class InProcess:
                 torch.cuda.empty_cache()
 
 
+BENCH_FILE_TAGS = {"heavy": "_heavy{}", "cache": "_cache{}", "cache_every": "_every{}", "memory_cap": "_cap{}",
+                   "cache_position": "_{}"}
+
+
 def bench_file(settings: BenchSettings) -> str:
-    """bench.json, or bench_cacheM.json for a student given a sparse cache by --cache M (_own / _edge added for a
-    --cache-position)."""
-    cache = "" if settings.cache is None else f"_cache{settings.cache}"
-    position = "" if settings.cache_position is None else f"_{settings.cache_position}"
-    return f"bench{cache}{position}.json" if cache or position else BENCH
+    """bench.json, or for a student given training-free settings a name that says which: bench_cache64_edge.json
+    for --cache 64 --cache-position edge, _every / _cap / _heavy for --cache-every / --memory-cap / --heavy."""
+    tags = "".join(BENCH_FILE_TAGS[name].format(value) for name, value in settings.student.items())
+    return f"bench{tags}.json" if tags else BENCH
 
 
 def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str | None = None, log=print) -> dict:
@@ -175,22 +196,24 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
     if device.type == "cuda":
         machine.update(device_name=device_name(device), cuda=torch.version.cuda)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [], "machine": machine}
-    here = InProcess(path, spec, device, dtype, settings.linears, settings.cache,
-                     settings.cache_position) if settings.in_process else None
+    here = InProcess(path, spec, device, dtype, settings.linears, settings.student) if settings.in_process else None
     for context in sorted(set(settings.contexts) | set(settings.decode_contexts)):
         n_decode = settings.decode_tokens if context in settings.decode_contexts else 0
-        for which in ("student", "teacher"):
-            if which == "teacher" and context > settings.teacher_max_context:
-                continue
-            log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}) ...")
-            if here is not None:
-                point = here.point(which, context, n_decode, settings.linears)
-            else:
-                point = run_point(path, which, context, n_decode, spec, settings.timeout, settings.linears, dtype_name,
-                                  settings.cache, settings.cache_position)
-            res["points"].append(point)
-            if "error" in point:
-                log(f"bench: {which} at {context}: {point['error']}")
-            res["targets"] = targets(res["points"], settings)
-            write_json(res, path / bench_file(settings))
+        models = [w for w in ("student", "teacher") if w == "student" or context <= settings.teacher_max_context]
+        measured = {which: [] for which in models}
+        for r in range(settings.repeats):  # in turn, so that a slow spell of the machine hits both
+            for which in models:
+                times = f" ({r + 1} of {settings.repeats})" if settings.repeats > 1 else ""
+                log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}){times} ...")
+                if here is not None:
+                    measured[which].append(here.point(which, context, n_decode, settings.linears))
+                else:
+                    measured[which].append(run_point(path, which, context, n_decode, spec, settings.timeout,
+                                                     settings.linears, dtype_name, settings.student))
+        for which in models:
+            res["points"].append(median_point(measured[which]))
+            if "error" in res["points"][-1]:
+                log(f"bench: {which} at {context}: {res['points'][-1]['error']}")
+        res["targets"] = targets(res["points"], settings)
+        write_json(res, path / bench_file(settings))
     return res

@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-from ..options import (add_cache_position, add_heavy_hitters, add_memory_cap, add_placement, add_sparse_cache,
-                       comma_ints, mmlu_limit, names, token_counts)
+from ..options import (add_placement, add_training_free, comma_ints, mmlu_limit, names, token_counts, training_free)
 
 
 def add(sub):
@@ -41,10 +40,7 @@ def add(sub):
                    help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
-    add_sparse_cache(p)
-    add_memory_cap(p)
-    add_cache_position(p)
-    add_heavy_hitters(p)
+    add_training_free(p)
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,8 +59,7 @@ def run(args):
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
-                            dtype=args.dtype, cache=args.cache, memory_cap=args.memory_cap,
-                            heavy=args.heavy, cache_position=args.cache_position)
+                            dtype=args.dtype, **training_free(args))
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")

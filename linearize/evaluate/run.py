@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..device import device_name, placement
 from ..errors import LinearizeError
+from ..options import training_free
 from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
 from .texts import EVAL_TEXTS, check_text, eval_sequences
 
@@ -54,9 +55,10 @@ class EvalSettings:
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
+    cache_every: int | None = None  # re-select it every this many tokens (training-free)
     memory_cap: int | None = None  # cap the student's linear memory at this many keys (training-free)
     heavy: int | None = None  # keep this many heavy hitters per KV head exact (training-free; ops/heavy_hitters.py)
-    cache_position: str | None = None  # "own" | "edge": where the student's sparse cache is scored (training-free)
+    cache_position: str | None = None  # "own" | "edge" | "packed": where the student's sparse cache is scored
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -95,8 +97,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype, settings.cache, settings.memory_cap, settings.heavy,
-                                      settings.cache_position)
+    student, tokenizer = load_student(path, device, dtype, **training_free(settings))
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
     res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}

@@ -20,7 +20,7 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 GATES = ("none", "key")
 RULES = ops.RULES
 NORMS = ("shared", "rms")
-CACHE_POSITIONS = ("own", "edge")
+CACHE_POSITIONS = ("own", "edge", "packed")
 
 
 @dataclass
@@ -44,8 +44,9 @@ class LinearAttentionConfig:
       needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache);
     cache_position: where the cache's keys (and the sinks, once out of the window) are scored: "own" (their own
       positions, however far back) | "edge" (as if each sat `window` tokens before the query, just beyond the window,
-      ops/rotary.py); training-free like the cache (models.linearized.set_cache_position). Needs the teacher's RoPE
-      frequencies;
+      ops/rotary.py) | "packed" (in a row from there back, in their order, one position apart: as if the text
+      between them were cut out; ops/hybrid_attention.py); training-free like the cache
+      (models.linearized.set_cache_position). Needs the teacher's RoPE frequencies;
     norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);
@@ -247,13 +248,14 @@ class LinearAttention(nn.Module):
         """The mode of this layer's attention calls, from its config: made once (not on every decoding step), again
         when a training-free setting changes (models.linearized._recall_layers)."""
         c = self.config
-        distance = c.window if c.cache and c.cache_position == "edge" else None
+        distance = c.window if c.cache and c.cache_position != "own" else None
         if distance is not None and self.rope_frequencies is None:
-            raise LinearizeError("--cache-position edge needs the teacher's RoPE frequencies, which this model's "
-                                 "rotary module does not expose; use --cache-position own")
+            raise LinearizeError(f"--cache-position {c.cache_position} needs the teacher's RoPE frequencies, which "
+                                 "this model's rotary module does not expose; use --cache-position own")
         return ops.AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear,
                                  cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
-                                 memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance)
+                                 memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance,
+                                 cache_packed=distance is not None and c.cache_position == "packed")
 
     @property
     def approximates_teacher(self) -> bool:

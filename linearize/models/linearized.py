@@ -108,8 +108,9 @@ def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | Non
 
 
 def set_cache_position(model: "LinearizedForCausalLM", where: str) -> "LinearizedForCausalLM":
-    """Score every layer's sparse cache at its keys' own positions ("own") or just beyond the window ("edge";
-    LinearAttentionConfig.cache_position). Training-free; the model's config records it."""
+    """Score every layer's sparse cache at its keys' own positions ("own"), just beyond the window ("edge") or in a
+    row from there back ("packed"; LinearAttentionConfig.cache_position). Training-free; the model's config records
+    it."""
     return _recall_layers(model, cache_position=where)
 
 
@@ -123,6 +124,26 @@ def set_memory_cap(model: "LinearizedForCausalLM", cap: int) -> "LinearizedForCa
     """Cap the weight of every layer's linear memory at `cap` keys (0: no cap; LinearAttentionConfig.memory_cap).
     Training-free; the model's config records it."""
     return _recall_layers(model, memory_cap=cap)
+
+
+TRAINING_FREE = ("heavy", "cache", "cache_every", "memory_cap", "cache_position")  # what set_training_free changes
+
+
+def set_training_free(model: "LinearizedForCausalLM", heavy: int | None = None, cache: int | None = None,
+                      cache_every: int | None = None, memory_cap: int | None = None,
+                      cache_position: str | None = None) -> "LinearizedForCausalLM":
+    """The settings of TRAINING_FREE that are not None, in that order (heavy hitters before the cache: the two
+    exclude each other): `linearize eval / bench --heavy --cache --cache-every --memory-cap --cache-position`."""
+    if heavy is not None:
+        set_heavy_hitters(model, heavy)
+    if cache is not None or cache_every is not None:
+        size = model.config.attention.get("cache", 0) if cache is None else cache
+        set_sparse_cache(model, size, every=cache_every)
+    if memory_cap is not None:
+        set_memory_cap(model, memory_cap)
+    if cache_position is not None:
+        set_cache_position(model, cache_position)
+    return model
 
 
 def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":

@@ -29,7 +29,8 @@ w_h in (0, 1) is a per-head mixing factor (`mix`, (H,)). Every call takes the sa
   rule ("sum" | "delta"), linear (False: no linear part: exact sliding-window softmax, + sinks: StreamingLLM),
   memory_cap C (0: none), cache M, cache_every and cache_pool (the sparse cache, sparse_cache.py), cache_distance
   (None: a cached key is scored at its own position; D: as if it sat D tokens before every query, rotary.py),
-  heavy M (heavy_hitters.py).
+  cache_packed (with D: the exact keys outside the window in a row from D back, in order), heavy M
+  (heavy_hitters.py).
 - mix (H,): the weight of the exact part (unused without a linear part).
 
 Grouped-query attention: H = G * Hkv, query head h uses key head h // G (as in transformers).
@@ -52,6 +53,10 @@ inv_freq (d/2,) or None: the model's RoPE frequencies, needed where spec.cache_d
         the student with its cache at D = W 7 in 10 (0 at its own positions). The sinks sit at D too: at their own
         positions they drift beyond any distance trained on as the context grows (with them at D and the memory
         capped at 256 keys: 10 in 10; README).
+    packed (cache_packed, with D): those keys keep their order, one position apart, the newest at D: with F_i the
+        exact keys outside query i's window, s_ij = rope(q_i, D + n_ij - i) . rope(k_j, -j) * scale, n_ij the number
+        of keys of F_i after j. The text between them reads as if cut out (StreamingLLM numbers its cache the same
+        way): a needle's tokens stay in a row, and the farthest key sits at most D + |F_i| - 1 back.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -82,6 +87,7 @@ class AttentionSpec:
     memory_cap: int = 0
     heavy: int = 0
     cache_distance: int | None = None
+    cache_packed: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -94,6 +100,8 @@ class AttentionSpec:
                              "cache_pool >= 0")
         if self.cache_distance is not None and (not self.cache or self.cache_distance < 0):
             raise ValueError("cache_distance needs a sparse cache and must be >= 0")
+        if self.cache_packed and self.cache_distance is None:
+            raise ValueError("cache_packed needs a cache_distance")
         if self.heavy < 0 or (self.heavy and (not self.window or self.delta or self.cache)):
             raise ValueError("heavy hitters need a bounded window > 0 and the sum rule, without a sparse cache")
 
@@ -674,9 +682,12 @@ def _cached_quadratic(streams: Streams, spec: AttentionSpec, mix, inv_freq=None)
     exact = causal & ~memory_of  # (B, Hkv, T, T)
     window = causal & (pos[None, :] > pos[:, None] - spec.window)
     s = (_group(q, Hkv) @ k.unsqueeze(2).transpose(-1, -2)) * spec.scale
-    if spec.cache_distance is not None:  # exact keys outside the window (cache, sinks) as if cache_distance back
-        q_far, k_far = rotate(q, spec.cache_distance - pos, inv_freq), rotate(k, -pos, inv_freq)
-        s_far = (_group(q_far, Hkv) @ k_far.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    if spec.cache_distance is not None:  # exact keys outside the window (cache, sinks) at cache_distance (+ packed)
+        far = (exact & ~window).int()  # (B, Hkv, T, T)
+        after = far.flip(-1).cumsum(-1).flip(-1) - far  # [.., i, j]: far keys of query i after key j
+        distance = spec.cache_distance + after * spec.cache_packed  # (B, Hkv, T, T)
+        k_at = rotate(rotate(k, -pos, inv_freq).unsqueeze(2).expand(-1, -1, T, -1, -1), -distance, inv_freq)
+        s_far = torch.einsum("bhgid,bhijd->bhgij", _group(rotate(q, -pos, inv_freq), Hkv), k_at) * spec.scale
         s = torch.where(window, s, s_far)
     s_exact = s.masked_fill(~exact.unsqueeze(2), float("-inf"))
     m = s_exact.amax(-1, keepdim=True)
@@ -725,15 +736,27 @@ def _rope_keys(cache: Streams, inv_freq) -> torch.Tensor:
     return cache.k if cache.position is None else rotate(cache.k, cache.position, inv_freq)
 
 
-def _cache_queries(qg, pos_q, spec: AttentionSpec, inv_freq) -> torch.Tensor:
-    """Queries qg (B, Hkv, G, n, d) at positions pos_q (n,) as they score the cache: as they are, or, where the cache
-    is scored at a distance, rotated to it (its keys are at position 0)."""
-    return qg if spec.cache_distance is None else rotate(qg, spec.cache_distance - pos_q, inv_freq)
+def _cache_queries(qg, pos_q, spec: AttentionSpec, inv_freq, n_far=0) -> torch.Tensor:
+    """Queries qg (B, Hkv, G, n, d) at positions pos_q (n,) as they score the exact keys outside the window (sinks,
+    cache): as they are, or, where those are scored at a distance, rotated to it (their keys at position 0; packed:
+    the r-th of a query's n_far (int or (n,)) such keys at r, the query at distance + n_far - 1: _in_row)."""
+    if spec.cache_distance is None:
+        return qg
+    return rotate(qg, spec.cache_distance + (n_far - 1 if spec.cache_packed else 0) - pos_q, inv_freq)
 
 
-def _cache_scores(qg_cache, cache: Streams, spec: AttentionSpec) -> torch.Tensor:
-    """Queries (B, Hkv, G, n, d) from _cache_queries against the cache's m keys -> scores (B, Hkv, G, n, m)."""
-    return _per_group(qg_cache, cache.k.transpose(-1, -2)) * spec.scale
+def _in_row(k: torch.Tensor, first: int, spec: AttentionSpec, inv_freq) -> torch.Tensor:
+    """Keys (B, Hkv, m, d) outside the window, the first..first+m-1-th of their row, as _cache_queries scores them:
+    packed, RoPE'd to positions first, first + 1, ... (their RoPE was undone: _to_cache); else as they are."""
+    if not spec.cache_packed:
+        return k
+    return rotate(k, torch.arange(first, first + k.shape[2], device=k.device), inv_freq)
+
+
+def _cache_scores(qg_cache, cache: Streams, spec: AttentionSpec, inv_freq=None, first: int = 0) -> torch.Tensor:
+    """Queries (B, Hkv, G, n, d) from _cache_queries against m keys outside the window, from the first-th of their
+    row on -> scores (B, Hkv, G, n, m)."""
+    return _per_group(qg_cache, _in_row(cache.k, first, spec, inv_freq).transpose(-1, -2)) * spec.scale
 
 
 def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAttentionState, key_features,
@@ -758,18 +781,22 @@ def _cached_segment(streams: Streams, spec: AttentionSpec, mix, state: LinearAtt
     s = _per_group(qg, keys.k.transpose(-1, -2)) * spec.scale  # (B, Hkv, G, n, len(keys))
     left = max(len(keys) - spec.window, 0)  # keys 0 .. left-1 leave the window during the segment
     leaving = _to_cache(keys.slice(slice(0, left)), first, spec, inv_freq)
-    qg_cache = _cache_queries(qg, pos_q[:, 0], spec, inv_freq)
+    n_sinks = 0 if state.sinks is None else len(state.sinks)
+    n_held = n_sinks + (0 if state.cache is None else len(state.cache))  # exact keys held outside the window
+    out_of_reach = (pos_q[:, 0] - spec.window - first + 1).clamp(0, left)  # leaving keys outside each query's window
+    qg_cache = _cache_queries(qg, pos_q[:, 0], spec, inv_freq, n_held + out_of_reach)
     if spec.cache_distance is not None and left:  # such a key is cached (or a sink) for the queries it is out of
-        near = (pos_k > pos_q - spec.window) | ~causal  # reach of: scored at the distance
-        s[..., :left] = torch.where(near[:, :left], s[..., :left], _cache_scores(qg_cache, leaving, spec))
+        near = (pos_k > pos_q - spec.window) | ~causal  # reach of: scored at the distance, after sinks and cache
+        far = _cache_scores(qg_cache, leaving, spec, inv_freq, first=n_held)
+        s[..., :left] = torch.where(near[:, :left], s[..., :left], far)
     s = s.masked_fill(~causal, float("-inf"))
     parts = [(keys, s)]
     m_ref = s.masked_fill(~reference, float("-inf")).amax(-1, keepdim=True)  # the largest window/sink score
     if state.sinks is not None:
-        parts.append((state.sinks, _cache_scores(qg_cache, state.sinks, spec)))  # held and scored as the cache
+        parts.append((state.sinks, _cache_scores(qg_cache, state.sinks, spec, inv_freq)))  # held, scored as the cache
         m_ref = torch.maximum(m_ref, parts[-1][1].amax(-1, keepdim=True))
     if state.cache is not None:
-        parts.append((state.cache, _cache_scores(qg_cache, state.cache, spec)))
+        parts.append((state.cache, _cache_scores(qg_cache, state.cache, spec, inv_freq, first=n_sinks)))
     m = torch.stack([s.amax(-1, keepdim=True) for _, s in parts]).amax(0)
     num_sm = sum(_exact_num(s, part.v, m) for part, s in parts)
     lin = None
@@ -805,8 +832,8 @@ def _cached_step(streams: Streams, spec: AttentionSpec, mix, state: LinearAttent
     else:  # the window as it is, the sinks and the cache (after it) at their distance
         near = (qg @ state.win.k.transpose(-1, -2)) * spec.scale
         pos_q = torch.full((1,), state.seen - 1, device=q.device)
-        far_k = torch.cat([p.k for p in parts[1:]], dim=2)
-        far = (_cache_queries(qg, pos_q, spec, inv_freq) @ far_k.transpose(-1, -2)) * spec.scale
+        far_k = _in_row(torch.cat([p.k for p in parts[1:]], dim=2), 0, spec, inv_freq)
+        far = (_cache_queries(qg, pos_q, spec, inv_freq, far_k.shape[2]) @ far_k.transpose(-1, -2)) * spec.scale
         scores = torch.cat([near, far], dim=-1)
     m_ref = scores[..., :n_ref].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
     m = scores.amax(-1, keepdim=True)
