@@ -206,8 +206,11 @@ class RunState:
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
             if settings.memory_cap is None:  # the default cap, whatever it was when the run started (or before there
                 recorded["memory_cap"] = attention["memory_cap"]  # was one), trains the same: no change there
-            if "cache_position" not in self.data.get("attention", attention):  # runs from before it: the cache is
-                recorded["cache_position"] = attention["cache_position"]  # switched on after training, no change there
+            # set after training, so a default that changed since (or a run from before the setting) trains the
+            # same: such a run resumes and is saved with today's
+            for key in () if settings.train_with_cache else ("cache", "cache_position"):
+                if getattr(settings, key) is None or key not in self.data.get("attention", attention):
+                    recorded[key] = attention[key]
             if recorded != attention:  # later read as their defaults: what the run did
                 changed.append(f"--attention {settings.attention} now means {attention}, the run has "
                                f"{self.data['attention']}")

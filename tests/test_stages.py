@@ -225,6 +225,7 @@ def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_
     import json
     from dataclasses import asdict
 
+    from linearize.errors import LinearizeError
     from linearize.pipeline import ConvertSettings, RunState
 
     assert ConvertSettings().attention_config().cache_position == "edge"
@@ -236,3 +237,11 @@ def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
                                                         "results": {}}))
     RunState(tmp_path, ConvertSettings(), resume=True)
+    # a run started when the default cache was another (its size and position recorded) resumes with the default:
+    # the cache is switched on after training; asked for explicitly, a different cache is a different run
+    attention = {**ConvertSettings().attention_config().to_dict(), "cache": 32, "cache_position": "own"}
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
+                                                        "results": {}}))
+    RunState(tmp_path, ConvertSettings(), resume=True)
+    with pytest.raises(LinearizeError, match="--resume with different settings"):
+        RunState(tmp_path, ConvertSettings(cache=8), resume=True)
