@@ -8,8 +8,6 @@ if cut out). The teacher's score there bounds what a student distilled from it c
 """
 
 import argparse
-import math
-import random
 import sys
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linearize.decoding import Decoder  # noqa: E402
 from linearize.evaluate import passkey as P  # noqa: E402
 from linearize.loading.teacher import load_teacher  # noqa: E402
 from linearize.options import token_counts  # noqa: E402
@@ -31,19 +28,10 @@ def shortened(tokenizer, pairs, window: int) -> str:
     return (P.MULTIKEY_INTRO + needles + P.FILLER * fillers).rstrip()
 
 
-def accuracy(model, tokenizer, k: int, length: int, trials: int, window: int | None, seed: int = 0) -> float:
-    """passkey.multikey_accuracy's questions for (k, length); window None: the haystacks as they are."""
-    decoder, hits = Decoder(model), []
-    rng = random.Random(f"multikey-{seed}-{k}-{length}")  # as multikey_accuracy draws them
-    questions = min(P.QUESTIONS_PER_HAYSTACK, k)
-    for h in range(math.ceil(trials / questions)):
-        haystack, pairs = P.multikey_haystack(tokenizer, length, k, rng)
-        if window is not None:
-            haystack = shortened(tokenizer, pairs, window)
-        asked = P.asked_needles(h, k, questions)[: trials - len(hits)]
-        hits += P.answers_correct(decoder, tokenizer, haystack,
-                                  [(P.MULTIKEY_QUESTION.format(name=pairs[j][0]), pairs[j][1]) for j in asked])
-    return sum(hits) / len(hits)
+def accuracy(model, tokenizer, k: int, length: int, trials: int, window: int | None) -> float:
+    """passkey.multikey_accuracy at (k, length); window None: the haystacks as they are, else shortened."""
+    rewrite = None if window is None else (lambda haystack, pairs: shortened(tokenizer, pairs, window))
+    return P.multikey_accuracy(model, tokenizer, [k], [length], trials, rewrite=rewrite)["accuracy"][str(k)][0]
 
 
 def main(argv=None):

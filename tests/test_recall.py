@@ -84,6 +84,23 @@ def test_scoring_counts_a_reader_that_finds_the_asked_code_and_one_that_does_not
     assert pk["accuracy"] == [expected]
 
 
+def test_multikey_rewrite_asks_the_same_questions_of_another_text(tiny_tokenizer, monkeypatch):
+    """multikey_accuracy(rewrite=...) prefills rewrite(haystack, pairs) instead of each haystack (the ceiling
+    script's shortened haystacks): the pairs are those hidden in it, and the questions and scoring are unchanged."""
+    monkeypatch.setattr(passkey, "Decoder", reader(tiny_tokenizer, 0))
+    seen = []
+
+    def needles_only(haystack, pairs):
+        assert all(f"The code for {name} is {code}." in haystack for name, code in pairs)
+        seen.append(pairs)
+        return "".join(f"The code for {name} is {code}. " for name, code in pairs)
+
+    plain = multikey_accuracy(None, tiny_tokenizer, [4], [600], trials=6)
+    short = multikey_accuracy(None, tiny_tokenizer, [4], [600], trials=6, rewrite=needles_only)
+    assert short["accuracy"] == plain["accuracy"] == {"4": [1.0]} and len(seen) == 2
+    assert short["tokens"]["4"][0] < plain["tokens"]["4"][0] / 4
+
+
 @pytest.mark.parametrize("text, done", [("", False), (" is", False), (" 1", False), (" 12345", False),
                                         (" 12345.", True), (" 13", True), (" 123456", True), (" 1234 5", True)])
 def test_decoding_stops_once_the_first_number_decides_the_trial(text, done):

@@ -203,8 +203,8 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
         measured = {which: [] for which in models}
         for r in range(settings.repeats):  # in turn, so that a slow spell of the machine hits both
             for which in models:
-                times = f" ({r + 1} of {settings.repeats})" if settings.repeats > 1 else ""
-                log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}){times} ...")
+                turn = f" ({r + 1} of {settings.repeats})" if settings.repeats > 1 else ""
+                log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}){turn} ...")
                 if here is not None:
                     measured[which].append(here.point(which, context, n_decode, settings.linears))
                 else:

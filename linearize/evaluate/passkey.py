@@ -136,9 +136,11 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 20, see
     return {"lengths": list(lengths), "tokens": tokens, "accuracy": accuracy, "trials": trials}
 
 
-def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], trials: int = 20, seed: int = 0) -> dict:
+def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], trials: int = 20, seed: int = 0,
+                      rewrite=None) -> dict:
     """{"keys", "lengths", "trials", "tokens": {k: [mean prompt tokens per length]}, "accuracy": {k: [fraction
-    correct per length]}} (k as a string: JSON keys)."""
+    correct per length]}} (k as a string: JSON keys). rewrite(haystack, pairs) -> the text prefilled instead of each
+    haystack (the same questions; scripts/multikey_ceiling.py shortens them), None: the haystacks as drawn."""
     decoder = Decoder(model)
     tokens, accuracy = {}, {}
     for k in keys:
@@ -148,6 +150,7 @@ def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], tri
             hits, total = [], 0
             for h in range(math.ceil(trials / questions)):
                 haystack, pairs = multikey_haystack(tokenizer, length, k, rng)
+                haystack = haystack if rewrite is None else rewrite(haystack, pairs)
                 asked = asked_needles(h, k, questions)[: trials - len(hits)]
                 asks = [(MULTIKEY_QUESTION.format(name=pairs[j][0]), pairs[j][1]) for j in asked]
                 hits += answers_correct(decoder, tokenizer, haystack, asks)
