@@ -7,7 +7,7 @@ PY ?= python3
 
 setup: .setup-done
 
-# a 25-minute budget: the token counts of both stages are planned from a throughput probe (linearize/budget.py)
+# a 25-minute budget: the token counts of both stages are planned from a throughput probe (linearize/convert/budget.py)
 convert: .setup-done
 	linearize convert --minutes 25
 

@@ -6,10 +6,10 @@
 """
 
 from .errors import LinearizeError
-from .decoding import generate_ids, generate_text
+from .generate.decoding import generate_ids, generate_text
 from .layers.linear_attention import ATTENTION_PRESETS, LinearAttention, LinearAttentionConfig, attention_preset
 from .models.linearized import LinearizedConfig, LinearizedForCausalLM
-from .run_folder import load
+from .loading.student import load
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
 """What every sub-command shares: argparse types, the --device / --dtype options, and how a number prints in
 a table (terminal, markdown or HTML)."""
 
+import math
 from argparse import ArgumentTypeError
 
 from .device import DTYPE_NAMES
-from .layers.linear_attention import CACHE_POSITIONS
 
 
 def comma_ints(text: str) -> list[int]:
@@ -13,6 +13,28 @@ def comma_ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (--max-new-tokens and other counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: a finite number >= 0 (0 = greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
+    return value
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -53,56 +75,6 @@ def add_placement(p, what: str, dtype: str = "auto"):
     p.add_argument("--device", default="auto", help=f"{what}: auto (CUDA when present) | cpu | cuda | cuda:N "
                                                     "(default: auto)")
     add_dtype(p, what, dtype)
-
-
-def add_sparse_cache(p):
-    """--cache M and --cache-every N: the student with a sparse cache (ops/sparse_cache.py), without training."""
-    p.add_argument("--cache", type=int, metavar="M",
-                   help="the student with a sparse cache of M exact keys per KV head (training-free; 0: none; "
-                        "default: as converted)")
-    p.add_argument("--cache-every", type=int, metavar="N",
-                   help="re-select the sparse cache every N tokens: the state holds up to M + N - 1 cached keys per "
-                        "KV head (training-free; default: as converted, 64)")
-
-
-def add_training_free(p):
-    """Every training-free setting of the student: --cache, --cache-every, --cache-position, --memory-cap, --heavy."""
-    add_sparse_cache(p)
-    add_cache_position(p)
-    add_memory_cap(p)
-    add_heavy_hitters(p)
-
-
-def training_free(args) -> dict:
-    """The student's training-free settings given in `args` (parsed flags or settings; the names of TRAINING_FREE
-    that it has and that are not None), for run_folder.load_student / models.linearized.set_training_free."""
-    from .models.linearized import TRAINING_FREE
-
-    return {name: getattr(args, name) for name in TRAINING_FREE if getattr(args, name, None) is not None}
-
-
-def add_cache_position(p):
-    """--cache-position own|edge|packed: where the student's sparse cache is scored
-    (LinearAttentionConfig.cache_position)."""
-    p.add_argument("--cache-position", choices=CACHE_POSITIONS,
-                   help="score the sparse cache's keys at their own positions (own), as if each sat just beyond the "
-                        "window (edge), or in a row from there back in their order (packed): far keys read like near "
-                        "ones (training-free; default: as converted)")
-
-
-def add_heavy_hitters(p):
-    """--heavy M: the student keeps the keys that drew the most window attention exact (ops/heavy_hitters.py)."""
-    p.add_argument("--heavy", type=int, metavar="M",
-                   help="the student keeps the M keys per KV head that drew the most window attention in exact "
-                        "softmax once they leave the window (training-free; 0: none; default: as converted)")
-
-
-def add_memory_cap(p):
-    """--memory-cap C: the student's linear memory capped at C keys (hybrid_attention.py), without training."""
-    p.add_argument("--memory-cap", type=int, metavar="C",
-                   help="the student's linear memory weighs at most C keys: beyond, it is scaled by C / n, so longer "
-                        "contexts do not drown the window, sinks and cache (training-free; 0: none; default: as "
-                        "converted)")
 
 
 def fmt(value, spec: str) -> str:

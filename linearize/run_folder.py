@@ -1,5 +1,6 @@
-"""The run folder: the one module that knows its file names, reads them, writes them (atomically) and loads
-the models of a run. `linearize convert --out DIR` writes it; eval, bench, report and compare read it.
+"""The run folder: the one module that knows its file names, reads them and writes them (atomically).
+`linearize convert --out DIR` writes it; eval, bench, report and compare read it. Loading the models of a run:
+loading/student.py (load, load_student) and loading/teacher.py (load_teacher_of).
 
     DIR/config.json, model.safetensors, tokenizer files   the converted model (save_pretrained)
     DIR/progress.json     settings and the results of each finished step (what --resume continues)
@@ -55,8 +56,12 @@ def write_atomic(path: str | Path, write) -> None:
     """write(tmp_path) to PATH.tmp, then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # nothing half-written is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -142,53 +147,3 @@ def training_data(run: str | Path) -> str | None:
     """The run's training source, for its held-out split (None = bundled ShareGPT)."""
     return convert_settings(run).get("data")
 
-
-# --- the models of a run ----------------------------------------------------------------------------------------
-
-def load(path: str | Path, dtype=None):
-    """Load a converted model folder -> (LinearizedForCausalLM in eval mode, tokenizer or None).
-    Weights come from model.safetensors only (never pickle); a corrupt file gives a clear LinearizeError."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoTokenizer
-
-    from .models.linearized import LinearizedConfig, LinearizedForCausalLM
-
-    path = check_converted(path)
-    if read_json(path / CONFIG).get("model_type") != LinearizedConfig.model_type:
-        raise LinearizeError(f"{path} holds a plain model, not a linearized one; convert it with `linearize convert --model {path}`")
-    if not (path / WEIGHTS).is_file():
-        raise LinearizeError(f"{path} has no {WEIGHTS}")
-    try:
-        model = LinearizedForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LinearizeError(f"could not read {path / WEIGHTS} ({str(e).splitlines()[0][:200]}); "
-                             "the file is corrupt or incomplete: re-run `linearize convert`") from e
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / TOKENIZER).exists() else None
-    # from_pretrained leaves the teacher skeleton built inside __init__ in float32: every weight in `dtype`
-    return model.to(dtype or torch.float32).eval(), tokenizer
-
-
-def load_student(path: str | Path, device="cpu", dtype=None, **training_free):
-    """(LinearizedForCausalLM on `device` in `dtype` (default float32), tokenizer); the folder must hold
-    tokenizer files. training_free: heavy, cache, cache_every, memory_cap, cache_position changed without training
-    (models.linearized.set_training_free; None: as converted)."""
-    from .models.linearized import set_training_free
-
-    model, tokenizer = load(path, dtype=dtype)
-    if tokenizer is None:
-        raise LinearizeError(f"{path} has no tokenizer files; re-run `linearize convert`")
-    return set_training_free(model, **training_free).to(device), tokenizer
-
-
-def load_teacher_of(path: str | Path, override: str | None = None, device="cpu", dtype=None):
-    """(teacher model with SDPA attention on `device` in `dtype` (default float32), its spec as given to
-    load_teacher)."""
-    import torch
-
-    from .loading.teacher import load_teacher
-
-    spec = teacher_spec(path, override)
-    teacher, _ = load_teacher(spec, dtype=dtype or torch.float32)
-    teacher.set_attn_implementation("sdpa")
-    return teacher.to(device), spec

@@ -33,6 +33,7 @@ class TrainResult:
     tokens: int  # tokens trained in this process (a resumed run counts only its own)
     seconds: float  # wall time of the steps run in this process
     history: list = field(default_factory=list)  # [{"step", "tokens", "loss", ...}]
+    stage_tokens: int = 0  # tokens of the whole stage, resumed steps included (what convert.json records)
 
 
 def cosine_with_warmup(total_steps: int, warmup: int, floor: float = LR_FLOOR) -> Callable[[int], float]:
@@ -150,4 +151,5 @@ def train(
     finally:
         bar.close()
     save(total_steps)
-    return TrainResult(total_steps, (total_steps - start) * tokens_per_step, time.perf_counter() - t0, history)
+    return TrainResult(total_steps, (total_steps - start) * tokens_per_step, time.perf_counter() - t0, history,
+                       stage_tokens=total_steps * tokens_per_step)

@@ -17,7 +17,7 @@ A new default joins the rows already in the file (whose run folders a fresh mach
     python scripts/quality_table.py --default runs/smollm2 --keep-rows --out docs/results/quality.json
 
 Rows measured later join it without the earlier run folders (which a fresh machine no longer has): `--add TABLE`
-adds the rows of an ablation table (scripts/ablation.py) whose run is not in the file yet, keeping everything else:
+adds the rows of an ablation table (experiments/ablation.py) whose run is not in the file yet, keeping everything else:
 
     python scripts/quality_table.py --add docs/results/ablation_6min.json
 """
@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from linearize.pipeline import resolve_train_attention
+from linearize.convert.settings import resolve_train_attention
 from linearize.run_folder import student_ppl, write_json
 
 
@@ -88,7 +88,7 @@ def add_rows(table: Path, out: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--default", help="the default conversion's run folder (required unless --add)")
-    p.add_argument("--add", help="an ablation table (scripts/ablation.py) whose new rows join --out as it is")
+    p.add_argument("--add", help="an ablation table (experiments/ablation.py) whose new rows join --out as it is")
     p.add_argument("--row", action="append", default=[], help="another run folder (an ablation row)")
     p.add_argument("--baseline", help="a baseline.json whose converted rows become ablation rows")
     p.add_argument("--wall-s", type=float, help="wall time of the whole default `linearize convert` process")

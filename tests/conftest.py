@@ -215,7 +215,7 @@ def attention_inputs(B, H, Hkv, T, d, family="sum", dtype=None, seed=0, linear=T
     import torch.nn.functional as F
 
     from linearize.ops.feature_maps import make_feature_map
-    from linearize.ops.hybrid_attention import Streams
+    from linearize.ops.hybrid.state import Streams
 
     dtype = dtype or torch.float64
     gate, delta, _ = FAMILIES[family]
@@ -248,19 +248,20 @@ def blocks(T: int) -> list:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def run_in_spans(streams, spec, mix, key_features, spans, chunk=4, check=None, norm_gain=None, inv_freq=None):
+def run_in_spans(streams, spec, layer, spans, chunk=4, check=None):
     """Feed `streams` span by span, each span as (slice, "chunked" | "recurrent"), every call continuing the state
-    of the last one. check(span, state) runs after each span. Returns (y over all spans, the final state)."""
+    of the last one; layer: the LayerConstants. check(span, state) runs after each span. Returns (y over all spans,
+    the final state)."""
     import torch
 
-    from linearize.ops.hybrid_attention import attention_chunked, attention_recurrent
+    from linearize.ops.hybrid.chunked import attention_chunked
+    from linearize.ops.hybrid.recurrent import attention_recurrent
 
     state, ys = None, []
     for s, form in spans:
         kw = dict(chunk=chunk) if form == "chunked" else {}
         run = attention_chunked if form == "chunked" else attention_recurrent
-        y, state = run(streams.slice(s), spec, mix, state, True, key_features=key_features, norm_gain=norm_gain,
-                       inv_freq=inv_freq, **kw)
+        y, state = run(streams.slice(s), spec, layer, state, True, **kw)
         ys.append(y)
         if check:
             check(s, state)

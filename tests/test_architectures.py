@@ -10,8 +10,9 @@ import linearize
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import FULL_SOFTMAX, LinearAttentionConfig
 from linearize.loading.architectures import ARCHITECTURES, architecture_of
-from linearize.models.linearized import LinearizedForCausalLM, set_sparse_cache
+from linearize.models.linearized import LinearizedForCausalLM
 from linearize.ops.rotary import rotate
+from linearize.training_free import TrainingFree
 
 from conftest import decode_stepwise
 
@@ -121,7 +122,7 @@ def test_gemma3_saved_with_a_cache_keeps_its_local_layers_exact(tmp_path):
     layers stay its exact window: a cache there changed every output beyond the local window)."""
     teacher = teacher_for("gemma3_text")
     model = LinearizedForCausalLM.from_teacher(teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=8)).eval()
-    set_sparse_cache(model, 2, every=8)
+    TrainingFree(cache=2, cache_every=8).apply(model)
     x = ids()[:1]
     with torch.no_grad():
         before = model(input_ids=x).logits

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from linearize.layers.linear_attention import ATTENTION_PRESETS, attention_preset
 from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
 from linearize.ops.feature_maps import make_feature_map
-from linearize.ops.hybrid_attention import (AttentionSpec, Streams, attention_chunked, attention_quadratic,
-                                             attention_recurrent)
+from linearize.ops.hybrid.chunked import attention_chunked
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.recurrent import attention_recurrent
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
+from linearize.ops.hybrid.state import Streams
 from linearize.ops.linear_memory import memory_chunked, memory_naive, memory_step
 
 from conftest import FAMILIES, attention_inputs, blocks, decode_stepwise, norm_gain, run_in_spans
@@ -45,16 +48,16 @@ def spans_of(form: str, T: int) -> list:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_form_matches_reference(family, B, H, Hkv, T, d, window, chunk, form, dtype):
     streams, mix, key_features, rule = attention_inputs(B, H, Hkv, T, d, family, dtype)
-    spec, gain = AttentionSpec(window, d**-0.5, rule=rule), norm_gain(family, H, d, dtype)
-    ref = attention_quadratic(streams, spec, mix, gain)
+    spec = AttentionSpec(window, d**-0.5, rule=rule)
+    layer = LayerConstants(mix, key_features, norm_gain(family, H, d, dtype))
+    ref = attention_quadratic(streams, spec, layer)
     assert ref.shape == (B, H, T, d)
 
     def only_the_window_is_kept(s, state):  # never the prompt
         if form != "recurrent":
             assert len(state.win) == min(s.stop, window)
 
-    y, state = run_in_spans(streams, spec, mix, key_features, spans_of(form, T), chunk, only_the_window_is_kept,
-                            norm_gain=gain)
+    y, state = run_in_spans(streams, spec, layer, spans_of(form, T), chunk, only_the_window_is_kept)
     assert state.seen == T
     tol = 1e-10 if dtype == torch.float64 else 1e-5 if family.startswith("sum:") else 2e-5
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
@@ -70,8 +73,8 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
     streams, mix, key_features, rule = attention_inputs(1, 4, 2, 40, 8, "sum" if family == "none" else family,
                                                         linear=family != "none")
     spec = AttentionSpec(window, 8**-0.5, rule=rule, linear=family != "none")
-    gain = norm_gain(family, 4, 8) if family != "none" else None
-    ref = attention_quadratic(streams, spec, mix, gain)
+    layer = LayerConstants(mix, key_features, norm_gain(family, 4, 8) if family != "none" else None)
+    ref = attention_quadratic(streams, spec, layer)
     spans = [(slice(0, 7), "chunked"), (slice(7, 16), "recurrent"), (slice(16, 27), "chunked"),
              (slice(27, 40), "recurrent")]
 
@@ -79,7 +82,7 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
         if window == 5 and s.stop in (16, 40):
             assert state.start == {16: 9 % 5, 40: 13 % 5}[s.stop]
 
-    y, _ = run_in_spans(streams, spec, mix, key_features, spans, check=ring_turns, norm_gain=gain)
+    y, _ = run_in_spans(streams, spec, layer, spans, check=ring_turns)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -87,9 +90,9 @@ def test_decode_and_prefill_blocks_interleaved(family, window):
 def test_no_linear_part_prefill_in_blocks(window):
     """Exact softmax layers (kept by --keep-softmax, or a teacher's local layers) also continue block by block."""
     streams, mix, _, _ = attention_inputs(1, 4, 2, 40, 8, linear=False)
-    spec = AttentionSpec(window, 8**-0.5, linear=False)
-    ref = attention_quadratic(streams, spec, mix)
-    y, state = run_in_spans(streams, spec, mix, None, [(s, "chunked") for s in blocks(40)], chunk=8)
+    spec, layer = AttentionSpec(window, 8**-0.5, linear=False), LayerConstants(mix)
+    ref = attention_quadratic(streams, spec, layer)
+    y, state = run_in_spans(streams, spec, layer, [(s, "chunked") for s in blocks(40)], chunk=8)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     assert len(state.win) == min(40, window or 40)
 
@@ -103,9 +106,10 @@ def test_no_linear_part_is_exact_softmax(window):
     i, j = torch.arange(21)[:, None], torch.arange(21)[None, :]
     allowed = (j <= i) & (j > i - (window or 21))
     expected = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
-    spec = AttentionSpec(window, 8**-0.5, linear=False)
-    recurrent, state = attention_recurrent(streams, spec, mix, output_final_state=True)
-    for y in (attention_quadratic(streams, spec, mix), attention_chunked(streams, spec, mix, chunk=8)[0], recurrent):
+    spec, layer = AttentionSpec(window, 8**-0.5, linear=False), LayerConstants(mix)
+    recurrent, state = attention_recurrent(streams, spec, layer, output_final_state=True)
+    for y in (attention_quadratic(streams, spec, layer), attention_chunked(streams, spec, layer, chunk=8)[0],
+              recurrent):
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     assert state.kv is None
     if window is None:
@@ -117,11 +121,11 @@ def test_window_mixing_matters_and_sliding_window_is_exact_softmax():
     B, H, Hkv, T, d = 1, 4, 2, 20, 8
     streams, _, _, _ = attention_inputs(B, H, Hkv, T, d, "sum:hedgehog")
     ones = torch.ones(H, dtype=torch.float64)
-    y, _ = attention_chunked(streams, AttentionSpec(T, d**-0.5), ones, chunk=8)
+    y, _ = attention_chunked(streams, AttentionSpec(T, d**-0.5), LayerConstants(ones), chunk=8)
     kk, vv = streams.k.repeat_interleave(2, dim=1), streams.v.repeat_interleave(2, dim=1)
     expected = F.scaled_dot_product_attention(streams.q, kk, vv, is_causal=True)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)  # up to the normaliser's epsilon
-    half, _ = attention_chunked(streams, AttentionSpec(4, d**-0.5), ones / 2, chunk=8)
+    half, _ = attention_chunked(streams, AttentionSpec(4, d**-0.5), LayerConstants(ones / 2), chunk=8)
     assert (half - y).abs().max() > 1e-3  # the linear term does contribute
 
 
@@ -133,7 +137,7 @@ def test_chunked_gradients_match_quadratic():
     for form in (attention_quadratic, lambda *a: attention_chunked(*a, chunk=8)[0]):
         fmq.zero_grad(), fmk.zero_grad()
         s = Streams(streams.k, streams.v, q=streams.q, fq=fmq(streams.q), fk=fmk(streams.k))
-        form(s, spec, mix).square().sum().backward()
+        form(s, spec, LayerConstants(mix)).square().sum().backward()
         grads.append(torch.cat([fmq.weight.grad.flatten(), fmk.weight.grad.flatten()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
@@ -151,8 +155,8 @@ def test_gate_forgets():
     streams, mix, _, _ = attention_inputs(1, 2, 2, 30, 8)
     strong = torch.full((1, 2, 30), -12.0, dtype=torch.float64)
     spec = AttentionSpec(0, 8**-0.5)
-    y_plain, _ = attention_chunked(streams, spec, mix, chunk=8)
-    y_gated, _ = attention_chunked(Streams(**{**vars(streams), "log_gate": strong}), spec, mix, chunk=8)
+    y_plain, _ = attention_chunked(streams, spec, LayerConstants(mix), chunk=8)
+    y_gated, _ = attention_chunked(Streams(**{**vars(streams), "log_gate": strong}), spec, LayerConstants(mix), chunk=8)
     # a near-zero gate leaves (almost) only the current token: y_i ~ v_i
     torch.testing.assert_close(y_gated, streams.v, rtol=1e-3, atol=1e-3)
     assert (y_plain - y_gated).abs().max() > 0.1

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import linearize
-from linearize.decoding import Decoder
+from linearize.generate.decoding import Decoder
 from linearize.bench.measure import measure_point
 from linearize.bench.run import BenchSettings, targets
 from linearize.errors import LinearizeError
 from linearize.cli import main
-from linearize.run_folder import load_student, load_teacher_of
+from linearize.loading.student import load_student
+from linearize.loading.teacher import load_teacher_of
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,31 @@ def test_measure_reports_speed_and_memory(pair):
     r = measure_point(pair[1], context=64, decode_tokens=3)
     assert r["context"] == 64 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0
     assert r["cache_bytes"] == r["cache_bytes_after_decode"] > 0 and r["model_rss_bytes"] > 0
-    assert 0 < r["linear_layers_ms"] < r["decode_ms_per_token"] * 5  # the weight-streaming part of a step
     assert "decode_ms_per_token" not in measure_point(pair[1], context=64, decode_tokens=0)
+
+
+def test_measure_times_each_phase_on_a_known_clock(pair, monkeypatch):
+    """measure_point on a clock that moves 1 ms per nn.Linear call and stands still otherwise: a forward pass (the
+    64-token prefill in one chunk, one decoding step) runs each of the model's 2 x 7 + 1 linear layers (q, k, v,
+    o, gate, up, down per layer and lm_head) once, so every time it reports is known: 15 ms per pass."""
+    from linearize.bench import measure
+
+    student = pair[1]
+    linears = [m for m in student.modules() if isinstance(m, torch.nn.Linear)]
+    n = 7 * student.config.num_hidden_layers + 1
+    assert len(linears) == n == 15
+    clock = [0.0]
+    handles = [m.register_forward_hook(lambda *_: clock.__setitem__(0, clock[0] + 1e-3)) for m in linears]
+    monkeypatch.setattr(measure, "now", lambda device: clock[0])
+    try:
+        r = measure_point(student, context=64, decode_tokens=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert r["prefill_s"] == pytest.approx(n / 1000) and r["prefill_tokens_per_s"] == pytest.approx(64 * 1000 / n)
+    assert r["decode_ms_per_token"] == pytest.approx(n) and r["decode_tokens_per_s"] == pytest.approx(1000 / n)
+    # one token through every linear layer: the whole of a step here, where only the linear layers take time
+    assert r["linear_layers_ms"] == pytest.approx(n)
 
 
 def test_targets_from_points():
@@ -97,14 +121,17 @@ def test_bench_passes_the_students_training_free_settings_to_its_processes(tiny_
     the state it reports is that of the student so set (evaluate/baseline.state_bytes after the same prompt), and
     the results file is named after them."""
     from linearize.bench.run import bench_file
-    from linearize.decoding import Decoder
-    from linearize.run_folder import load_student
+    from linearize.generate.decoding import Decoder
+    from linearize.loading.student import load_student
+    from linearize.training_free import TrainingFree
 
     student_dir = tiny_converted[0]
     flags = ["--cache", "4", "--cache-every", "2", "--cache-position", "packed"]
     assert main(["bench", str(student_dir), "--contexts", "48", "--decode-contexts", "48", "--decode-tokens", "2",
                  "--teacher-max-context", "32", *flags]) == 0
-    name = bench_file(BenchSettings(student={"cache": 4, "cache_every": 2, "cache_position": "packed"}))
+    student = TrainingFree(cache=4, cache_every=2, cache_position="packed")
+    assert student.flags() == flags
+    name = bench_file(BenchSettings(student=student))
     assert name == "bench_cache4_every2_packed.json"
     res = json.loads((student_dir / name).read_text())
     assert res["settings"]["student"] == {"cache": 4, "cache_every": 2, "cache_position": "packed"}
@@ -113,7 +140,7 @@ def test_bench_passes_the_students_training_free_settings_to_its_processes(tiny_
         dec.prefill(torch.zeros(1, 48, dtype=torch.long))
         return dec.cache_bytes()
 
-    set_so = load_student(student_dir, cache=4, cache_every=2, cache_position="packed")[0]
+    set_so = load_student(student_dir, training_free=student)[0]
     plain = load_student(student_dir)[0]
     assert res["points"][0]["cache_bytes"] == prefilled_bytes(set_so) != prefilled_bytes(plain)
 

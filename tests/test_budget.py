@@ -5,13 +5,15 @@ import json
 import pytest
 import torch
 
-from linearize import budget
+from linearize.convert import budget
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import attention_preset
-from linearize import pipeline
+from linearize.convert import stages
 from linearize.finetune.lora import LoraSettings
 from linearize.models.linearized import LinearizedForCausalLM
-from linearize.pipeline import Conversion, ConvertSettings, RunState, finetune, load_inputs
+from linearize.convert.run_state import RunState
+from linearize.convert.settings import ConvertSettings
+from linearize.convert.stages import Conversion, finetune, load_inputs
 
 from conftest import write_word_jsonl
 
@@ -146,7 +148,7 @@ def test_stage2_is_replanned_from_a_real_step_and_resume_keeps_it(model_dir, tmp
         seen.append(len(sequences))
         raise StopBeforeTraining
 
-    monkeypatch.setattr(pipeline, "finetune_lora", no_training)
+    monkeypatch.setattr(stages, "finetune_lora", no_training)
     monkeypatch.setattr(budget, "time_lora_step", lambda *a: 10.0)
     c = conversion(resume=False)
     planned = c.results["plan"]["lora_tokens"] // T

@@ -80,7 +80,7 @@ def test_bad_inputs_give_one_clear_line(model_dir, data_file, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out"), *SMALL],
                    "no text")
-    one_error_line(capsys, ["convert", *m, *d, "--seq-len", "16"], "shorter than the attention window")
+    one_error_line(capsys, ["convert", *m, *d, "--seq-len", "16"], "leaves the linear memory nothing to learn")
     one_error_line(capsys, ["convert", *m, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")],
                    "not found")
     one_error_line(capsys, ["convert", *m, *d, "--dtype", "float8"], "--dtype 'float8' is not supported")
@@ -107,7 +107,7 @@ def test_convert_with_no_adapters_keeps_the_teachers_projections(model_dir, data
     """--lora-targets none: stage 2 trains the feature maps and mixing factors alone (--lora-train-attention is on
     by default without adapters); the saved q/k/v/o are the teacher's own. With --no-lora-train-attention: one clear
     error line (nothing to train)."""
-    from linearize.run_folder import load
+    from linearize.loading.student import load
 
     out = tmp_path / "none"
     one_error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *SMALL,
@@ -129,7 +129,8 @@ def test_convert_switches_the_sparse_cache_on_after_training(model_dir, data_fil
     row for it. --train-with-cache trains with it in place (other weights)."""
     from safetensors.torch import load_file
 
-    from linearize.run_folder import load, student_ppl
+    from linearize.loading.student import load
+    from linearize.run_folder import student_ppl
 
     base = ["convert", "--model", str(model_dir), "--data", str(data_file), *SMALL]
     outs = {name: tmp_path / name for name in ("plain", "cache", "trained")}

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.decoding import Decoder
-from linearize.run_folder import load_student, load_teacher_of
+from linearize.generate.decoding import Decoder
+from linearize.loading.student import load_student
+from linearize.loading.teacher import load_teacher_of
 from linearize.ops.decode_linear import DecodeLinear, use_decode_linears
 
 

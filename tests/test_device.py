@@ -11,9 +11,9 @@ from linearize.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS, BenchSettings, benc
 from linearize.cli import main
 from linearize.device import placement
 from linearize.errors import LinearizeError
-from linearize.run_folder import load_student
-from linearize.decoding import prefill
-from linearize.pipeline import ConvertSettings
+from linearize.loading.student import load_student
+from linearize.generate.decoding import prefill
+from linearize.convert.settings import ConvertSettings
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 
@@ -89,7 +89,7 @@ def test_cpu_peak_memory_counts_what_a_phase_adds():
 
 
 def test_block_prefill_continues_positions(tiny_converted):
-    """prefill in blocks of 16 (positions made on the ids' device by generate.step_forward) gives the
+    """prefill in blocks of 16 (positions made on the ids' device by generate.decoding.step_forward) gives the
     full forward's last logits."""
     student = load_student(tiny_converted[0])[0]
     ids = torch.randint(300, (1, 40), generator=torch.Generator().manual_seed(2))

@@ -147,7 +147,7 @@ def test_attention_only_stage_2_keeps_the_teachers_exact_part(tmp_path, monkeypa
 
 def test_no_adapters_needs_trained_attention():
     """Without adapters stage 2 trains the attention (on by default there); turned off, one clear error."""
-    from linearize.pipeline import ConvertSettings
+    from linearize.convert.settings import ConvertSettings
 
     with pytest.raises(LinearizeError, match="nothing to train"):
         LoraSettings(target_modules=())

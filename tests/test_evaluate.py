@@ -11,7 +11,9 @@ from linearize.cli import main
 from linearize.errors import LinearizeError
 from linearize.evaluate.agreement import agreement
 from linearize.evaluate.mmlu import GROUP, mmlu_accuracy, write_tasks
-from linearize.run_folder import load_student, load_teacher_of, teacher_spec
+from linearize.loading.student import load_student
+from linearize.loading.teacher import load_teacher_of
+from linearize.run_folder import teacher_spec
 from linearize.evaluate.passkey import passkey_accuracy, passkey_prompt
 from linearize.evaluate.texts import eval_sequences, shakespeare_documents
 from linearize.layers.linear_attention import LinearAttentionConfig, attention_preset
@@ -150,11 +152,62 @@ def test_mmlu_tasks_have_five_shot_dev_split(tmp_path):
         write_tasks(tmp_path, ["klingon"])
 
 
-def test_mmlu_runs_through_lm_eval(pair):
+def mmlu_prompts(folder, subject: str, limit: int) -> list[tuple[str, int]]:
+    """(5-shot prompt, index of the right answer) of the first `limit` test questions of `subject`, written out
+    here as lm-eval's `mmlu` task builds them: the description, then the 5 dev questions each followed by " X" (its
+    answer) and a blank line, then the question; the choices are the continuations " A" .. " D"."""
+    task = write_tasks(folder, [subject])[0]
+    config = json.loads((folder / f"{task}.yaml").read_text())
+    dev, test = ([json.loads(line) for line in open(config["dataset_kwargs"]["data_files"][split])]
+                 for split in ("dev", "test"))
+
+    def text(q):
+        return q["question"].strip() + "".join(f"\n{c}. {a}" for c, a in zip("ABCD", q["choices"])) + "\nAnswer:"
+
+    shots = "".join(f"{text(q)} {'ABCD'[q['answer']]}\n\n" for q in dev)
+    return [(config["description"] + shots + text(q), q["answer"]) for q in test[:limit]]
+
+
+def test_mmlu_runs_through_lm_eval(pair, tmp_path):
+    """Through the harness, the teacher scores what its log-likelihoods of " A" .. " D" after each prompt give
+    (computed here), and a student made to know every answer (a hook raises the right letter's logit where the
+    input is a test prompt) scores 1."""
+    import torch.nn.functional as F
+
     teacher, student, tokenizer = pair
-    r = mmlu_accuracy({"teacher": teacher, "student": student}, tokenizer, limit=2, subjects=["virology"])
-    assert r["questions"] == 2 and r["num_fewshot"] == 5
-    assert 0 <= r["student"]["acc"] <= 1 and set(r["teacher"]["subjects"]) == {"virology"}
+    prompts = mmlu_prompts(tmp_path, "virology", 4)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    choices = []  # per prompt: (its tokens, [tokens of each continuation " A" .. " D"])
+    for prompt, _ in prompts:
+        context = encode(prompt)
+        choices.append((context, [encode(f"{prompt} {c}")[len(context):] for c in "ABCD"]))
+
+    with torch.no_grad():
+        picks = []
+        for context, continuations in choices:
+            scores = []
+            for cont in continuations:
+                logp = F.log_softmax(teacher(torch.tensor([context + cont[:-1]])).logits[0, len(context) - 1:], -1)
+                scores.append(sum(logp[i, t].item() for i, t in enumerate(cont)))
+            picks.append(max(range(4), key=scores.__getitem__))
+    expected = sum(pick == answer for pick, (_, answer) in zip(picks, prompts)) / len(prompts)
+
+    def knows_the_answer(module, args, kwargs, out):
+        ids = (args[0] if args else kwargs["input_ids"])[0].tolist()
+        for (context, continuations), (_, answer) in zip(choices, prompts):
+            if ids[: len(context)] == context:
+                for i, t in enumerate(continuations[answer][: len(ids) - len(context) + 1]):
+                    out.logits[0, len(context) - 1 + i, t] += 1e4
+        return out
+
+    handle = student.register_forward_hook(knows_the_answer, with_kwargs=True)
+    try:
+        r = mmlu_accuracy({"teacher": teacher, "student": student}, tokenizer, limit=4, subjects=["virology"])
+    finally:
+        handle.remove()
+    assert r["questions"] == 4 and r["num_fewshot"] == 5
+    assert r["teacher"]["acc"] == pytest.approx(expected) and r["teacher"]["subjects"] == {"virology": r["teacher"]["acc"]}
+    assert r["student"]["acc"] == 1 and expected < 1
 
 
 def test_mmlu_of_a_model_that_always_answers_a_is_the_share_of_as(pair, tmp_path):
@@ -294,7 +347,7 @@ def test_state_bytes_count_a_sparse_cache_full_with_its_waiting_keys(tiny_teache
 def test_without_memory_is_the_exact_part_alone(tiny_teacher):
     """A fresh conversion (the teacher's projections) with its memory off is the teacher as StreamingLLM over the
     same window and sinks, whatever the trained memory; its state holds no memory; the model itself is unchanged."""
-    from linearize.decoding import prefill
+    from linearize.generate.decoding import prefill
     from linearize.models.linearized import without_memory
 
     config = LinearAttentionConfig(window=6, sinks=2, chunk_size=8)

@@ -11,7 +11,8 @@ from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import attention_preset
 from linearize.models.linearized import LinearizedForCausalLM
 from linearize.ops.feature_maps import make_feature_map
-from linearize.ops.hybrid_attention import AttentionSpec, attention_quadratic
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
 
 from conftest import attention_inputs, decode_stepwise, norm_gain
 
@@ -34,7 +35,7 @@ def test_norm_attention_is_its_formula(window, sinks):
         sm = F.scaled_dot_product_attention(streams.q, k, v, attn_mask=exact, scale=d**-0.5)
         w = mix[None, :, None, None]
         expected = w * sm + (1 - w) * lin
-    y = attention_quadratic(streams, AttentionSpec(window, d**-0.5, sinks=sinks), mix, gain)
+    y = attention_quadratic(streams, AttentionSpec(window, d**-0.5, sinks=sinks), LayerConstants(mix, norm_gain=gain))
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from linearize.ops import fla_kernels
-from linearize.ops import hybrid_attention as ops
+from linearize.ops.hybrid.chunked import attention_chunked
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
+from linearize.ops.hybrid.state import Streams
 from linearize.ops.fla_kernels import FLA_ENV, memory_fla
 from linearize.ops.linear_memory import memory_chunked, memory_naive
 
@@ -95,7 +98,7 @@ def hybrid_inputs(rule="sum", gated=False, B=1, H=4, Hkv=2, T=70, d=8, Fd=16, se
     log_gate = F.logsigmoid(2 + torch.randn(B, Hkv, T, generator=g)) if gated else None
     beta = torch.sigmoid(torch.randn(B, Hkv, T, generator=g)) if rule == "delta" else None
     mix = torch.sigmoid(torch.randn(H, generator=g))
-    return ops.Streams(k=k, v=v, q=q, fq=fq, fk=fk, log_gate=log_gate, beta=beta), mix
+    return Streams(k=k, v=v, q=q, fq=fq, fk=fk, log_gate=log_gate, beta=beta), mix
 
 
 @pytest.mark.parametrize("rule,gated", CASES)
@@ -110,14 +113,14 @@ def test_hybrid_attention_with_kernel_memory_equals_reference(stand_in_fla, monk
     monkeypatch.setattr(fla_kernels, "fla_usable", lambda *xs: True)
     monkeypatch.setattr(fla_kernels, "memory_fla", lambda *a, **kw: calls.append(1) or memory_fla(*a, **kw))
     streams, mix = hybrid_inputs(rule, gated)
-    spec = ops.AttentionSpec(window=window, scale=0.3, sinks=sinks, rule=rule, memory_cap=cap)
-    expected = ops.attention_quadratic(streams, spec, mix)
-    y, _ = ops.attention_chunked(streams, spec, mix, chunk=16)
+    spec = AttentionSpec(window=window, scale=0.3, sinks=sinks, rule=rule, memory_cap=cap)
+    layer = LayerConstants(mix, key_features=lambda k: None)
+    expected = attention_quadratic(streams, spec, layer)
+    y, _ = attention_chunked(streams, spec, layer, chunk=16)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
-    first, state = ops.attention_chunked(streams.slice(slice(0, 33)), spec, mix, chunk=16, output_final_state=True,
-                                         key_features=lambda k: None)
+    first, state = attention_chunked(streams.slice(slice(0, 33)), spec, layer, chunk=16, output_final_state=True)
     if window == 0:  # pure linear: the state holds only the memory, no window keys to recompute
-        rest, _ = ops.attention_chunked(streams.slice(slice(33, None)), spec, mix, state, chunk=16)
+        rest, _ = attention_chunked(streams.slice(slice(33, None)), spec, layer, state, chunk=16)
         torch.testing.assert_close(torch.cat([first, rest], 2), expected, rtol=1e-4, atol=1e-5)
     assert calls, "the kernel memory was not used"
 

@@ -1,4 +1,4 @@
-"""Heavy hitters (ops/heavy_hitters.py): of the keys that left the window, the M per KV head that drew the most window
+"""Heavy hitters (ops/heavy_hitters/): of the keys that left the window, the M per KV head that drew the most window
 attention stay exact. Brute force (one query, one key at a time) == quadratic == chunked == recurrent == prefill in
 blocks + decoding; with room for every key and no linear part it is exact causal softmax; the state stays M keys."""
 
@@ -8,7 +8,10 @@ import torch
 from linearize import LinearAttentionConfig
 from linearize.errors import LinearizeError
 from linearize.ops import heavy_hitters
-from linearize.ops.hybrid_attention import AttentionSpec, attention_chunked, attention_quadratic, attention_recurrent
+from linearize.ops.hybrid.chunked import attention_chunked
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.recurrent import attention_recurrent
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
 
 from conftest import attention_inputs, blocks, run_in_spans
 
@@ -60,7 +63,7 @@ def test_quadratic_matches_brute_force(B, H, Hkv, T, d, window, chunk, sinks, he
     streams, mix, _, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, heavy=heavy)
     ref = brute_force(streams, mix, window, d**-0.5, sinks, heavy, linear)
-    torch.testing.assert_close(attention_quadratic(streams, spec, mix), ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(attention_quadratic(streams, spec, LayerConstants(mix)), ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("linear", [True, False])
@@ -68,13 +71,14 @@ def test_quadratic_matches_brute_force(B, H, Hkv, T, d, window, chunk, sinks, he
 def test_chunked_recurrent_and_blocks_match_quadratic(B, H, Hkv, T, d, window, chunk, sinks, heavy, linear):
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, heavy=heavy, memory_cap=7 if linear else 0)
-    ref = attention_quadratic(streams, spec, mix)
-    y, state = attention_chunked(streams, spec, mix, chunk=chunk, key_features=key_features, output_final_state=True)
+    layer = LayerConstants(mix, key_features)
+    ref = attention_quadratic(streams, spec, layer)
+    y, state = attention_chunked(streams, spec, layer, chunk=chunk, output_final_state=True)
     torch.testing.assert_close(y, ref)
-    y, _ = attention_recurrent(streams, spec, mix, key_features=key_features)
+    y, _ = attention_recurrent(streams, spec, layer)
     torch.testing.assert_close(y, ref)
     spans = [(s, "chunked" if n % 2 == 0 else "recurrent") for n, s in enumerate(blocks(T))]
-    y, end = run_in_spans(streams, spec, mix, key_features, spans, chunk=chunk)
+    y, end = run_in_spans(streams, spec, layer, spans, chunk=chunk)
     torch.testing.assert_close(y, ref)
     # the state after one chunked prefill equals the one after prefill in blocks and decoding
     held = 0 if state.heavy is None else len(state.heavy)
@@ -88,8 +92,8 @@ def test_chunked_recurrent_and_blocks_match_quadratic(B, H, Hkv, T, d, window, c
 
 def test_room_for_every_key_without_a_linear_part_is_exact_softmax():
     streams, mix, _, _ = attention_inputs(1, 4, 2, 30, 8, linear=False)
-    full = attention_quadratic(streams, AttentionSpec(None, 8**-0.5, linear=False), mix)
-    y, _ = attention_chunked(streams, AttentionSpec(4, 8**-0.5, linear=False, heavy=30), mix, chunk=8)
+    full = attention_quadratic(streams, AttentionSpec(None, 8**-0.5, linear=False), LayerConstants(mix))
+    y, _ = attention_chunked(streams, AttentionSpec(4, 8**-0.5, linear=False, heavy=30), LayerConstants(mix), chunk=8)
     torch.testing.assert_close(y, full)
 
 
@@ -99,9 +103,9 @@ def test_heavy_keys_change_the_result_and_are_the_most_attended():
     k = streams.k.clone()
     k[:, :, 5] = 3 * streams.q[:, :, 5:9].sum(2).mean(1, keepdim=True)  # key 5 draws its window's queries 5..8
     streams.k = k
-    plain = attention_quadratic(streams, AttentionSpec(4, 8**-0.5), mix)
+    plain = attention_quadratic(streams, AttentionSpec(4, 8**-0.5), LayerConstants(mix))
     spec = AttentionSpec(4, 8**-0.5, heavy=1)
-    y, state = attention_chunked(streams, spec, mix, chunk=8, key_features=key_features, output_final_state=True)
+    y, state = attention_chunked(streams, spec, LayerConstants(mix, key_features), chunk=8, output_final_state=True)
     assert (y[:, :, 4:] - plain[:, :, 4:]).abs().amax() > 1e-3  # key 0 leaves the window for query 4
     torch.testing.assert_close(y[:, :, :4], plain[:, :, :4])
     torch.testing.assert_close(state.heavy.k[0, 0, 0], k[0, 0, 5])
@@ -111,9 +115,10 @@ def test_state_stays_the_same_size():
     streams, mix, key_features, _ = attention_inputs(1, 2, 1, 80, 8)
     spec = AttentionSpec(6, 8**-0.5, sinks=2, heavy=3)
     sizes = []
-    run_in_spans(streams, spec, mix, key_features, [(slice(0, 30), "chunked"), (slice(30, 80), "recurrent")],
+    layer = LayerConstants(mix, key_features)
+    run_in_spans(streams, spec, layer, [(slice(0, 30), "chunked"), (slice(30, 80), "recurrent")],
                  check=lambda s, state: sizes.append(state.nbytes()))
-    _, long = attention_chunked(streams, spec, mix, chunk=8, key_features=key_features, output_final_state=True)
+    _, long = attention_chunked(streams, spec, layer, chunk=8, output_final_state=True)
     assert sizes[0] == sizes[1] == long.nbytes()
     assert len(long.heavy) == 3
 
@@ -136,7 +141,8 @@ def test_bad_configurations_say_what_to_change(bad):
 def test_model_forward_decoding_and_training_with_heavy_hitters(tiny_teacher):
     """A converted model with heavy hitters: prefill + ring decoding equals the full forward, the heavy keys are in
     the state, and stage 1's parameters get gradients through the heavy-hitter form."""
-    from linearize.models.linearized import LinearizedForCausalLM, set_heavy_hitters
+    from linearize.models.linearized import LinearizedForCausalLM
+    from linearize.training_free import TrainingFree
 
     from conftest import decode_stepwise
 
@@ -148,7 +154,7 @@ def test_model_forward_decoding_and_training_with_heavy_hitters(tiny_teacher):
         stepwise, state = decode_stepwise(student, ids, prompt=13)
     torch.testing.assert_close(stepwise, full, rtol=1e-4, atol=1e-4)
     assert all(len(s.heavy) == 2 for s in state)
-    plain = set_heavy_hitters(LinearizedForCausalLM.from_teacher(tiny_teacher, cfg), 0).eval()
+    plain = TrainingFree(heavy=0).apply(LinearizedForCausalLM.from_teacher(tiny_teacher, cfg)).eval()
     with torch.no_grad():
         assert (plain(input_ids=ids).logits - full).abs().max() > 1e-4
     student.train()
@@ -163,8 +169,9 @@ def test_convert_and_eval_with_heavy_hitters(model_dir, data_file, tmp_path, cap
     import json
 
     from linearize.cli import main
-    from linearize.pipeline import ConvertSettings
-    from linearize.run_folder import load_student
+    from linearize.convert.settings import ConvertSettings
+    from linearize.loading.student import load_student
+    from linearize.training_free import TrainingFree
 
     assert ConvertSettings(heavy=5).attention_config().heavy == 5
     out = tmp_path / "heavy"
@@ -175,7 +182,7 @@ def test_convert_and_eval_with_heavy_hitters(model_dir, data_file, tmp_path, cap
     model, _ = load_student(out)
     assert {a.spec.heavy for a in model.attention_modules()} == {3}
     assert json.loads((out / "config.json").read_text())["attention"]["heavy"] == 3
-    assert {a.spec.heavy for a in load_student(out, heavy=0)[0].attention_modules()} == {0}
+    assert {a.spec.heavy for a in load_student(out, training_free=TrainingFree(heavy=0))[0].attention_modules()} == {0}
     capsys.readouterr()
     assert main(["convert", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "bad"),
                  *small, "--heavy", "-2"]) == 2

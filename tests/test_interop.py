@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.decoding import Decoder
+from linearize.generate.decoding import Decoder
 from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM
 from linearize.models.remote_code import AUTO_MAP, MODELING_FILE
@@ -107,18 +107,49 @@ def test_fresh_process_opens_the_folder_with_trust_remote_code(tiny_converted, t
 TASKS = {
     "tiny_choice": {"output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
                     "metric_list": [{"metric": "acc"}]},
-    "tiny_until": {"output_type": "generate_until", "doc_to_target": "{{choices[answer]}}",
+    "tiny_until": {"output_type": "generate_until", "doc_to_target": "{{target}}",
                    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
                    "metric_list": [{"metric": "exact_match"}]},
 }
 
 
 def test_lm_eval_hf_backend_runs_offline(tiny_converted, tmp_path):
-    """The real `lm_eval` command line on the converted folder: a log-likelihood task and a generation task
-    over a local jsonl (json, not yaml: lm_eval reads task files as yaml, which json is)."""
+    """The real `lm_eval` command line on the converted folder (loaded with trust_remote_code in a process that never
+    imported linearize): a log-likelihood task and a generation task over a local jsonl (json, not yaml: lm_eval
+    reads task files as yaml, which json is), with the scores the student gives them computed here. The
+    generation targets of the first two questions are the student's own greedy continuations (4 tokens, cut at a
+    newline), the third's is not, so exact_match is 2/3."""
+    import torch.nn.functional as F
+
     student_dir, _ = tiny_converted
-    docs = [{"question": q, "choices": c, "answer": 0} for q, c in
-            [("the quick brown", [" fox", " dog"]), ("hello", [" world", " there"]), ("linear attention is", [" fast", " slow"])]]
+    model, tokenizer = linearize.load(student_dir)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+
+    @torch.no_grad()
+    def greedy(text: str, n: int = 4) -> str:
+        """n tokens, each the argmax of a full forward pass over everything before it (no cache)."""
+        ids = encode(text)
+        start = len(ids)
+        for _ in range(n):
+            ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+            if ids[-1] == tokenizer.eos_token_id:
+                break
+        return tokenizer.decode(ids[start:]).split(tokenizer.eos_token)[0].split("\n")[0]
+
+    @torch.no_grad()
+    def loglikelihood(context: str, choice: str) -> float:
+        """log p(" " + choice | context): lm_eval puts its target delimiter " " before each choice."""
+        ctx = encode(context)
+        cont = encode(f"{context} {choice}")[len(ctx):]
+        logp = F.log_softmax(model(torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:], -1)
+        return sum(logp[i, t].item() for i, t in enumerate(cont))
+
+    pairs = [("the quick brown", ["fox", "dog"]), ("hello", ["world", "there"]), ("linear attention is", ["fast", "slow"])]
+    own = [greedy(q) for q, _ in pairs]
+    targets = [own[0], own[1], " fast"]
+    assert own[2] != targets[2]
+    docs = [{"question": q, "choices": c, "answer": 0, "target": t} for (q, c), t in zip(pairs, targets)]
+    picked_first = [loglikelihood(q, c[0]) > loglikelihood(q, c[1]) for q, c in pairs]
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -132,5 +163,5 @@ def test_lm_eval_hf_backend_runs_offline(tiny_converted, tmp_path):
     proc = subprocess.run(cmd, env=offline_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-    assert 0 <= results["tiny_choice"]["acc,none"] <= 1
-    assert 0 <= results["tiny_until"]["exact_match,none"] <= 1
+    assert results["tiny_choice"]["acc,none"] == pytest.approx(sum(picked_first) / 3)
+    assert results["tiny_until"]["exact_match,none"] == pytest.approx(2 / 3)

@@ -10,7 +10,7 @@ import linearize
 from linearize.cli import main
 from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM, make_student_attention
-from linearize.pipeline import choose_softmax_layers
+from linearize.convert.stages import choose_softmax_layers
 
 from conftest import decode_stepwise, tiny_llama_config, write_word_jsonl
 

@@ -8,8 +8,9 @@ import torch
 
 from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
-from linearize.models.linearized import set_memory_cap
-from linearize.ops.hybrid_attention import AttentionSpec, attention_quadratic
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
+from linearize.training_free import TrainingFree
 
 from conftest import attention_inputs, blocks, run_in_spans
 
@@ -37,10 +38,11 @@ def spec_of(d, window, sinks, cap, cache=0):
 def test_form_matches_reference(B, H, Hkv, T, d, window, sinks, cap, cache, form):
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d)
     spec = spec_of(d, window, sinks, cap, cache)
-    ref = attention_quadratic(streams, spec, mix)
-    y, _ = run_in_spans(streams, spec, mix, key_features, SPANS[form](T))
+    layer = LayerConstants(mix, key_features)
+    ref = attention_quadratic(streams, spec, layer)
+    y, _ = run_in_spans(streams, spec, layer, SPANS[form](T))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    uncapped = attention_quadratic(streams, spec_of(d, window, sinks, 0, cache), mix)
+    uncapped = attention_quadratic(streams, spec_of(d, window, sinks, 0, cache), layer)
     assert (ref - uncapped).abs().max() > 1e-3  # the cap is in effect
 
 
@@ -60,7 +62,7 @@ def test_reference_follows_the_definition():
         if memory:
             num = num + (1 - w) * min(1.0, C / len(memory)) * (fq[i] @ fk[memory].T) @ v1[memory]
         expected.append(num[:-1] / (num[-1] + 1e-6))
-    got = attention_quadratic(streams, spec_of(d, W, S, C), mix)[0, 0]
+    got = attention_quadratic(streams, spec_of(d, W, S, C), LayerConstants(mix))[0, 0]
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-10)
 
 
@@ -69,11 +71,12 @@ def test_cap_at_least_the_memory_length_changes_nothing():
     output of such a row as it was: the cap only acts on longer contexts."""
     T, d, W, S = 50, 8, 6, 2
     streams, mix, key_features, _ = attention_inputs(2, 4, 2, T, d)
-    plain = attention_quadratic(streams, spec_of(d, W, S, 0), mix)
+    layer = LayerConstants(mix, key_features)
+    plain = attention_quadratic(streams, spec_of(d, W, S, 0), layer)
     for form in SPANS:
-        got, _ = run_in_spans(streams, spec_of(d, W, S, T - W - S), mix, key_features, SPANS[form](T))
+        got, _ = run_in_spans(streams, spec_of(d, W, S, T - W - S), layer, SPANS[form](T))
         torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-10)
-    shorter = attention_quadratic(streams, spec_of(d, W, S, T - W - S - 1), mix)
+    shorter = attention_quadratic(streams, spec_of(d, W, S, T - W - S - 1), layer)
     assert (shorter - plain)[:, :, -1].abs().max() > 0  # one key less: the last query sees the cap
 
 
@@ -84,9 +87,9 @@ def test_converted_model_takes_a_cap_without_training(tiny_teacher):
     student.eval()
     with torch.no_grad():
         plain = student(input_ids=ids).logits
-        set_memory_cap(student, 40 - 4 - 1)
+        TrainingFree(memory_cap=40 - 4 - 1).apply(student)
         torch.testing.assert_close(student(input_ids=ids).logits, plain)
-        set_memory_cap(student, 2)
+        TrainingFree(memory_cap=2).apply(student)
         capped = student(input_ids=ids).logits
     assert (capped - plain).abs().max() > 1e-4
     assert student.config.attention["memory_cap"] == 2
@@ -100,4 +103,4 @@ def test_bad_cap_settings_are_refused(tiny_teacher):
         LinearAttentionConfig(window=4, memory_cap=-1)
     gated = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, gate="key"))
     with pytest.raises(LinearizeError, match="memory cap"):
-        set_memory_cap(gated, 8)
+        TrainingFree(memory_cap=8).apply(gated)

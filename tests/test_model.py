@@ -54,7 +54,7 @@ def test_prefill_in_blocks_equals_full_forward(tiny_teacher, window, keep_softma
     ids = torch.randint(0, 320, (1, 50))
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        logits, state = linearize.decoding.prefill(model, ids[:, :45], block=16)  # blocks of 16, 16, 13
+        logits, state = linearize.generate.decoding.prefill(model, ids[:, :45], block=16)  # blocks of 16, 16, 13
         after = model(input_ids=ids[:, 45:46], linear_state=state).logits
     torch.testing.assert_close(logits, full[:, 44], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after[:, 0], full[:, 45], rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from linearize.decoding import Decoder
+from linearize.generate.decoding import Decoder
 from linearize.errors import LinearizeError
 from linearize.evaluate import passkey, recall_layers
 from linearize.evaluate.passkey import (MULTIKEY_QUESTION, NAMES, asked_needles, multikey_accuracy,
@@ -184,12 +184,11 @@ def test_kv_cache_bytes_count_a_sliding_window_layer_at_its_window():
 
 
 def run_recall_table(tiny_converted, tmp_path, *options):
-    """scripts/recall_table.py's main on a copy of the tiny run (its held-out text a small .jsonl, a made-up
+    """evaluate/recall_table.py's main (scripts/recall_table.py) on a copy of the tiny run (its held-out text a
+    small .jsonl, a made-up
     layer_mse), at the small sizes below plus `options`; returns (recall.json, its path)."""
-    import importlib.util
     import json
     import shutil
-    from pathlib import Path
 
     from conftest import write_word_jsonl
 
@@ -199,12 +198,10 @@ def run_recall_table(tiny_converted, tmp_path, *options):
     settings = json.loads((run / "convert.json").read_text())["settings"]
     (run / "convert.json").write_text(json.dumps({"settings": {**settings, "data": str(data)},
                                                   "layer_mse": [0.2, 0.1]}))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "recall_table.py"
-    spec = importlib.util.spec_from_file_location("recall_table", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from linearize.evaluate import recall_table
+
     out = tmp_path / "recall.json"
-    script.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
+    recall_table.main(["--run", str(run), "--keep", "0,1,2", "--trials", "1", "--passkey-lengths", "100",
                  "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
                  "--ppl-sequences", "1", "--probes", "1", "--probe-length", "80", "--out", str(out), *options])
     res = json.loads(out.read_text())  # one entry per variant, and "about"
@@ -220,7 +217,7 @@ def test_recall_table_script_writes_every_variant_in_the_schema(tiny_converted, 
         assert set(r["state_bytes"]) == {"64", "256"} and r["ppl"] > 1
     assert v["student"]["state_bytes"]["64"] == v["student"]["state_bytes"]["256"]  # constant decoding state
     from linearize.evaluate.baseline import state_bytes
-    from linearize.run_folder import load_student
+    from linearize.loading.student import load_student
 
     plain = state_bytes(load_student(tiny_converted[0])[0], 64)
     assert v["student"]["state_bytes"]["64"] > plain  # --cache 4: the linear layers keep 4 exact keys too
@@ -249,22 +246,25 @@ def test_recall_table_script_on_cuda_in_bfloat16(tiny_converted, tmp_path):
 def test_a_run_loads_entirely_in_the_asked_dtype(tiny_converted):
     """--dtype bfloat16 puts every weight of the student in bfloat16 (the teacher's skeleton was left in float32),
     so a layer switched to the teacher's bfloat16 attention fits the student's activations."""
-    from linearize.run_folder import load_student
+    from linearize.loading.student import load_student
 
     student, _ = load_student(tiny_converted[0], "cpu", torch.bfloat16)
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
 
 
 def test_cache_every_sets_how_many_keys_the_state_reserves(tiny_converted):
-    """load_student(cache=M, cache_every=N) (`linearize eval --cache M --cache-every N`): every linear layer
-    re-selects every N tokens, so its state reserves M + N - 1 cached keys per KV head: the bytes fall with N by
-    exactly the keys of the difference, each layer the same, and the settings are recorded in the config."""
+    """load_student with TrainingFree(cache=M, cache_every=N) (`linearize eval --cache M --cache-every N`): every
+    linear layer re-selects every N tokens, so its state reserves M + N - 1 cached keys per KV head: the bytes fall
+    with N by exactly the keys of the difference, each layer the same, and the settings are recorded in the
+    config."""
     from linearize.evaluate.baseline import state_bytes
-    from linearize.run_folder import load_student
+    from linearize.loading.student import load_student
+    from linearize.training_free import TrainingFree
 
     size = {}
     for every in (2, 8):
-        student, _ = load_student(tiny_converted[0], cache=4, cache_every=every, cache_position="packed")
+        student, _ = load_student(tiny_converted[0],
+                                  training_free=TrainingFree(cache=4, cache_every=every, cache_position="packed"))
         assert {(m.spec.cache, m.spec.cache_every, m.spec.cache_packed) for m in student.attention_modules()
                 if m.config.linear} == {(4, every, True)}
         assert student.config.attention["cache_every"] == every

@@ -10,7 +10,9 @@ import torch
 from linearize.data.retrieval import FORMATS, lookup_row, lookup_texts, mix_retrieval
 from linearize.errors import LinearizeError
 from linearize.evaluate import passkey, recall_layers
-from linearize.pipeline import Conversion, ConvertSettings, RunState, load_inputs
+from linearize.convert.run_state import RunState
+from linearize.convert.settings import ConvertSettings
+from linearize.convert.stages import Conversion, load_inputs
 
 from conftest import write_word_jsonl
 

@@ -12,7 +12,10 @@ import linearize
 from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import attention_preset
-from linearize.ops.hybrid_attention import AttentionSpec, attention_chunked, attention_quadratic, attention_recurrent
+from linearize.ops.hybrid.chunked import attention_chunked
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.recurrent import attention_recurrent
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
 
 from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
 
@@ -57,21 +60,21 @@ def test_quadratic_form_with_sinks_matches_brute_force(B, H, Hkv, T, d, window, 
     streams, mix, _, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
     ref = brute_force_sum_rule(streams, mix, window, d**-0.5, sinks)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear)
-    torch.testing.assert_close(attention_quadratic(streams, spec, mix), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attention_quadratic(streams, spec, LayerConstants(mix)), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_pure_linear_with_sinks_matches_brute_force():
     streams, mix, _, _ = attention_inputs(2, 4, 4, 33, 8)
     ref = brute_force_sum_rule(streams, mix, 0, 8**-0.5, 2)
-    torch.testing.assert_close(attention_quadratic(streams, AttentionSpec(0, 8**-0.5, sinks=2), mix), ref,
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attention_quadratic(streams, AttentionSpec(0, 8**-0.5, sinks=2), LayerConstants(mix)),
+                               ref, rtol=1e-10, atol=1e-10)
 
 
 def test_sinks_change_the_result():
     """Guard against a test that cannot fail: sinks must make a difference once they leave the window."""
     streams, mix, _, _ = attention_inputs(1, 4, 2, 30, 8)
-    a = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=0), mix)
-    b = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=3), mix)
+    a = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=0), LayerConstants(mix))
+    b = attention_quadratic(streams, AttentionSpec(5, 8**-0.5, sinks=3), LayerConstants(mix))
     assert torch.equal(a[:, :, :5], b[:, :, :5])  # up to query 4 every key is inside the window
     assert (a[:, :, 5:] - b[:, :, 5:]).abs().amin(-1).amin(0).amin(0).min() > 1e-6  # from query 5 every output moves
 
@@ -81,9 +84,9 @@ def test_sinks_change_the_result():
 def test_forms_agree_with_sinks(B, H, Hkv, T, d, window, chunk, sinks, family):
     streams, mix, key_features, rule = attention_inputs(B, H, Hkv, T, d, family)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, rule=rule)
-    ref = attention_quadratic(streams, spec, mix)
-    chunked, _ = attention_chunked(streams, spec, mix, chunk=chunk)
-    recurrent, state = attention_recurrent(streams, spec, mix, output_final_state=True, key_features=key_features)
+    ref = attention_quadratic(streams, spec, LayerConstants(mix))
+    chunked, _ = attention_chunked(streams, spec, LayerConstants(mix), chunk=chunk)
+    recurrent, state = attention_recurrent(streams, spec, LayerConstants(mix, key_features), output_final_state=True)
     torch.testing.assert_close(chunked, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(recurrent, ref, rtol=1e-10, atol=1e-10)
     assert state.sinks is None or len(state.sinks) == min(sinks, max(T - window, 0))
@@ -98,7 +101,8 @@ def test_sinks_survive_prefill_blocks_and_ring_decoding(family, window, sinks):
     linear = family != "none"
     streams, mix, key_features, rule = attention_inputs(1, 4, 2, 60, 8, family if linear else "sum", linear=linear)
     spec = AttentionSpec(window, 8**-0.5, sinks=sinks, rule=rule, linear=linear)
-    ref = attention_quadratic(streams, spec, mix)
+    layer = LayerConstants(mix, key_features)
+    ref = attention_quadratic(streams, spec, layer)
     spans = [(s, "chunked") for s in blocks(20)] + [(slice(20, 41), "recurrent"), (slice(41, 47), "chunked"),
                                                     (slice(47, 60), "recurrent")]
 
@@ -106,7 +110,7 @@ def test_sinks_survive_prefill_blocks_and_ring_decoding(family, window, sinks):
         assert state.seen == s.stop
         assert state.sinks is None or len(state.sinks) <= sinks
 
-    y, _ = run_in_spans(streams, spec, mix, key_features, spans, check=check)
+    y, _ = run_in_spans(streams, spec, layer, spans, check=check)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -114,7 +118,7 @@ def test_state_bytes_do_not_grow_with_length():
     """The decoding state of a bounded window has the same size after 50, 200 and 400 tokens."""
     streams, mix, _, _ = attention_inputs(1, 4, 2, 400, 8, "gated")
     spec = AttentionSpec(8, 8**-0.5, sinks=4)
-    sizes = [attention_chunked(streams.slice(slice(0, T)), spec, mix, None, True, chunk=16)[1].nbytes()
+    sizes = [attention_chunked(streams.slice(slice(0, T)), spec, LayerConstants(mix), None, True, chunk=16)[1].nbytes()
              for T in (50, 200, 400)]
     assert sizes[0] == sizes[1] == sizes[2] > 0
 

@@ -1,4 +1,4 @@
-"""The sparse cache (ops/sparse_cache.py): the keys the linear memory recalls worst stay in exact softmax.
+"""The sparse cache (ops/sparse_cache/): the keys the linear memory recalls worst stay in exact softmax.
 Every form (chunked, recurrent, prefill in uneven blocks, prefill then decoding) equals the quadratic reference,
 which replays the selections on explicit sets; a cache that holds everything is exact softmax attention; a key
 kept in the cache is retrieved exactly; the decoding state does not grow; a converted model takes a cache without
@@ -11,10 +11,13 @@ import torch
 
 from linearize import LinearAttentionConfig, LinearizedForCausalLM
 from linearize.errors import LinearizeError
-from linearize.models.linearized import set_cache_position, set_sparse_cache
-from linearize.ops.hybrid_attention import AttentionSpec, Streams, attention_quadratic
+from linearize.models.linearized import reconfigure
+from linearize.ops.hybrid.naive import attention_quadratic
+from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants
+from linearize.ops.hybrid.state import Streams
 from linearize.ops.rotary import rotate
 from linearize.ops.sparse_cache import keep_worst_recalled, pooled, self_recall_error
+from linearize.training_free import TrainingFree
 
 from conftest import attention_inputs, blocks, decode_stepwise, run_in_spans
 
@@ -39,20 +42,22 @@ SPANS = {
 def test_form_matches_reference(B, H, Hkv, T, d, window, sinks, cache, every, pool, linear, form):
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d, linear=linear)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, linear=linear, cache=cache, cache_every=every, cache_pool=pool)
-    ref = attention_quadratic(streams, spec, mix)
-    y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T))
+    layer = LayerConstants(mix, key_features)
+    ref = attention_quadratic(streams, spec, layer)
+    y, state = run_in_spans(streams, spec, layer, SPANS[form](T))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     left = max(T - window - sinks, 0)  # keys that left the window and are no sinks
     held = 0 if state.cache is None else len(state.cache)
     assert held == (left if left <= cache else cache + (T - (T // every) * every))  # M + those since the selection
     if left > cache and linear:  # the cache changed the result
-        assert (ref - attention_quadratic(streams, AttentionSpec(window, d**-0.5, sinks=sinks), mix)).abs().max() > 1e-3
+        without = attention_quadratic(streams, AttentionSpec(window, d**-0.5, sinks=sinks), layer)
+        assert (ref - without).abs().max() > 1e-3
 
 
 def test_cache_for_every_key_is_exact_softmax():
     streams, mix, _, _ = attention_inputs(1, 4, 2, 50, 8)
-    full = attention_quadratic(streams, AttentionSpec(None, 8**-0.5, linear=False), mix)
-    got = attention_quadratic(streams, AttentionSpec(4, 8**-0.5, cache=50, cache_every=8), mix)
+    full = attention_quadratic(streams, AttentionSpec(None, 8**-0.5, linear=False), LayerConstants(mix))
+    got = attention_quadratic(streams, AttentionSpec(4, 8**-0.5, cache=50, cache_every=8), LayerConstants(mix))
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
 
 
@@ -65,14 +70,14 @@ def test_key_kept_in_the_cache_is_retrieved_exactly():
     v[0, 0, needle] *= 20
     q = torch.randn(1, 1, T, d, generator=g)
     q[0, 0, -1] = 50 * k[0, 0, needle]  # the last query asks for the needle
-    streams, mix = Streams(k, v, q=q), torch.ones(1)
-    with_cache = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), mix)
-    y, state = run_in_spans(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), mix, None,
+    streams, layer = Streams(k, v, q=q), LayerConstants(torch.ones(1))
+    with_cache = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), layer)
+    y, state = run_in_spans(streams, AttentionSpec(4, d**-0.5, linear=False, cache=2, cache_every=8), layer,
                             SPANS["recurrent"](T))
     torch.testing.assert_close(y[0, 0, -1], v[0, 0, needle], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(with_cache, y)
     assert any(torch.equal(row, k[0, 0, needle]) for row in state.cache.k[0, 0])
-    window_only = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False), mix)
+    window_only = attention_quadratic(streams, AttentionSpec(4, d**-0.5, linear=False), layer)
     assert (window_only[0, 0, -1] - v[0, 0, needle]).abs().max() > 1.0
 
 
@@ -114,16 +119,17 @@ def test_model_with_cache_for_everything_equals_teacher_and_state_is_constant(ti
     with torch.no_grad():
         expected = tiny_teacher(input_ids=ids).logits
     student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
-    student = set_sparse_cache(student.eval(), 48, every=8)
+    student = TrainingFree(cache=48, cache_every=8).apply(student.eval())
     assert student.config.attention["cache"] == 48
     assert {m.spec.cache_pool for m in student.attention_modules()} == {LinearAttentionConfig.cache_pool} == {2}
-    assert {m.spec.cache_pool for m in set_sparse_cache(student, 48, pool=0).attention_modules()} == {0}
-    assert {m.spec.cache_pool for m in set_sparse_cache(student, 48).attention_modules()} == {0}  # as configured
+    assert {m.spec.cache_pool for m in reconfigure(student, cache_pool=0).attention_modules()} == {0}
+    as_configured = TrainingFree(cache=48).apply(student)
+    assert {m.spec.cache_pool for m in as_configured.attention_modules()} == {0}
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         stepwise, _ = decode_stepwise(student, ids, prompt=13)
         torch.testing.assert_close(stepwise, expected, rtol=1e-4, atol=1e-4)
-        set_sparse_cache(student, 3, every=8)
+        TrainingFree(cache=3, cache_every=8).apply(student)
         long = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(2))
         state, sizes = student.new_decoding_state(), {}
         for t in range(0, 200, 8):
@@ -144,7 +150,7 @@ def test_bad_cache_settings_are_refused(tiny_teacher):
         LinearAttentionConfig(cache=8, cache_pool=-1)
     pure = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=0))
     with pytest.raises(LinearizeError, match="--cache"):
-        set_sparse_cache(pure, 8)
+        TrainingFree(cache=8).apply(pure)
 
 
 def rope_frequencies(d: int) -> torch.Tensor:
@@ -160,13 +166,13 @@ def test_cache_scored_at_a_distance_matches_reference(B, H, Hkv, T, d, window, s
     streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d)
     spec = AttentionSpec(window, d**-0.5, sinks=sinks, cache=cache, cache_every=every, cache_distance=window,
                          cache_packed=packed)
-    inv_freq = rope_frequencies(d)
-    ref = attention_quadratic(streams, spec, mix, inv_freq=inv_freq)
-    y, state = run_in_spans(streams, spec, mix, key_features, SPANS[form](T), inv_freq=inv_freq)
+    layer = LayerConstants(mix, key_features, inv_freq=rope_frequencies(d))
+    ref = attention_quadratic(streams, spec, layer)
+    y, state = run_in_spans(streams, spec, layer, SPANS[form](T))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     assert state.cache.position.shape == state.cache.k.shape[:3]
     other = replace(spec, cache_packed=False) if packed else replace(spec, cache_distance=None)
-    assert (ref - attention_quadratic(streams, other, mix, inv_freq=inv_freq)).abs().max() > 1e-3
+    assert (ref - attention_quadratic(streams, other, layer)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("form", ["chunked", "recurrent"])
@@ -185,7 +191,7 @@ def test_packed_cache_reads_as_if_the_text_between_were_cut_out(form):
         k[0, 0, where : where + 2], v[0, 0, where : where + 2] = raw_k[0, 0, :2], 20 * raw_v[0, 0, :2]
         pos = torch.arange(T)
         streams = Streams(rotate(k, pos, inv_freq), v, q=rotate(raw_q, pos, inv_freq))
-        y, _ = run_in_spans(streams, spec, torch.ones(1), None, SPANS[form](T), inv_freq=inv_freq)
+        y, _ = run_in_spans(streams, spec, LayerConstants(torch.ones(1), inv_freq=inv_freq), SPANS[form](T))
         kept = [where, where + 1] + list(range(T - 1 - W, T))  # the needle, the key that just left, the window
         short = torch.arange(len(kept))
         q = rotate(raw_q[:, :, -1:], short[-1:], inv_freq)
@@ -209,8 +215,9 @@ def test_cache_at_a_distance_reads_a_needle_the_same_however_far_back():
         streams = Streams(rotate(k, pos, inv_freq), vv, q=rotate(raw_q, pos, inv_freq))
         for distance in (W, None):
             spec = AttentionSpec(W, d**-0.5, linear=False, cache=1, cache_every=8, cache_distance=distance)
-            y, state = run_in_spans(streams, spec, torch.ones(1), None, SPANS["recurrent"](T), inv_freq=inv_freq)
-            torch.testing.assert_close(y, attention_quadratic(streams, spec, torch.ones(1), inv_freq=inv_freq))
+            layer = LayerConstants(torch.ones(1), inv_freq=inv_freq)
+            y, state = run_in_spans(streams, spec, layer, SPANS["recurrent"](T))
+            torch.testing.assert_close(y, attention_quadratic(streams, spec, layer))
             outputs[where, distance] = y[0, 0, -1]
     torch.testing.assert_close(outputs[70, W], outputs[20, W], rtol=1e-12, atol=1e-12)
     assert (outputs[70, None] - outputs[20, None]).abs().max() > 1e-3
@@ -236,8 +243,9 @@ def test_sinks_at_a_distance_read_the_same_however_far_back(form):
         streams = Streams(rotate(k, pos, inv_freq), v, q=rotate(q, pos, inv_freq))
         for distance in (W, None):
             spec = AttentionSpec(W, d**-0.5, sinks=1, linear=False, cache=1, cache_every=8, cache_distance=distance)
-            y, _ = run_in_spans(streams, spec, torch.ones(1), None, SPANS[form](T), inv_freq=inv_freq)
-            torch.testing.assert_close(y, attention_quadratic(streams, spec, torch.ones(1), inv_freq=inv_freq))
+            layer = LayerConstants(torch.ones(1), inv_freq=inv_freq)
+            y, _ = run_in_spans(streams, spec, layer, SPANS[form](T))
+            torch.testing.assert_close(y, attention_quadratic(streams, spec, layer))
             outputs[T, distance] = y[0, 0, -1]
     torch.testing.assert_close(outputs[40, W], outputs[88, W], rtol=1e-12, atol=1e-12)
     assert (outputs[40, None] - outputs[88, None]).abs().max() > 1e-3
@@ -245,14 +253,15 @@ def test_sinks_at_a_distance_read_the_same_however_far_back(form):
 
 @pytest.mark.parametrize("where", ["edge", "packed"])
 def test_model_scores_its_cache_at_the_window_edge(tiny_teacher, tmp_path, where):
-    """set_cache_position("edge" / "packed"): the layers read the teacher's RoPE frequencies (kept after save and
-    load), full forward and step-wise decoding agree, and the logits differ from the cache at its own positions."""
+    """TrainingFree(cache_position="edge" / "packed"): the layers read the teacher's RoPE frequencies (kept after
+    save and load), full forward and step-wise decoding agree, and the logits differ from the cache at its own
+    positions."""
     ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(1))
     student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, chunk_size=4))
-    student = set_sparse_cache(student.eval(), 3, every=8)
+    student = TrainingFree(cache=3, cache_every=8).apply(student.eval())
     with torch.no_grad():
         own = student(input_ids=ids).logits
-        set_cache_position(student, where)
+        TrainingFree(cache_position=where).apply(student)
         assert {(m.spec.cache_distance, m.spec.cache_packed) for m in student.attention_modules()} == {
             (4, where == "packed")}
         edge = student(input_ids=ids).logits

@@ -89,7 +89,8 @@ def test_resume_guards_against_a_preset_that_changed_meaning(tmp_path):
     from dataclasses import asdict
 
     from linearize.errors import LinearizeError
-    from linearize.pipeline import ConvertSettings, RunState
+    from linearize.convert.run_state import RunState
+    from linearize.convert.settings import ConvertSettings
 
     old = asdict(ConvertSettings())
     del old["lora_loss"]  # a run from before --lora-loss existed: it trained stage 2 with next-token CE
@@ -111,7 +112,8 @@ def test_resume_reads_the_stage2_attention_default_as_its_value(tmp_path):
     from dataclasses import asdict
 
     from linearize.errors import LinearizeError
-    from linearize.pipeline import ConvertSettings, RunState
+    from linearize.convert.run_state import RunState
+    from linearize.convert.settings import ConvertSettings
 
     recorded = ConvertSettings(lora_targets="attention", lora_train_attention=False)
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(recorded), "attention":
@@ -123,17 +125,19 @@ def test_resume_reads_the_stage2_attention_default_as_its_value(tmp_path):
 
 def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_path):
     """convert caps the memory at seq_len - window - sinks (what a training row holds: no change there) where a cap
-    applies, none elsewhere, and with a sparse cache saves the model with the smaller CACHE_MEMORY_CAP (training keeps
-    the training length's); a run recorded before the cap existed, or with another default cap, resumes (its
-    training is the same)."""
+    applies, none elsewhere, and with a sparse cache saves the model with the smaller CONVERT_DEFAULT.memory_cap
+    (training keeps the training length's); a run recorded before the cap existed, or with another default cap,
+    resumes (its training is the same)."""
     import json
     from dataclasses import asdict
 
-    from linearize.pipeline import CACHE_MEMORY_CAP, ConvertSettings, RunState
+    from linearize.convert.run_state import RunState
+    from linearize.convert.settings import ConvertSettings
+    from linearize.training_free import CONVERT_DEFAULT
 
     assert ConvertSettings(seq_len=512, window=64, sinks=4, cache=0).attention_config().memory_cap == 444
     cached = ConvertSettings(seq_len=512, window=64, sinks=4)
-    assert cached.attention_config().cache and cached.attention_config().memory_cap == CACHE_MEMORY_CAP < 444
+    assert cached.attention_config().cache and cached.attention_config().memory_cap == CONVERT_DEFAULT.memory_cap < 444
     assert cached.training_attention_config().memory_cap == 444 and not cached.training_attention_config().cache
     assert ConvertSettings(seq_len=512, window=64, sinks=4, memory_cap=32).training_attention_config().memory_cap == 32
     assert ConvertSettings(memory_cap=0).attention_config().memory_cap == 0
@@ -144,7 +148,7 @@ def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_pat
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
                                                         "results": {}}))
     RunState(tmp_path, ConvertSettings(), resume=True)
-    attention["memory_cap"] = 764  # the default cap of a cached run before CACHE_MEMORY_CAP
+    attention["memory_cap"] = 764  # the default cap of a cached run before CONVERT_DEFAULT.memory_cap
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
                                                         "results": {}}))
     RunState(tmp_path, ConvertSettings(), resume=True)
@@ -156,7 +160,7 @@ def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
     import copy
 
     from linearize.layers.linear_attention import attention_preset
-    from linearize.pipeline import ConvertSettings
+    from linearize.convert.settings import ConvertSettings
 
     ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(0))
     cfg = attention_preset("lolcats", window=6, sinks=2, chunk_size=8, mix_init=4.0)
@@ -186,7 +190,7 @@ def test_local_layers_keep_the_first_layers_window_only(tiny_teacher):
     import copy
 
     from linearize.errors import LinearizeError
-    from linearize.pipeline import ConvertSettings
+    from linearize.convert.settings import ConvertSettings
 
     assert ConvertSettings().attention_config().local_layers == 0
     cfg = ConvertSettings(local_layers=1, window=6, sinks=2).attention_config()
@@ -204,7 +208,7 @@ def test_feature_dim_sets_the_memory_size(tiny_teacher):
     head; a bad width is one clear error."""
     from linearize.errors import LinearizeError
     from linearize.layers.linear_attention import DecodingState, attention_preset
-    from linearize.pipeline import ConvertSettings
+    from linearize.convert.settings import ConvertSettings
 
     cfg = ConvertSettings(feature_dim=4, window=6, sinks=2).attention_config()
     assert cfg.feature_dim == 4 and ConvertSettings().attention_config().feature_dim is None
@@ -226,7 +230,8 @@ def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_
     from dataclasses import asdict
 
     from linearize.errors import LinearizeError
-    from linearize.pipeline import ConvertSettings, RunState
+    from linearize.convert.run_state import RunState
+    from linearize.convert.settings import ConvertSettings
 
     assert ConvertSettings().attention_config().cache_position == "edge"
     assert ConvertSettings().training_attention_config().cache == 0

@@ -1,15 +1,15 @@
-"""Saved decoding states (state_file.py): a state saved after a document and loaded again decodes exactly like the
-state of prefilling the document again, for every kind of layer state; a state of another model, dtype or a damaged
-file is refused with one clear error."""
+"""Saved decoding states (generate/state_file.py): a state saved after a document and loaded again decodes exactly
+like the state of prefilling the document again, for every kind of layer state; a state of another model, dtype or a
+damaged file is refused with one clear error."""
 
 import pytest
 import torch
 
-from linearize.decoding import Decoder, prefill
+from linearize.generate.decoding import Decoder, prefill
 from linearize.errors import LinearizeError
 from linearize.layers.linear_attention import LinearAttentionConfig
 from linearize.models.linearized import LinearizedForCausalLM
-from linearize.state_file import copy_state, load_state, model_fingerprint, read_state_info, save_state
+from linearize.generate.state_file import copy_state, load_state, model_fingerprint, read_state_info, save_state
 
 CONFIGS = {  # every kind of layer state: window + sinks ring, gated delta (log_gate, beta), pure linear (empty
     # window), and a kept softmax layer (no memory, a growing KV window)
@@ -90,7 +90,7 @@ def test_state_of_another_model_dtype_or_damaged_file_is_refused(tiny_converted,
 def test_cli_prefill_then_generate_from_the_state(tiny_converted, tmp_path, capsys):
     from linearize.cli import main
     from linearize.ops.decode_linear import use_decode_linears
-    from linearize.run_folder import load_student
+    from linearize.loading.student import load_student
 
     run = tiny_converted[0]
     doc = tmp_path / "doc.txt"

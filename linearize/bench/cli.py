@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
-from ..options import add_placement, add_training_free, fmt, token_count, token_counts, training_free
+from ..errors import LinearizeError
+from ..options import add_placement, fmt, token_count, token_counts
+from ..training_free import TrainingFree, add_arguments
 
 
 def add(sub):
-    from .run import LINEARS, BenchSettings
+    from .linears import LINEARS
+    from .run import BenchSettings
 
     d = BenchSettings()
     p = sub.add_parser("bench", help="speed and memory, teacher vs student, prefill and decode -> bench.json",
@@ -30,7 +33,7 @@ def add(sub):
     p.add_argument("--linears", choices=LINEARS, default=d.linears,
                    help="linear layers of both models: decode (one-token products split over the CPU threads, "
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
-    add_training_free(p)
+    add_arguments(p)
     add_placement(p, "both models")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
@@ -43,10 +46,14 @@ def run(args):
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
                              timeout=args.timeout, repeats=args.repeats, linears=args.linears, device=args.device,
-                             dtype=args.dtype, in_process=args.in_process, student=training_free(args))
+                             dtype=args.dtype, in_process=args.in_process,
+                             student=TrainingFree.from_args(args))
     res = bench(args.path, settings, args.teacher)
     print_tables(res)
     print(f"results written to {Path(args.path) / bench_file(settings)}")
+    student = [p for p in res["points"] if p["which"] == "student"]
+    if student and all("error" in p for p in student):
+        raise LinearizeError(f"every student point failed (first: {student[0]['error']}); see the messages above")
 
 
 def print_tables(res: dict):

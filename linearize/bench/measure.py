@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from ..decoding import Decoder
+from ..generate.decoding import Decoder
 from ..device import model_device, now, placement
-from ..options import add_training_free, training_free
-from .run import LINEARS
+from ..training_free import TrainingFree, add_arguments
+from .linears import LINEARS
 
 WARMUP_TOKENS = 16
 DECODE_WARMUP_STEPS = 4
@@ -124,14 +124,17 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dic
     return out
 
 
-def load_model(path, which: str, teacher: str | None, device, dtype, linears: str, **training_free):
+def load_model(path, which: str, teacher: str | None, device, dtype, linears: str,
+               training_free: TrainingFree | None = None):
     """The teacher or the student of a converted folder, on `device` in `dtype`, with `linears` applied;
-    training_free: the student's settings changed without training (run_folder.load_student; none: as converted)."""
+    training_free: the student's settings changed without training (loading.student.load_student; None: as
+    converted)."""
+    from ..loading.student import load_student
+    from ..loading.teacher import load_teacher_of
     from ..ops.decode_linear import use_decode_linears
-    from ..run_folder import load_student, load_teacher_of
 
     if which == "student":
-        model = load_student(path, device, dtype, **training_free)[0]
+        model = load_student(path, device, dtype, training_free)[0]
     else:
         model = load_teacher_of(path, teacher, device, dtype)[0]
     if linears == "decode":
@@ -148,7 +151,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--linears", choices=LINEARS, default="decode")
     p.add_argument("--dtype", default="auto")
-    add_training_free(p)  # the student's, as BenchSettings.student passes them
+    add_arguments(p)  # the student's, as BenchSettings.student passes them (TrainingFree.flags)
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -159,7 +162,7 @@ def main(argv=None):
     torch.set_flush_denormal(True)  # as the `linearize` command does: subnormal floats are very slow on CPU
     try:
         model = load_model(args.path, args.which, args.teacher, *placement("cpu", args.dtype), args.linears,
-                           **training_free(args))
+                           TrainingFree.from_args(args))
     except LinearizeError as e:
         sys.exit(f"linearize: error: {e}")
     print(json.dumps({"which": args.which, "linears": args.linears, **measure_point(model, args.context, args.decode_tokens)}))

@@ -25,9 +25,10 @@ from pathlib import Path
 from ..device import device_name, placement
 from ..errors import LinearizeError
 from ..run_folder import BENCH, check_converted, teacher_spec, write_json
+from ..training_free import TrainingFree
+from .linears import LINEARS
 
 K = 1024
-LINEARS = ("decode", "stock")
 TIMED = ("prefill_s", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s")
 
 
@@ -54,8 +55,8 @@ class BenchSettings:
     device: str = "auto"  # "auto" (CUDA when torch sees one) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
-    student: dict = field(default_factory=dict)  # the student's training-free settings (`--cache 64
-    # --cache-position edge` ...: models.linearized.set_training_free; none: as converted)
+    student: TrainingFree = field(default_factory=TrainingFree)  # the student's training-free settings (`--cache 64
+    # --cache-position edge` ...; None: as converted)
     # the targets (issue: SmolLM2-135M on a 2-core CPU), judged at context target_at
     target_at: int = 16 * K
     flat_band: tuple[float, float] = (0.85, 1.15)  # student decode tokens/s vs the shortest context
@@ -78,14 +79,13 @@ class BenchSettings:
 
 
 def run_point(path, which: str, context: int, decode_tokens: int, teacher: str | None, timeout: int,
-              linears: str = "decode", dtype: str = "float32", student: dict | None = None) -> dict:
+              linears: str = "decode", dtype: str = "float32", student: TrainingFree | None = None) -> dict:
     """One measurement on the CPU in a fresh Python process; errors and timeouts come back as {"error": ...}.
-    student: its training-free settings (BenchSettings.student), passed on as the flags of the same names."""
+    student: its training-free settings (BenchSettings.student), passed on as their flags."""
     cmd = [sys.executable, "-m", "linearize.bench.measure", str(path), "--which", which, "--context", str(context),
            "--decode-tokens", str(decode_tokens), "--linears", linears, "--dtype", dtype]
     cmd += ["--teacher", teacher] if teacher else []
-    for name, value in (student or {}).items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd += student.flags() if student else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,11 +145,11 @@ class InProcess:
     """Both models loaded once on `device`; point() measures one in this process (errors come back as
     {"error": ...}, a CUDA out-of-memory included, with the cache emptied after it)."""
 
-    def __init__(self, path, teacher: str | None, device, dtype, linears: str, student: dict | None = None):
+    def __init__(self, path, teacher: str | None, device, dtype, linears: str, student: TrainingFree | None = None):
         from .measure import load_model
 
         self.device = device
-        self.models = {which: load_model(path, which, teacher, device, dtype, linears, **(student or {}))
+        self.models = {which: load_model(path, which, teacher, device, dtype, linears, student)
                        for which in ("student", "teacher")}
 
     def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
@@ -173,7 +173,7 @@ BENCH_FILE_TAGS = {"heavy": "_heavy{}", "cache": "_cache{}", "cache_every": "_ev
 def bench_file(settings: BenchSettings) -> str:
     """bench.json, or for a student given training-free settings a name that says which: bench_cache64_edge.json
     for --cache 64 --cache-position edge, _every / _cap / _heavy for --cache-every / --memory-cap / --heavy."""
-    tags = "".join(BENCH_FILE_TAGS[name].format(value) for name, value in settings.student.items())
+    tags = "".join(BENCH_FILE_TAGS[name].format(value) for name, value in settings.student.given().items())
     return f"bench{tags}.json" if tags else BENCH
 
 
@@ -195,7 +195,8 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
                "device": str(device), "dtype": dtype_name}
     if device.type == "cuda":
         machine.update(device_name=device_name(device), cuda=torch.version.cuda)
-    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "points": [], "machine": machine}
+    res = {"model": str(path), "teacher": spec, "settings": {**asdict(settings), "student": settings.student.given()},
+           "points": [], "machine": machine}
     here = InProcess(path, spec, device, dtype, settings.linears, settings.student) if settings.in_process else None
     for context in sorted(set(settings.contexts) | set(settings.decode_contexts)):
         n_decode = settings.decode_tokens if context in settings.decode_contexts else 0

@@ -1,10 +1,11 @@
 """`linearize compare`: parser, run and the terminal table."""
 
 from ..options import add_placement, comma_ints, names, token_count
+from ..training_free import add_arguments
 
 
 def add(sub):
-    from ..pipeline import ConvertSettings
+    from ..convert.settings import ConvertSettings
     from .run import PARTS, CompareSettings
 
     d, c = ConvertSettings(), CompareSettings()
@@ -29,8 +30,7 @@ def add(sub):
     p.add_argument("--data", help="training text (default: bundled ShareGPT)")
     p.add_argument("--window", type=int, help="softmax window of the hybrid families (default: each preset's)")
     p.add_argument("--sinks", type=int, help="attention sinks of the hybrid families (default: each preset's)")
-    p.add_argument("--heavy", type=int, metavar="M", help="heavy hitters of the hybrid families with a plain linear "
-                                                         "memory (default: each preset's; 0: none)")
+    add_arguments(p, ("heavy",), default="each preset's; in the hybrid families with a plain linear memory")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--tokens", type=int, default=d.transfer_tokens, help="stage 1 tokens per variant")
     p.add_argument("--lora-tokens", type=int, default=d.lora_tokens, help="stage 2 tokens per variant")
@@ -53,7 +53,7 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from ..pipeline import ConvertSettings
+    from ..convert.settings import ConvertSettings
     from .run import COLUMNS, CompareSettings, compare, table_rows
 
     # cache 0: the families as they are (a sparse cache, which only some take, would make those exact over the

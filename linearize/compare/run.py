@@ -5,7 +5,8 @@
                  its first `kl_sequences` rows: teacher and student perplexity, their ratio, mean KL(teacher ||
                  student) per token and top-1 agreement (evaluate.agreement); the KL column is sharegpt's
     layers       per layer: the attention output MSE of the student vs the teacher on `layer_sequences` held-out rows
-                 divided by the mean square of the teacher's output (transfer.layer_transfer_errors, relative)
+                 divided by the mean square of the teacher's output (transfer.attention_transfer.layer_transfer_errors,
+                 relative)
     passkey      accuracy at `passkey_length` tokens (evaluate.passkey), teacher and student
     decode       tokens/s of greedy decoding after a `decode_context`-token prefill (bench.measure, in-process;
                  `linearize bench` runs each point in a fresh process for publishable numbers)
@@ -24,9 +25,11 @@ from ..device import device_name
 from ..errors import LinearizeError
 from ..evaluate.texts import EVAL_TEXTS
 from ..layers.linear_attention import ATTENTION_PRESETS
+from ..loading.student import load
 from ..options import fmt as f
-from ..pipeline import ConvertSettings, convert
-from ..run_folder import COMPARE, COMPARE_TABLE, load, student_ppl, transfer_tensors, write_json, write_text
+from ..convert.settings import ConvertSettings
+from ..convert.stages import convert
+from ..run_folder import COMPARE, COMPARE_TABLE, student_ppl, transfer_tensors, write_json, write_text
 
 PARTS = ("kl", "layers", "passkey", "decode")
 COLUMNS = ("variant", "teacher ppl", "student ppl", "KL", "top-1", "layer err", "passkey", "decode tok/s", "state MiB",

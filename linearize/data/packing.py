@@ -5,6 +5,7 @@ every run and machine. Documents are tokenized, joined with EOS and cut into row
 """
 
 import hashlib
+import math
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ from linearize.errors import LinearizeError
 
 SPLITS = ("train", "heldout")
 BATCH_DOCS = 16  # documents tokenized per call (the fast tokenizer batches them in Rust)
+SMALL_SOURCE_DOCS = 200  # a source of at most this many documents, none held out, is split by rows
 
 
 def is_heldout(doc_id: str, percent: float = 2.0) -> bool:
@@ -23,11 +25,38 @@ def is_heldout(doc_id: str, percent: float = 2.0) -> bool:
     return h / 2**64 * 100 < percent
 
 
+def split_by_rows(source, tokenizer, heldout_percent: float = 2.0) -> bool:
+    """True for a small source whose documents all fall in one split (a 40 KB text file has ~10, most likely none
+    held out): such a source is split by rows instead (the last rows held out), so both splits have text. Reads at
+    most SMALL_SOURCE_DOCS + 1 documents, and stops at the first pair that the hash puts in different splits."""
+    docs = held = 0
+    for doc_id, _ in iter_documents(source, tokenizer):
+        docs += 1
+        held += is_heldout(doc_id, heldout_percent)
+        if docs > SMALL_SOURCE_DOCS or 0 < held < docs:
+            return False
+    return docs > 0
+
+
+def _rows_of_split(source, tokenizer, seq_len, split, heldout_percent) -> list[int]:
+    """The tokens of one split of a small source split by rows: all its documents in order, cut into rows; the
+    held-out split is the last ceil(heldout_percent % of the rows) rows (at least one), the train split the rest."""
+    texts = [text for _, text in iter_documents(source, tokenizer)]
+    tokens = document_tokens(texts, tokenizer)
+    rows = len(tokens) // seq_len
+    held = min(rows, max(1, math.ceil(rows * heldout_percent / 100)))
+    cut = (rows - held) * seq_len
+    return tokens[cut:rows * seq_len] if split == "heldout" else tokens[:cut]
+
+
 def _split_texts(source, tokenizer, split, heldout_percent, seen):
-    """Texts of one split; seen["docs"] counts documents of any split (to tell "no text" from "all heldout")."""
+    """Texts of one split; seen["docs"] counts documents of any split (to tell "no text" from "all heldout"),
+    seen["held"] those held out."""
     for doc_id, text in iter_documents(source, tokenizer):
         seen["docs"] += 1
-        if is_heldout(doc_id, heldout_percent) == (split == "heldout"):
+        held = is_heldout(doc_id, heldout_percent)
+        seen["held"] += held
+        if held == (split == "heldout"):
             yield text
 
 
@@ -77,7 +106,7 @@ def pack_sequences(source: str | None, tokenizer, seq_len: int, num_sequences: i
 
     need = (skip_sequences + num_sequences) * seq_len
     tokens: list[int] = []
-    seen = {"docs": 0}
+    seen = {"docs": 0, "held": 0}
     texts = _split_texts(source, tokenizer, split, heldout_percent, seen)
     with tqdm(total=need, unit="tok", unit_scale=True, desc=f"tokenizing {split} data", disable=not progress) as bar:
         for batch in _batches(texts, BATCH_DOCS):
@@ -86,13 +115,18 @@ def pack_sequences(source: str | None, tokenizer, seq_len: int, num_sequences: i
             if len(tokens) >= need:
                 break
     texts.close()  # stop reading the source
+    # documents of both splits met: the split by documents holds; else a small source may be split by rows
+    by_rows = not 0 < seen["held"] < seen["docs"] and split_by_rows(source, tokenizer, heldout_percent)
+    if by_rows:
+        tokens = _rows_of_split(source, tokenizer, seq_len, split, heldout_percent)
 
     if seen["docs"] == 0:
         raise LinearizeError(f"data {name} contains no text; give a .txt/.jsonl file (or directory) with text in it")
     rows = min(len(tokens), need) // seq_len - skip_sequences
     if rows <= 0:
         raise LinearizeError(f"data {name} is smaller than one sequence of {seq_len} tokens "
-                             f"({split} split: {len(tokens)} tokens, {skip_sequences} sequences skipped); "
+                             f"({split} split{' (split by rows: a small source)' if by_rows else ''}: "
+                             f"{len(tokens)} tokens, {skip_sequences} sequences skipped); "
                              "lower --seq-len or give more data")
     if rows < num_sequences:
         warnings.warn(f"data {name} ({split} split) has only {rows} sequences of {seq_len} tokens after "

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ..decoding import Decoder
+from ..generate.decoding import Decoder
 from ..device import model_device
 from ..layers.linear_attention import attention_preset
 from ..models.linearized import LinearizedForCausalLM
@@ -14,7 +14,7 @@ from ..models.linearized import LinearizedForCausalLM
 
 def refill_steps(model) -> int:
     """Decoding steps after which a state has been at its largest: a sparse cache holds its M keys plus the keys
-    that left the window since the last selection, up to `cache_every` of them (ops/sparse_cache.py); 0 for a
+    that left the window since the last selection, up to `cache_every` of them (ops/sparse_cache/); 0 for a
     state that is full after any prompt longer than its window (a KV cache, a window, sinks, a memory)."""
     if not isinstance(model, LinearizedForCausalLM):
         return 0

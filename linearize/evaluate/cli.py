@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from ..options import (add_placement, add_training_free, comma_ints, mmlu_limit, names, token_counts, training_free)
+from ..options import add_placement, comma_ints, mmlu_limit, names, token_counts
+from ..training_free import TrainingFree, add_arguments
 
 
 def add(sub):
@@ -40,7 +41,7 @@ def add(sub):
                    help="tokens per answer (default: %(default)s)")
     p.add_argument("--limit", type=mmlu_limit, default=d.limit,
                    help="MMLU questions per subject, or 'all' (default: %(default)s; x57 subjects, 5-shot)")
-    add_training_free(p)
+    add_arguments(p)
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip among {', '.join(PARTS)}")
     add_placement(p, "both models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,7 +60,7 @@ def run(args):
                             generation_prompts=args.generation_prompts, generation_tokens=args.generation_tokens,
                             prompts=args.prompts,
                             limit=args.limit, skip=names(args.skip), device=args.device,
-                            dtype=args.dtype, **training_free(args))
+                            dtype=args.dtype, student=TrainingFree.from_args(args))
     res = evaluate(args.path, settings, args.teacher, progress=not args.no_progress)
     print_tables(res)
     print(f"results written to {Path(args.path) / EVAL}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..decoding import Decoder
+from ..generate.decoding import Decoder
 from ..data.packing import is_heldout
 from ..data.sources import iter_documents, iter_jsonl_records, record_messages
 from ..errors import LinearizeError

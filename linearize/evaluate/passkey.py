@@ -28,7 +28,7 @@ import math
 import random
 import re
 
-from ..decoding import Decoder
+from ..generate.decoding import Decoder
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n")
@@ -140,7 +140,7 @@ def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], tri
                       rewrite=None) -> dict:
     """{"keys", "lengths", "trials", "tokens": {k: [mean prompt tokens per length]}, "accuracy": {k: [fraction
     correct per length]}} (k as a string: JSON keys). rewrite(haystack, pairs) -> the text prefilled instead of each
-    haystack (the same questions; scripts/multikey_ceiling.py shortens them), None: the haystacks as drawn."""
+    haystack (the same questions; experiments/multikey_ceiling.py shortens them), None: the haystacks as drawn."""
     decoder = Decoder(model)
     tokens, accuracy = {}, {}
     for k in keys:

@@ -24,13 +24,15 @@
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..device import device_name, placement
 from ..errors import LinearizeError
-from ..options import training_free
-from ..run_folder import EVAL, load_student, load_teacher_of, training_data, write_json
+from ..loading.student import load_student
+from ..loading.teacher import load_teacher_of
+from ..run_folder import EVAL, training_data, write_json
+from ..training_free import TrainingFree
 from .texts import EVAL_TEXTS, check_text, eval_sequences
 
 PARTS = ("ppl", "baseline", "layers", "passkey", "multikey", "generation", "mmlu")
@@ -54,11 +56,14 @@ class EvalSettings:
     skip: tuple[str, ...] = ()
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    cache: int | None = None  # give the student a sparse cache of this many keys per KV head (training-free)
-    cache_every: int | None = None  # re-select it every this many tokens (training-free)
-    memory_cap: int | None = None  # cap the student's linear memory at this many keys (training-free)
-    heavy: int | None = None  # keep this many heavy hitters per KV head exact (training-free; ops/heavy_hitters.py)
-    cache_position: str | None = None  # "own" | "edge" | "packed": where the student's sparse cache is scored
+    student: TrainingFree = field(default_factory=TrainingFree)  # the student's training-free settings (--cache,
+    # --cache-every, --memory-cap, --heavy, --cache-position; None: as converted)
+
+    def to_dict(self) -> dict:
+        """eval.json's "settings": the student's training-free settings flat beside the others."""
+        settings = asdict(self)
+        student = settings.pop("student")
+        return {**settings, **student}
 
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
@@ -97,9 +102,9 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     settings.check()
     device, dtype = placement(settings.device, settings.dtype)
     path = Path(path)
-    student, tokenizer = load_student(path, device, dtype, **training_free(settings))
+    student, tokenizer = load_student(path, device, dtype, settings.student)
     teacher_model, spec = load_teacher_of(path, teacher, device, dtype)
-    res = {"model": str(path), "teacher": spec, "settings": asdict(settings), "seconds": {},
+    res = {"model": str(path), "teacher": spec, "settings": settings.to_dict(), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}
     models = {"teacher": teacher_model, "student": student}
 

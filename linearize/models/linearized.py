@@ -27,11 +27,23 @@ TEACHER_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embe
 
 def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttention]:
     """One LinearAttention per teacher layer, sharing the teacher's projection modules (no copies).
-    A teacher's local layers keep their exact sliding window (see load/architectures.py), unless every layer is local
+    A teacher's local layers keep their exact sliding window (see loading/architectures.py), unless every layer is local
     (then all are linearized). The first config.local_layers layers keep the config's softmax window and sinks
     only (no linear part: TransNormer's DiagAttention); the saved config holds local_layers, so loading repeats it."""
     arch = architecture_of(teacher.config)
     c = teacher.config
+    students = []
+    for i, (attn, cfg) in enumerate(zip(arch.attention_modules(teacher), layer_configs(teacher, config))):
+        student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads,
+                                  arch.rope_frequencies(teacher, i))
+        students.append(student.to(attn.q_proj.weight.device))
+    return students
+
+
+def layer_configs(teacher: nn.Module, config: LinearAttentionConfig) -> list[LinearAttentionConfig]:
+    """The attention config of each layer of `teacher` (make_student_attention's plan, built without modules, so
+    settings can be checked against the model before any training)."""
+    arch = architecture_of(teacher.config)
     attns = arch.attention_modules(teacher)
     if config.local_layers >= len(attns):
         raise LinearizeError(f"local_layers {config.local_layers} leaves no linearized layer in this "
@@ -39,23 +51,22 @@ def make_student_attention(teacher: nn.Module, config: LinearAttentionConfig) ->
     windows = [arch.local_window(a) for a in attns]
     if all(w is not None for w in windows):
         windows = [None] * len(attns)
-    students = []
-    for i, (attn, window) in enumerate(zip(attns, windows)):
+    configs = []
+    for i, window in enumerate(windows):
         cfg = config
         if window is not None:  # the teacher's own local layer: its exact window alone (no sinks, heavy hitters or
             # sparse cache: a saved config's cache is the global layers')
             cfg = replace(config, window=window, linear=False, sinks=0, local_layers=0, heavy=0, cache=0, memory_cap=0)
         elif i < config.local_layers:  # DiagAttention: the window (and sinks) of the config, exact softmax
             cfg = replace(config, linear=False)
-        student = LinearAttention(attn, cfg, c.num_attention_heads, c.num_key_value_heads,
-                                  arch.rope_frequencies(teacher, i))
-        students.append(student.to(attn.q_proj.weight.device))
-    return students
+        configs.append(cfg)
+    return configs
 
 
-def linearized_layers(students: list[LinearAttention]) -> list[int]:
-    """Indices of the layers that have a linear part (candidates for --keep-softmax)."""
-    return [i for i, s in enumerate(students) if s.config.linear]
+def linearized_layers(students: list) -> list[int]:
+    """Indices of the layers that have a linear part (candidates for --keep-softmax); students: LinearAttention
+    modules or their configs (layer_configs)."""
+    return [i for i, s in enumerate(students) if getattr(s, "config", s).linear]
 
 
 def exact_softmax_attention(attn: nn.Module, like: LinearAttention, config) -> LinearAttention:
@@ -82,67 +93,15 @@ def memory_layers(model: "LinearizedForCausalLM") -> list[LinearAttention]:
     return [m for m in model.attention_modules() if m.config.linear and m.config.window is not None]
 
 
-def _recall_layers(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
-    """Change training-free settings (cache, cache_every, cache_pool, cache_position, memory_cap, heavy) of every
-    layer with a linear memory: its config (validated), its spec and the model's config, which records them."""
+def reconfigure(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCausalLM":
+    """Change training-free settings (cache, cache_every, cache_pool, cache_position, memory_cap, heavy; see
+    training_free.TrainingFree, whose apply() is the way to set them) of every layer with a linear memory: its
+    config (validated), its spec and the model's config, which records them."""
     for m in memory_layers(model):
         m.config = replace(m.config, **changes)
         LinearAttentionConfig(**m.config.to_dict())  # validated: e.g. the cache needs the sum rule without a gate
         m.spec = m.make_spec()
     model.config.attention = {**model.config.attention, **changes}
-    return model
-
-
-def set_sparse_cache(model: "LinearizedForCausalLM", size: int, every: int | None = None,
-                     pool: int | None = None) -> "LinearizedForCausalLM":
-    """Give every layer with a linear memory a sparse cache of `size` exact keys per KV head (0: none), re-selected
-    every `every` tokens, each key ranked by the worst error within `pool` keys of it (None: as configured;
-    ops/sparse_cache.py). Training-free: no parameter changes; the model's config records it."""
-    if size and any(m.mix_logit is None for m in memory_layers(model)):
-        raise LinearizeError("this model's linear layers have no softmax window or sinks to mix the cache with; "
-                             "convert with --window or --sinks to use --cache")
-    if pool is None:
-        pool = model.config.attention.get("cache_pool", LinearAttentionConfig.cache_pool)
-    return _recall_layers(model, cache=size, cache_every=every or model.config.attention.get("cache_every", 64),
-                          cache_pool=pool)
-
-
-def set_cache_position(model: "LinearizedForCausalLM", where: str) -> "LinearizedForCausalLM":
-    """Score every layer's sparse cache at its keys' own positions ("own"), just beyond the window ("edge") or in a
-    row from there back ("packed"; LinearAttentionConfig.cache_position). Training-free; the model's config records
-    it."""
-    return _recall_layers(model, cache_position=where)
-
-
-def set_heavy_hitters(model: "LinearizedForCausalLM", size: int) -> "LinearizedForCausalLM":
-    """Keep the `size` keys per KV head that drew the most window attention exact once they leave the window, in every
-    layer with a linear memory (0: none; ops/heavy_hitters.py). Training-free; the model's config records it."""
-    return _recall_layers(model, heavy=size)
-
-
-def set_memory_cap(model: "LinearizedForCausalLM", cap: int) -> "LinearizedForCausalLM":
-    """Cap the weight of every layer's linear memory at `cap` keys (0: no cap; LinearAttentionConfig.memory_cap).
-    Training-free; the model's config records it."""
-    return _recall_layers(model, memory_cap=cap)
-
-
-TRAINING_FREE = ("heavy", "cache", "cache_every", "memory_cap", "cache_position")  # what set_training_free changes
-
-
-def set_training_free(model: "LinearizedForCausalLM", heavy: int | None = None, cache: int | None = None,
-                      cache_every: int | None = None, memory_cap: int | None = None,
-                      cache_position: str | None = None) -> "LinearizedForCausalLM":
-    """The settings of TRAINING_FREE that are not None, in that order (heavy hitters before the cache: the two
-    exclude each other): `linearize eval / bench --heavy --cache --cache-every --memory-cap --cache-position`."""
-    if heavy is not None:
-        set_heavy_hitters(model, heavy)
-    if cache is not None or cache_every is not None:
-        size = model.config.attention.get("cache", 0) if cache is None else cache
-        set_sparse_cache(model, size, every=cache_every)
-    if memory_cap is not None:
-        set_memory_cap(model, memory_cap)
-    if cache_position is not None:
-        set_cache_position(model, cache_position)
     return model
 
 
@@ -157,7 +116,7 @@ def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":
         raise LinearizeError("this model has no linear memory to switch off")
     if any(m.mix_logit is None for m in layers):
         raise LinearizeError("this model's linear layers have no softmax window or sinks to fall back on")
-    return _recall_layers(copy.deepcopy(model), linear=False, cache=0, memory_cap=0)
+    return reconfigure(copy.deepcopy(model), linear=False, cache=0, memory_cap=0)
 
 
 class NoCodeCopy:

@@ -2,7 +2,7 @@
 
 `memory_fla` has the contract of linear_memory.memory_chunked (same arguments, same result), so it serves every
 family that has a linear memory, hybrid ones included: the window / sinks softmax and the mixing stay in
-hybrid_attention.py (PyTorch), only the memory's read-out runs in the kernel.
+ops/hybrid/ (PyTorch), only the memory's read-out runs in the kernel.
 
     sum rule, with or without the forget gate:  fla.ops.simple_gla  (head-wise log gate g (B, T, H); None: no gate)
     delta rule, with or without the gate:       fla.ops.gated_delta_rule (g = 0 without a gate)

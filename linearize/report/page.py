@@ -40,7 +40,7 @@ def _rounded(value) -> str:
 def summary_tables(convert: dict | None, results: dict | None, bench: dict | None) -> str:
     parts = []
     if convert and "teacher_ppl" in convert:
-        from ..pipeline import stage_rows
+        from ..convert.stages import stage_rows
 
         rows = [[name, fmt(tokens, ""), fmt(seconds, ""), fmt(ppl, ".2f")]
                 for name, tokens, seconds, _, ppl in stage_rows(convert, convert.get("settings") or {})]

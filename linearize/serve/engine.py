@@ -1,27 +1,32 @@
 """The serving engine: one model, one worker thread, many requests at once.
 
 Every request is a Job in a queue. The worker thread keeps up to `max_active` jobs in progress and advances them
-round-robin, one forward pass each: a prefill block (decoding.PREFILL_BLOCK tokens) or one decoding step. So
-concurrent requests share the model fairly (a short request is not held behind a 16k-token prompt, streams advance
-together) and only one forward pass runs at a time: memory is one block's activations plus a fixed-size decoding
-state per job, whatever the prompt lengths. The C heap is held to that too (glibc, see `steady_heap`): large
+round-robin, one forward pass each: a prefill block (generate.decoding.PREFILL_BLOCK tokens) or one decoding step.
+So concurrent requests share the model fairly (a short request is not held behind a 16k-token prompt, streams
+advance together) and only one forward pass runs at a time: memory is one block's activations plus a fixed-size
+decoding state per job, whatever the prompt lengths. The C heap is held to that too (glibc, see `steady_heap`): large
 tensors are mapped and unmapped rather than carved from the heap, and free heap pages go back to the system after
 each job, so the server's resident memory stays flat while prompts grow.
 
 Named states (StateStore): a prefilled document's DecodingState, kept under a name, that a request starts from
 instead of reading the document again (copied per request: decoding writes a state in place). With a folder, they
-are saved there as NAME.safetensors (state_file.py) and read from it on first use.
+are saved there as NAME.safetensors (generate/state_file.py) and read from it on first use.
 
 A job reports through its `emit(event)` callback, called from the worker thread with one of
     {"text": str}                                          new completion text (incomplete characters and
                                                            possible starts of a stop string held back)
     {"done": "stop" | "length", "usage": {...}}            the end (a prefill-only job: {"done": "state", ...})
-    {"error": str, "status": int}                          the job failed; the engine goes on serving
+    {"error": str, "status": int, "code": str | None}      the job failed or was cancelled (cancelled: status 499,
+                                                           or 503 when the server is shutting down); the engine
+                                                           goes on serving
+A job whose `cancelled` is set (its client went away) is dropped at its next turn, within one forward pass;
+cancel_all() (the server shutting down) drops them all, queued ones too, and any submitted later.
 """
 
 import ctypes
 import ctypes.util
 import logging
+import os
 import queue
 import re
 import threading
@@ -33,9 +38,9 @@ from typing import Callable
 
 import torch
 
-from ..decoding import Decoder, prefill_blocks
+from ..generate.decoding import Decoder, prefill_blocks
 from ..errors import LinearizeError
-from ..state_file import copy_state, load_state, save_state
+from ..generate.state_file import copy_state, load_state, save_state
 
 log = logging.getLogger("linearize.serve")
 STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -78,6 +83,7 @@ class Job:
     sampling: Sampling | None = None
     start: NamedState | None = None
     save_as: str | None = None
+    replace: bool = False  # save_as may overwrite a state of that name
     cancelled: bool = False  # set by the server when the client went away
     created: float = field(default_factory=time.perf_counter)
 
@@ -113,16 +119,32 @@ class TextStream:
         return out
 
 
+def states_folder(folder: str | Path) -> Path:
+    """The folder of named states (`--states`), made if missing; LinearizeError naming the fix if it is not a folder
+    or cannot be read and written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LinearizeError(f"--states {folder}: is a file, not a folder; give a folder for the named states (it is "
+                             "made if missing), e.g. --states states/")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LinearizeError(f"--states {folder}: cannot make the folder ({e.strerror or e}); give a folder that can "
+                             "be made, e.g. --states states/") from e
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        raise LinearizeError(f"--states {folder}: no permission to read and write this folder; fix its permissions "
+                             f"(chmod u+rwx {folder}) or give another folder")
+    return folder
+
+
 class StateStore:
     """Named prefilled states of one model, in memory and (with `folder`) as NAME.safetensors files there."""
 
     def __init__(self, fingerprint: str, dtype: torch.dtype, device, folder: str | Path | None = None):
         self.fingerprint, self.dtype, self.device = fingerprint, dtype, device
-        self.folder = Path(folder) if folder else None
+        self.folder = states_folder(folder) if folder else None
         self.states: dict[str, NamedState] = {}
         self.lock = threading.Lock()
-        if self.folder:
-            self.folder.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def check_name(name: str) -> str:
@@ -133,6 +155,18 @@ class StateStore:
 
     def _path(self, name: str) -> Path | None:
         return self.folder / f"{name}.safetensors" if self.folder else None
+
+    def exists(self, name: str) -> bool:
+        """Whether a state is kept as `name` (in memory, or as a file in the folder not read yet)."""
+        path = self._path(name)
+        return name in self.states or (path is not None and path.is_file())
+
+    def check_new(self, name: str, replace: bool = False) -> str:
+        """`name` for a new state; RequestError 409 if one exists and `replace` is not set."""
+        if not replace and self.exists(self.check_name(name)):
+            raise RequestError(409, f"state {name!r} exists; send \"replace\": true to overwrite it, or choose "
+                                    "another name", code="state_exists", param="name")
+        return name
 
     def names(self) -> list[str]:
         on_disk = {p.stem for p in self.folder.glob("*.safetensors")} if self.folder else set()
@@ -154,10 +188,17 @@ class StateStore:
                 self.states[name] = NamedState(state, logits, meta["seen"], state.nbytes())
             return self.states[name]
 
-    def put(self, name: str, state, logits: torch.Tensor, **info) -> NamedState:
+    def put(self, name: str, state, logits: torch.Tensor, replace: bool = False, **info) -> NamedState:
+        """Keep `state` as `name` (RequestError 409 if one exists and `replace` is not set: checked again here, on
+        the worker thread, for two requests that asked for the same new name at once)."""
+        self.check_new(name, replace)
         named = NamedState(state, logits, state.seen, state.nbytes())
         if self.folder:
-            save_state(self._path(name), state, logits, self.fingerprint, self.dtype, **info)
+            try:
+                save_state(self._path(name), state, logits, self.fingerprint, self.dtype, **info)
+            except OSError as e:
+                raise RequestError(500, f"could not save state {name!r} in {self.folder} ({e}); check the folder "
+                                        "(space, permissions)", code="state_not_saved", param="name") from e
         with self.lock:
             self.states[name] = named
         return named
@@ -205,7 +246,9 @@ class Engine:
         self.model, self.tokenizer, self.states, self.max_active = model.eval(), tokenizer, states, max_active
         self.mmap_threshold_mib = mmap_threshold_mib
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold: 0 to this - 1
         self.jobs: queue.Queue = queue.Queue()
+        self.stopping = False  # set by cancel_all: every job is dropped, new ones too
         self.worker = threading.Thread(target=self._work, name="linearize-serve-worker", daemon=True)
 
     def start(self) -> "Engine":
@@ -213,28 +256,49 @@ class Engine:
         self.worker.start()
         return self
 
+    def cancel_all(self):
+        """The server is shutting down: drop every job, running or queued, at its next turn (each gets a 503 error
+        event), and refuse any submitted from now on. Any thread."""
+        self.stopping = True
+
     def stop(self):
+        """Cancel all jobs and end the worker thread."""
+        self.cancel_all()
         self.jobs.put(None)
         self.worker.join(timeout=30)
 
     def submit(self, job: Job):
-        self.jobs.put(job)
+        if self.stopping:
+            self._cancelled(job)
+        else:
+            self.jobs.put(job)
+
+    def _cancelled(self, job: Job):
+        if self.stopping:
+            job.emit({"error": "the server is shutting down; send the request again once it is back", "status": 503,
+                      "code": "server_shutting_down"})
+        else:
+            job.emit({"error": "the request was cancelled", "status": 499, "code": "cancelled"})
 
     def _work(self):
-        active = deque()  # (job, its steps)
+        active, closing = deque(), False  # (job, its steps); closing: stop() was called, admit no more
         while True:
             try:
-                while len(active) < self.max_active:
+                while not closing and len(active) < self.max_active:
                     job = self.jobs.get(block=not active)
                     if job is None:
-                        return
-                    active.append((job, self._steps(job)))
+                        closing = True
+                    else:
+                        active.append((job, self._steps(job)))
             except queue.Empty:
                 pass
+            if not active:  # only once closing: otherwise the get above waits for a job
+                break
             job, steps = active.popleft()
             try:
-                if job.cancelled:  # the client went away: drop the job (its end trims the heap like any other)
-                    steps.close()
+                if job.cancelled or self.stopping:  # client gone, or shutting down: drop the job within one step
+                    steps.close()  # (its end trims the heap like any other)
+                    self._cancelled(job)
                 else:
                     next(steps)
                     active.append((job, steps))
@@ -242,11 +306,18 @@ class Engine:
             except StopIteration:
                 pass
             except LinearizeError as e:
-                job.emit({"error": str(e), "status": getattr(e, "status", 400)})
+                job.emit({"error": str(e), "status": getattr(e, "status", 400), "code": getattr(e, "code", None)})
             except Exception as e:  # a bug or out of memory: this request fails, the server keeps serving
                 log.exception("request failed")
-                job.emit({"error": f"internal error: {type(e).__name__}: {e}", "status": 500})
+                job.emit({"error": f"internal error: {type(e).__name__}: {e}", "status": 500, "code": None})
             trim_heap()  # a job ended
+        while True:  # jobs queued behind stop(): tell their waiting requests
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._cancelled(job)
 
     def _steps(self, job: Job):
         """The work of one job, one forward pass per next()."""
@@ -257,7 +328,7 @@ class Engine:
         cached = 0 if job.start is None else job.start.tokens
         usage = {"prompt_tokens": cached + job.ids.shape[1], "prompt_tokens_details": {"cached_tokens": cached}}
         if job.sampling is None:
-            named = self.states.put(job.save_as, state, logits)
+            named = self.states.put(job.save_as, state, logits, job.replace)
             job.emit({"done": "state", "usage": usage, "tokens": named.tokens, "bytes": named.bytes,
                       "seconds": time.perf_counter() - job.created})
             return
