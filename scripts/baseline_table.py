@@ -64,7 +64,8 @@ def run_row(out: Path, attention: str, window: int, sinks: int, args) -> dict:
         convert.append("--resume")
     seconds = {"convert": sh(convert, log)}
     if not (run / "eval.json").is_file() or "passkey" not in json.loads((run / "eval.json").read_text()):
-        seconds["eval"] = sh(["eval", str(run), "--device", args.device, "--skip", "mmlu,layers", "--no-progress",
+        seconds["eval"] = sh(["eval", str(run), "--device", args.device, "--skip", "mmlu,layers,long,realrecall",
+                              "--no-progress",
                               "--passkey-lengths", args.passkey_lengths, "--passkey-trials", str(args.passkey_trials),
                               *shlex.split(args.eval_args)], log)
     return {**finished_row(run, name, args.device), "seconds": seconds}

@@ -237,7 +237,7 @@ def test_eval_command_writes_eval_json(tiny_converted, capsys):
     rc = main(["eval", str(student_dir), "--seq-len", "64", "--sequences", "2", "--layer-sequences", "1",
                "--passkey-lengths", "200", "--passkey-trials", "1", "--multikey-keys", "2,4",
                "--multikey-lengths", "150,250", "--multikey-trials", "2", "--generation-prompts", "3",
-               "--generation-tokens", "6", "--skip", "mmlu", "--no-progress"])
+               "--generation-tokens", "6", "--skip", "mmlu,long,realrecall", "--no-progress"])
     assert rc == 0
     res = json.loads((student_dir / "eval.json").read_text())
     assert set(res["texts"]) == {"sharegpt", "shakespeare", "python-docs"}
@@ -263,7 +263,8 @@ def test_eval_command_with_own_texts_and_prompts(tiny_converted, tmp_path, capsy
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\nthe quick brown fox\n")
     rc = main(["eval", str(student_dir), "--texts", f"sharegpt,{words}", "--prompts", str(prompts), "--seq-len", "32",
-               "--sequences", "2", "--generation-tokens", "4", "--skip", "baseline,layers,passkey,mmlu", "--no-progress"])
+               "--sequences", "2", "--generation-tokens", "4", "--skip", "baseline,layers,passkey,mmlu,long,realrecall",
+               "--no-progress"])
     assert rc == 0
     res = json.loads((student_dir / "eval.json").read_text())
     assert list(res["texts"]) == ["sharegpt", str(words)] and res["texts"][str(words)]["tokens"] == 62

@@ -50,9 +50,10 @@ def test_multikey_haystack_hides_every_key_at_spread_depths(tiny_tokenizer, k):
         assert len(set(asked)) == len(asked) == min(4, k) and all(0 <= j < k for j in asked)
 
 
-def reader(tokenizer, shift: int):
+def reader(tokenizer, shift: int, read=None):
     """A fake Decoder class that answers by reading the asked code (or pass key) out of the context it was
-    prefilled with, plus `shift`."""
+    prefilled with, plus `shift`; read(question, context) -> the number, for other questions
+    (test_real_recall.py)."""
 
     class Reader:
         def __init__(self, model):
@@ -63,6 +64,8 @@ def reader(tokenizer, shift: int):
                 self.cache = {"context": tokenizer.decode(ids[0])}
                 return None
             assert state == self.cache and state is not self.cache  # the question continues a copy of its state
+            if read is not None:
+                return read(tokenizer.decode(ids[0]), state["context"])
             name = re.search(r"code for (\w+)\?", tokenizer.decode(ids[0]))
             pattern = rf"code for {name.group(1)} is (\d+)" if name else r"pass key is (\d+)"
             return int(re.search(pattern, state["context"]).group(1))  # stands for the next-token logits

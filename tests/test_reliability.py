@@ -241,3 +241,11 @@ def test_bench_fails_when_every_student_point_failed(tiny_converted, capsys, mon
 
     monkeypatch.setattr(linearize.bench.run, "bench", fake_bench)
     assert "every student point failed (first: boom)" in error_line(capsys, ["bench", str(student)])
+
+
+def test_a_missing_transfer_state_is_refused_before_anything_is_written(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "--transfer-state" in error_line(capsys, ["convert", "--model", str(model_dir), "--data", str(data_file),
+                                                     "--out", str(out), *SMALL, "--transfer-state",
+                                                     str(tmp_path / "none.safetensors")])
+    assert not out.exists()

@@ -38,7 +38,13 @@ def run_dir(tmp_path):
                             "texts": {n: {**texts[n], "student_ppl": 13.5, "top1": 0.85} for n in texts},
                             "memory_off": {"texts": {n: {**texts[n], "student_ppl": 12.75} for n in texts}}},
                "generation": {"prompts": 50, "max_new_tokens": 64, "prefix": 32, "prefix_match": 7.5,
-                              "repetition": {"teacher": 0.05, "student": 0.31}}}
+                              "repetition": {"teacher": 0.05, "student": 0.31}},
+               "long": {"length": 2048, "bands": [[0, 256], [256, 1024], [1024, 2048]],  # evaluate/long.py
+                        "state_bytes": {"teacher": 2**22, "student": 2**20, "streaming": 2**20},
+                        "all": {who: {"ppl": [10.0, 9.0, 8.0], "ratio": [r, r, r]}
+                                for who, r in (("teacher", 1.0), ("student", 1.1), ("streaming", 1.3))},
+                        "texts": {"hamlet": {"models": {who: {"ppl": [10.0, 9.0, 8.0], "ratio": [r, r, r]}
+                                                        for who, r in (("teacher", 1.0), ("student", 1.1))}}}}}
     points = [{"which": w, "context": c, "prefill_tokens_per_s": 1000.0, "prefill_peak_bytes": 2**20,
                "cache_bytes": 2**20, "decode_ms_per_token": 10.0, "decode_tokens_per_s": 100.0,
                "decode_peak_bytes": 2**21}

@@ -2,6 +2,7 @@
 attention they mean (the preset, the flags, and training_free.CONVERT_DEFAULT where they leave it open)."""
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -89,6 +90,9 @@ class ConvertSettings:
 
     def check(self):
         attention = self.attention_config()
+        if self.transfer_state and not Path(self.transfer_state).is_file():
+            raise LinearizeError(f"--transfer-state {self.transfer_state} not found; give the .safetensors that "
+                                 "`linearize blocks stitch` wrote")
         if self.seq_len < 2:
             raise LinearizeError(f"--seq-len {self.seq_len} is too short; use --seq-len >= 2")
         if attention.linear and attention.window and self.seq_len <= attention.window:

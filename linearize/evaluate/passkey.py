@@ -19,6 +19,11 @@ multikey (k facts, one asked), about `length` tokens:
     per question at a fraction of the cost); haystack h asks needles h, h + k/Q, h + 2k/Q, ... (mod k), so the
     asked depths cover the context.
 
+Both are the easy case: in a repeated filler the needle is the one surprising span. real_recall.py hides facts in
+spans of real text instead, with the same scoring: every test is a stream of Haystacks (a context prefilled once and
+the questions asked after it), built by passkey_haystacks, multikey_haystacks or real_recall.real_haystacks, and
+answered by ask_haystacks.
+
 Linear attention compresses the past into a fixed-size state, so recall beyond its softmax window is expected to
 drop. The training data of `--retrieval-fraction` (data/retrieval.py) uses other formats, names and fillers.
 """
@@ -27,6 +32,7 @@ import copy
 import math
 import random
 import re
+from dataclasses import dataclass, field
 
 from ..generate.decoding import Decoder
 
@@ -118,21 +124,64 @@ def answers_correct(decoder, tokenizer, context: str, questions: list[tuple[str,
     return hits
 
 
+@dataclass
+class Haystack:
+    """One prefill and the questions asked after it: what every recall test here is made of. The haystack builders
+    differ (repeated filler: passkey_haystacks, multikey_haystacks; real text: real_recall.real_haystacks), the
+    scoring is one path (ask_haystacks)."""
+
+    context: str  # the text prefilled once
+    questions: list[tuple[str, int]]  # (question appended to the context, the number that answers it)
+    about: list[dict] = field(default_factory=list)  # per question, what its result is grouped by ({} if empty)
+
+
+def ask_haystacks(model, tokenizer, haystacks) -> list[dict]:
+    """Each haystack's questions answered greedily (answers_correct: one prefill, a state copy per question);
+    per question {"correct": bool, "tokens": prompt tokens (context + question), **its about}."""
+    decoder = Decoder(model)
+    asked = []
+    for haystack in haystacks:
+        hits = answers_correct(decoder, tokenizer, haystack.context, haystack.questions)
+        context = n_tokens(tokenizer, haystack.context)
+        for i, ((question, _), hit) in enumerate(zip(haystack.questions, hits)):
+            about = haystack.about[i] if haystack.about else {}
+            asked.append({"correct": hit, "tokens": context + n_tokens(tokenizer, question), **about})
+    return asked
+
+
+def passkey_haystacks(tokenizer, length: int, trials: int, seed: int = 0):
+    """The passkey trials at one length (module docstring): one Haystack each, asking QUESTION."""
+    rng = random.Random(seed + length)
+    for i in range(trials):
+        key = rng.randint(10000, 99999)
+        prompt = passkey_prompt(tokenizer, length, (i + 0.5) / trials, key)
+        yield Haystack(prompt.removesuffix(QUESTION), [(QUESTION, key)])
+
+
+def multikey_haystacks(tokenizer, k: int, length: int, trials: int, seed: int = 0, rewrite=None):
+    """The multikey haystacks of one (k, length) cell (module docstring), `trials` questions in all."""
+    questions = min(QUESTIONS_PER_HAYSTACK, k)
+    rng = random.Random(f"multikey-{seed}-{k}-{length}")
+    for h in range(math.ceil(trials / questions)):
+        haystack, pairs = multikey_haystack(tokenizer, length, k, rng)
+        haystack = haystack if rewrite is None else rewrite(haystack, pairs)
+        asked = asked_needles(h, k, questions)[: trials - h * questions]
+        yield Haystack(haystack, [(MULTIKEY_QUESTION.format(name=pairs[j][0]), pairs[j][1]) for j in asked])
+
+
+def mean_tokens_and_accuracy(asked: list[dict]) -> tuple[int, float]:
+    """(mean prompt tokens, fraction correct) of ask_haystacks' answers."""
+    return round(sum(a["tokens"] for a in asked) / len(asked)), sum(a["correct"] for a in asked) / len(asked)
+
+
 def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 20, seed: int = 0) -> dict:
     """{"lengths": [...], "tokens": [mean prompt tokens per length], "accuracy": [fraction correct per length]}."""
-    decoder = Decoder(model)
     tokens, accuracy = [], []
     for length in lengths:
-        rng = random.Random(seed + length)
-        hits, total = 0, 0
-        for i in range(trials):
-            key = rng.randint(10000, 99999)
-            prompt = passkey_prompt(tokenizer, length, (i + 0.5) / trials, key)
-            context = prompt.removesuffix(QUESTION)
-            hits += answers_correct(decoder, tokenizer, context, [(QUESTION, key)])[0]
-            total += n_tokens(tokenizer, context) + n_tokens(tokenizer, QUESTION)
-        tokens.append(round(total / trials))
-        accuracy.append(hits / trials)
+        n, acc = mean_tokens_and_accuracy(ask_haystacks(model, tokenizer,
+                                                        passkey_haystacks(tokenizer, length, trials, seed)))
+        tokens.append(n)
+        accuracy.append(acc)
     return {"lengths": list(lengths), "tokens": tokens, "accuracy": accuracy, "trials": trials}
 
 
@@ -141,20 +190,11 @@ def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], tri
     """{"keys", "lengths", "trials", "tokens": {k: [mean prompt tokens per length]}, "accuracy": {k: [fraction
     correct per length]}} (k as a string: JSON keys). rewrite(haystack, pairs) -> the text prefilled instead of each
     haystack (the same questions; experiments/multikey_ceiling.py shortens them), None: the haystacks as drawn."""
-    decoder = Decoder(model)
     tokens, accuracy = {}, {}
     for k in keys:
-        questions = min(QUESTIONS_PER_HAYSTACK, k)
         for length in lengths:
-            rng = random.Random(f"multikey-{seed}-{k}-{length}")
-            hits, total = [], 0
-            for h in range(math.ceil(trials / questions)):
-                haystack, pairs = multikey_haystack(tokenizer, length, k, rng)
-                haystack = haystack if rewrite is None else rewrite(haystack, pairs)
-                asked = asked_needles(h, k, questions)[: trials - len(hits)]
-                asks = [(MULTIKEY_QUESTION.format(name=pairs[j][0]), pairs[j][1]) for j in asked]
-                hits += answers_correct(decoder, tokenizer, haystack, asks)
-                total += len(asks) * n_tokens(tokenizer, haystack) + sum(n_tokens(tokenizer, q) for q, _ in asks)
-            tokens.setdefault(str(k), []).append(round(total / trials))
-            accuracy.setdefault(str(k), []).append(sum(hits) / trials)
+            n, acc = mean_tokens_and_accuracy(ask_haystacks(
+                model, tokenizer, multikey_haystacks(tokenizer, k, length, trials, seed, rewrite)))
+            tokens.setdefault(str(k), []).append(n)
+            accuracy.setdefault(str(k), []).append(acc)
     return {"keys": list(keys), "lengths": list(lengths), "trials": trials, "tokens": tokens, "accuracy": accuracy}

@@ -6,9 +6,15 @@
                                tokens, teacher_ppl, student_ppl,
                                kl (mean KL(teacher || student), nats/token), top1 (argmax agreement)
     layer_mse.NAME             per layer: attention output MSE of the student vs the teacher on that text
-    passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length
+    passkey                    lengths, tokens (mean prompt length), trials, teacher / student: accuracy per length,
+                               filler: "repeated (easy)" (the needle is the one surprising span of a repeated text)
     multikey                   keys (k facts per prompt), lengths, trials, tokens {k: mean prompt length per length},
-                               teacher / student: {k: accuracy per length} (evaluate/passkey.py)
+                               teacher / student: {k: accuracy per length}, filler (evaluate/passkey.py)
+    realrecall                 passkey (k = 1) and multi-key (k = 4, 16) recall with the facts hidden in spans of
+                               real text (settings.recall_texts), several fact formats, at several depths: teacher,
+                               student and StreamingLLM of equal bytes on the same questions; per model accuracy
+                               {k: per length}, by_length, by_text, by_format, by_depth, cells per (text, format,
+                               length, depth); window, sinks, state_bytes (evaluate/real_recall.py)
     baseline                   the teacher as StreamingLLM (4 sinks + the window W whose state has the student's
                                bytes; evaluate/baseline.py): attention, window, sinks, state_bytes,
                                student_state_bytes, texts.NAME as above (teacher vs baseline);
@@ -19,6 +25,10 @@
                                share), prefix_match (first 32 tokens shared with the teacher), examples
     mmlu                       limit (questions per subject), num_fewshot, questions, teacher / student:
                                {acc, acc_stderr, subjects: {subject: acc}}
+    long                       perplexity by position band on long single documents (settings.long_texts cut to
+                               long_length tokens): teacher, student, memory off (window + sinks + cache),
+                               StreamingLLM of equal bytes; per model and band ppl and ratio to the teacher, state
+                               bytes, command (evaluate/long.py; docs/results copies this dict)
     seconds                    wall time of each part
     device                     where both models ran: {device, name, dtype}
 """
@@ -33,9 +43,12 @@ from ..loading.student import load_student
 from ..loading.teacher import load_teacher_of
 from ..run_folder import EVAL, training_data, write_json
 from ..training_free import TrainingFree
+from .long import LONG_LENGTH, LONG_TEXTS, check_long_text
+from .real_recall import RECALL_KEYS, RECALL_LENGTHS, RECALL_TRIALS, REAL_TEXTS, check_recall_text
 from .texts import EVAL_TEXTS, check_text, eval_sequences
 
-PARTS = ("ppl", "baseline", "layers", "passkey", "multikey", "generation", "mmlu")
+PARTS = ("ppl", "baseline", "layers", "passkey", "multikey", "realrecall", "generation", "mmlu",
+         "long")
 
 
 @dataclass
@@ -49,10 +62,16 @@ class EvalSettings:
     multikey_keys: tuple[int, ...] = (4, 16)  # facts hidden per prompt (one is asked)
     multikey_lengths: tuple[int, ...] = (1024, 2048, 4096)  # 8k, 16k by option: minutes per length on a CPU
     multikey_trials: int = 20
+    recall_texts: tuple[str, ...] = REAL_TEXTS  # part realrecall: real texts the facts are hidden in (or files)
+    recall_keys: tuple[int, ...] = RECALL_KEYS  # facts hidden per prompt
+    recall_lengths: tuple[int, ...] = RECALL_LENGTHS  # prompt tokens (8k, 16k by option)
+    recall_trials: int = RECALL_TRIALS  # questions per (text, keys, length)
     generation_prompts: int = 50  # held-out prompts answered greedily by both models (evaluate/generation.py)
     prompts: str | None = None  # a prompts file instead of held-out ones (generation.file_prompts)
     generation_tokens: int = 64
     limit: int | None = 5  # MMLU questions per subject (None = all 14,042)
+    long_texts: tuple[str, ...] = LONG_TEXTS  # long single documents (evaluate/long.py) or files, one each
+    long_length: int = LONG_LENGTH  # tokens read of each long document (a shorter one is an error)
     skip: tuple[str, ...] = ()
     device: str = "auto"  # both models: "auto" (CUDA when torch sees one, else CPU) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
@@ -70,19 +89,27 @@ class EvalSettings:
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
         for name in self.texts:
             check_text(name)
+        for name in self.long_texts:
+            check_long_text(name)
+        for name in self.recall_texts:
+            check_recall_text(name)
         if self.prompts is not None:
             from .generation import check_prompts  # (imports transformers: not at `linearize --help` time)
 
             check_prompts(self.prompts)
         if min(self.seq_len, self.sequences, self.layer_sequences, self.passkey_trials, *self.passkey_lengths,
-               self.multikey_trials, *self.multikey_keys, *self.multikey_lengths, self.generation_prompts,
+               self.multikey_trials, *self.multikey_keys, *self.multikey_lengths, self.recall_trials,
+               *self.recall_keys, *self.recall_lengths, self.generation_prompts,
                self.generation_tokens) < 1:
             raise LinearizeError("sizes and counts must be >= 1")
         from .passkey import NAMES  # (imports transformers: not at `linearize --help` time)
 
-        if max(self.multikey_keys) > len(NAMES):
-            raise LinearizeError(f"--multikey-keys takes at most {len(NAMES)} keys per prompt (the names there are); "
-                                 f"got {max(self.multikey_keys)}")
+        for flag, keys in (("--multikey-keys", self.multikey_keys), ("--recall-keys", self.recall_keys)):
+            if max(keys) > len(NAMES):
+                raise LinearizeError(f"{flag} takes at most {len(NAMES)} keys per prompt (the names there are); "
+                                     f"got {max(keys)}")
+        if self.long_length < 2:
+            raise LinearizeError(f"--long-length must be at least 2 tokens (got {self.long_length})")
         if self.limit is not None and self.limit < 1:
             raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
 
@@ -95,8 +122,10 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     from .agreement import agreement
     from .baseline import streaming_baseline
     from .generation import file_prompts, generation_agreement, heldout_prompts
+    from .long import check_teacher_context, long_command, long_documents, long_eval
     from .mmlu import mmlu_accuracy
     from .passkey import multikey_accuracy, passkey_accuracy
+    from .real_recall import check_recall_lengths, load_corpora, real_recall
 
     settings = settings or EvalSettings()
     settings.check()
@@ -107,6 +136,12 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     res = {"model": str(path), "teacher": spec, "settings": settings.to_dict(), "seconds": {},
            "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")}}
     models = {"teacher": teacher_model, "student": student}
+    if "long" not in settings.skip:  # a document too short, or too long for the teacher, fails before any part
+        check_teacher_context(teacher_model, settings.long_length)
+        long_docs = long_documents(settings.long_texts, tokenizer, settings.long_length)
+    if "realrecall" not in settings.skip:  # the same for a recall text too short, or a length too long
+        check_recall_lengths(teacher_model, settings.recall_lengths)
+        corpora = load_corpora(settings.recall_texts, tokenizer, settings.recall_lengths)
 
     def part(name, fn):
         if name in settings.skip:
@@ -129,8 +164,15 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
         res["texts"] = {name: agreement(teacher_model, student, sequences(name, settings.sequences), progress, name)
                         for name in settings.texts}
 
+    equal_bytes = []  # streaming_baseline's result, made once for the parts "baseline" and "long"
+
+    def streaming():
+        if not equal_bytes:
+            equal_bytes.append(streaming_baseline(teacher_model, student))
+        return equal_bytes[0]
+
     def baseline():
-        model, window, nbytes, target = streaming_baseline(teacher_model, student)
+        model, window, nbytes, target = streaming()
         res["baseline"] = {"attention": "streaming", "window": window, "sinks": 4, "state_bytes": nbytes,
                            "student_state_bytes": target,
                            "texts": {name: agreement(teacher_model, model, sequences(name, settings.sequences),
@@ -157,14 +199,23 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     def passkey():
         runs = {who: passkey_accuracy(m, tokenizer, list(settings.passkey_lengths), settings.passkey_trials)
                 for who, m in models.items()}
-        res["passkey"] = {k: runs["teacher"][k] for k in ("lengths", "tokens", "trials")}
+        res["passkey"] = {"filler": "repeated (easy)",
+                          **{k: runs["teacher"][k] for k in ("lengths", "tokens", "trials")}}
         res["passkey"].update({who: r["accuracy"] for who, r in runs.items()})
 
     def multikey():
         runs = {who: multikey_accuracy(m, tokenizer, list(settings.multikey_keys), list(settings.multikey_lengths),
                                        settings.multikey_trials) for who, m in models.items()}
-        res["multikey"] = {k: runs["teacher"][k] for k in ("keys", "lengths", "trials", "tokens")}
+        res["multikey"] = {"filler": "repeated (easy)",
+                           **{k: runs["teacher"][k] for k in ("keys", "lengths", "trials", "tokens")}}
         res["multikey"].update({who: r["accuracy"] for who, r in runs.items()})
+
+    def realrecall():
+        model, window, nbytes, target = streaming()
+        res["realrecall"] = real_recall({"teacher": teacher_model, "student": student, "streaming": model},
+                                        tokenizer, settings.recall_texts, settings.recall_keys,
+                                        settings.recall_lengths, settings.recall_trials, corpora=corpora, log=log)
+        res["realrecall"].update(window=window, sinks=4, state_bytes={"student": target, "streaming": nbytes})
 
     def mmlu():
         max_length = getattr(teacher_model.config, "max_position_embeddings", 2048)
@@ -179,7 +230,12 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
                              **generation_agreement(teacher_model, student, tokenizer, prompts,
                                                     settings.generation_tokens)}
 
+    def long():
+        res["long"] = {**long_eval(teacher_model, student, long_docs, settings.long_length, streaming(),
+                                   progress=progress, log=log), "command": long_command(path, settings, PARTS)}
+
     for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey),
-                     ("multikey", multikey), ("generation", generation), ("mmlu", mmlu)):
+                     ("multikey", multikey), ("realrecall", realrecall), ("generation", generation), ("mmlu", mmlu),
+                     ("long", long)):
         part(name, fn)
     return res

@@ -105,10 +105,12 @@ def reconfigure(model: "LinearizedForCausalLM", **changes) -> "LinearizedForCaus
     return model
 
 
-def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":
+def without_memory(model: "LinearizedForCausalLM", keep_cache: bool = False) -> "LinearizedForCausalLM":
     """A copy of `model` whose layers read their exact part only (window + sinks, renormalised: what their softmax
     gives with the linear memory gone) and hold no memory in their state: what the memory is worth end to end is
-    the model against this copy. LinearizeError if a layer has no exact part to fall back on (window 0, no sinks)."""
+    the model against this copy. LinearizeError if a layer has no exact part to fall back on (window 0, no sinks).
+    keep_cache: the sparse cache stays (window + sinks + cache; with no memory to recall from, the cache keeps the
+    keys of the largest values and drops the others: ops/sparse_cache/selection.self_recall_error)."""
     import copy
 
     layers = memory_layers(model)
@@ -116,7 +118,8 @@ def without_memory(model: "LinearizedForCausalLM") -> "LinearizedForCausalLM":
         raise LinearizeError("this model has no linear memory to switch off")
     if any(m.mix_logit is None for m in layers):
         raise LinearizeError("this model's linear layers have no softmax window or sinks to fall back on")
-    return reconfigure(copy.deepcopy(model), linear=False, cache=0, memory_cap=0)
+    off = {} if keep_cache else {"cache": 0}
+    return reconfigure(copy.deepcopy(model), linear=False, memory_cap=0, **off)
 
 
 class NoCodeCopy:

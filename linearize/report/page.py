@@ -67,7 +67,7 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
                      f"4-grams teacher {g['repetition']['teacher']:.1%}, student {g['repetition']['student']:.1%}; the "
                      f"student's first {g['prefix']} tokens match the teacher's for {g['prefix_match']:.1f} tokens on "
                      f"average</p>")
-    if results and (results.get("passkey") or results.get("multikey")):
+    if results and (results.get("passkey") or results.get("multikey") or results.get("realrecall")):
         rows = []
         if pk := results.get("passkey"):
             rows += [["passkey", n, fmt(t, ".0%"), fmt(s, ".0%")]
@@ -75,7 +75,13 @@ def summary_tables(convert: dict | None, results: dict | None, bench: dict | Non
         if mk := results.get("multikey"):
             rows += [[f"{k} keys, one asked", n, fmt(t, ".0%"), fmt(s, ".0%")] for k in map(str, mk["keys"])
                      for n, t, s in zip(mk["lengths"], mk["teacher"][k], mk["student"][k])]
-        parts.append("<h2>Recall</h2>" + _table(["test", "length (tokens)", "teacher", "student"], rows))
+        if rr := results.get("realrecall"):  # facts in real text (the rows above: in a repeated filler, the easy case)
+            models = rr["models"]
+            rows += [[f"real text, {k} key{'s, one asked' if k != '1' else ''}", n, fmt(t, ".0%"), fmt(s, ".0%")]
+                     for k in map(str, rr["keys"]) for n, t, s in zip(rr["lengths"], models["teacher"]["accuracy"][k],
+                                                                        models["student"]["accuracy"][k])]
+        parts.append("<h2>Recall</h2><p>passkey and keys: facts in a repeated filler (the easy case); real text: in "
+                     "spans of real documents</p>" + _table(["test", "length (tokens)", "teacher", "student"], rows))
     if results and results.get("mmlu"):
         m = results["mmlu"]
         parts.append(f"<p>MMLU {m['num_fewshot']}-shot (lm-eval, {m['questions']} questions, limit {m['limit']} per "

@@ -129,10 +129,41 @@ def recall(results: dict | None):
     return fig
 
 
+LONG_STYLES = {"teacher": ("#4c72b0", "--"), "student": ("#dd8452", "-"), "memory_off": ("#55a868", "-"),
+               "streaming": ("#8172b3", "-")}
+
+
+def long_context(results: dict | None):
+    """Perplexity ratio to the teacher against position on long documents, one line per model: one panel pooled
+    over the documents, one per document (eval.json's "long")."""
+    long = (results or {}).get("long")
+    if not long or not long.get("texts"):
+        return None
+    panels = [("all documents", long["all"])] + [(name.rsplit("/", 1)[-1], r["models"])
+                                                 for name, r in long["texts"].items()]
+    fig, axes = _figure(len(panels), width=4.6)
+    ends = [end for _, end in long["bands"]]
+    for ax, (title, models) in zip(axes, panels):
+        for who, r in models.items():
+            color, style = LONG_STYLES.get(who, (None, "-"))
+            label = f"{who.replace('_', ' ')} ({long['state_bytes'].get(who, 0) * MIB:.2f} MiB state)"
+            points = [(x, y) for x, y in zip(ends, r["ratio"]) if y is not None]
+            ax.plot(*zip(*points), style, marker="o", markersize=3, color=color, label=label)
+        ax.set(title=title, xlabel="position (tokens; each band ends at its mark)", ylabel="ppl / teacher's ppl")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ends, [f"{e // 1024}k" if e % 1024 == 0 else str(e) for e in ends])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 FIGURES = {  # file stem -> (caption, function of (curves, results, bench))
     "loss_curves": ("Training loss of both stages", lambda c, r, b: loss_curves(c)),
     "layer_error": ("Per-layer attention-transfer error (predicts final quality)", lambda c, r, b: layer_error(c, r)),
     "perplexity": ("Perplexity, teacher vs student, per text", lambda c, r, b: perplexity(r)),
     "speed": ("Speed and memory vs context length", lambda c, r, b: speed(b)),
     "recall": ("Long-context recall vs length: passkey retrieval and multi-key look-up", lambda c, r, b: recall(r)),
+    "long": ("Perplexity by position on long documents, as a ratio to the teacher's (state bytes in the legend)",
+             lambda c, r, b: long_context(r)),
 }

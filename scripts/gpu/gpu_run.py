@@ -173,7 +173,8 @@ def main(argv=None):
         "transfer": (lambda: py + ["bench-transfer", *dev, "--out", str(out / "bench_transfer.json"),
                                    *tiny.get("transfer", ["--steps", "20"])],
                      lambda text: read(out / "bench_transfer.json")),
-        "eval": (lambda: py + ["eval", str(run_dir), *dev, "--skip", "mmlu", "--no-progress", "--texts", eval_texts(),
+        "eval": (lambda: py + ["eval", str(run_dir), *dev, "--skip", "mmlu,long,realrecall", "--no-progress",
+                               "--texts", eval_texts(),
                                *tiny.get("eval", [])],
                  lambda text: {k: v for k, v in read(run_dir / "eval.json").items() if k != "layer_mse"}),
     }
