@@ -24,21 +24,19 @@ def _folder_of(model: str | None) -> Path | None:
 
 def check_out_folder(out: Path, model: str | None, resume: bool, overwrite: bool):
     """Refuse an --out that would lose a model or a user's files: a file; the --model folder (or a folder above
-    it); a folder that holds files but no run of `linearize convert` unless --overwrite; a run's folder unless
-    --resume or --overwrite. Nothing is deleted here: --overwrite only lets a run start (and later replace the
-    model files) in a folder that holds other things."""
+    it); a folder that holds files but no run of `linearize convert` unless --overwrite (a run's folder: RunState
+    takes it with --resume, start_over empties it with --overwrite, else RunState refuses it). Nothing is
+    deleted here: --overwrite only lets a run start (and later replace the model files) in a folder that holds
+    other things."""
     if out.exists() and not out.is_dir():
         raise LinearizeError(f"--out {out} is a file; give a folder (new or empty) for the converted model")
     if (src := _folder_of(model)) is not None and (src == out.resolve() or out.resolve() in src.parents):
         raise LinearizeError(f"--out {out} holds the --model {model}; converting into it would overwrite the teacher: "
                              "choose another --out")
-    if not out.is_dir() or resume and (out / PROGRESS).exists():
+    if not out.is_dir() or (out / PROGRESS).exists():
         return
-    if (out / PROGRESS).exists() and not overwrite:
-        raise LinearizeError(f"{out} already holds a run; add --resume to continue it, --overwrite to start it "
-                             "again, or choose another --out")
     held = sorted(p.name for p in out.iterdir())
-    if held and not (out / PROGRESS).exists() and not overwrite:
+    if held and not overwrite:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise LinearizeError(f"--out {out} is not empty ({shown}) and holds no run of `linearize convert`; choose a "
                              "new or empty folder, or add --overwrite to write the converted model into it")

@@ -176,8 +176,9 @@ def long_perplexity(models: dict, documents: dict, length: int, block: int = BLO
             for acc, (total, count) in zip(pooled[who], sums):
                 acc[0] += total
                 acc[1] += count
-            beyond[who][0] += nll[1023:].sum().item()
-            beyond[who][1] += len(nll[1023:])
+            total, count = band_sums(nll, [(1024, length)])[0]
+            beyond[who][0] += total
+            beyond[who][1] += count
         texts[name] = {"tokens": length, "document_tokens": doc["document_tokens"], "source": doc["source"],
                        "models": _with_ratios(ppl)}
     from_1k = None

@@ -32,11 +32,12 @@ def _load_for_decoding(args, state=None):
     from .state_file import check_state, model_fingerprint
 
     device, dtype = placement(args.device, args.dtype)
+    fingerprint = model_fingerprint(args.path)  # hashes the weights file unless its digest is kept: once
     if state is not None:
-        check_state(state, model_fingerprint(args.path), dtype)
+        check_state(state, fingerprint, dtype)
     model, tokenizer = load_student(args.path, device, dtype)
     use_decode_linears(model)  # one-token products on every CPU thread (CUDA layers are left alone)
-    return model, tokenizer, model_fingerprint(args.path)
+    return model, tokenizer, fingerprint
 
 
 def run_generate(args):
