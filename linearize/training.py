@@ -87,6 +87,7 @@ def train(
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     progress: bool = True,
     write_checkpoints: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train `params` (parameters, or AdamW parameter groups {"params", "lr"}) over `sequences` (N, T), one pass.
     step_fn(batch) must run forward and backward and return {"loss": float, ...}. state_fn/restore_fn give/take the
@@ -96,7 +97,8 @@ def train(
     With FSDP-sharded params every rank must call train alike: state_fn may return shards (they are gathered),
     restore_fn gets whole tensors (copied into a DTensor parameter they fill this rank's shard), rank 0's clock
     decides when to checkpoint, and an interrupt keeps the last periodic checkpoint (no save: the ranks stop at
-    different points, so a gather could hang)."""
+    different points, so a gather could hang). on_step(step, total_steps), if given, runs before each step (a
+    schedule that must resume where it stopped: transfer/window_dropout.py)."""
     total_steps = len(sequences) // batch_size
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
@@ -128,6 +130,8 @@ def train(
     try:
         for step in range(start, total_steps):
             batch = sequences[step * batch_size : (step + 1) * batch_size]
+            if on_step is not None:
+                on_step(step, total_steps)
             metrics = step_fn(batch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

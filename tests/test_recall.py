@@ -275,3 +275,38 @@ def test_cache_every_sets_how_many_keys_the_state_reserves(tiny_converted):
     linear = [m for m in student.attention_modules() if m.config.linear]
     per_key = sum(m.num_kv_heads * (2 * m.head_dim * 4 + 4) for m in linear)  # k, v in float32, an int32 position
     assert size[8] - size[2] == (8 - 2) * per_key
+
+
+def test_recall_table_merges_real_text_rows_and_keeps_them_on_resume(tiny_converted, tmp_path):
+    """--real-text EVAL_JSON puts an eval.json's part realrecall into recall.json as 'real_text' (not a variant) and
+    a table into recall.md; a later --resume run keeps it and measures no 'real_text' variant."""
+    import json
+
+    from linearize.errors import LinearizeError
+    from linearize.evaluate import recall_table
+
+    res, out = run_recall_table(tiny_converted, tmp_path, "--select", "first", "--keep", "0", "--device", "cpu")
+    rr = {"keys": [1], "lengths": [1024, 2048], "trials": 2, "texts": {"python-docs": {}}, "window": 9, "sinks": 4,
+          "models": {who: {"accuracy": {"1": acc}} for who, acc in
+                     (("teacher", [1.0, 0.5]), ("student", [0.5, 0.0]), ("streaming", [0.0, 0.0]))}}
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"model": "RUN", "settings": {"recall_texts": ["python-docs"], "recall_lengths":
+                                                            [1024, 2048], "recall_keys": [1], "recall_trials": 2},
+                              "realrecall": rr}))
+    recall_table.main(["--real-text", str(ev), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert set(merged) == {"teacher", "student", "about", "real_text"}
+    assert merged["teacher"] == {k: v for k, v in res["variants"]["teacher"].items()}
+    assert merged["real_text"]["models"]["student"]["accuracy"]["1"] == [0.5, 0.0]
+    assert "--recall-lengths 1024,2048 --recall-keys 1 --recall-trials 2" in merged["real_text"]["command"]
+    md = out.with_suffix(".md").read_text()
+    assert "| student |" in md and "| student | 50% | 0% |" in md and "| teacher | 100% | 50% |" in md
+    recall_table.main(["--run", res["run"], "--select", "first", "--keep", "0", "--trials", "1", "--passkey-lengths",
+                       "100", "--multikey-lengths", "120", "--multikey-keys", "2", "--state-contexts", "64,256",
+                       "--ppl-sequences", "1", "--out", str(out), "--resume", "--device", "cpu"])
+    again = json.loads(out.read_text())
+    assert again["real_text"] == merged["real_text"] and set(again) == set(merged)
+    assert "| student | 50% | 0% |" in out.with_suffix(".md").read_text()
+    ev.write_text(json.dumps({"model": "RUN"}))
+    with pytest.raises(LinearizeError, match="no part realrecall"):
+        recall_table.main(["--real-text", str(ev), "--out", str(out)])

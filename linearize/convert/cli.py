@@ -68,6 +68,10 @@ def add(sub):
                    help="keep exact softmax attention in the K layers with the largest transfer error (default: 0)")
     p.add_argument("--softmax-layers", type=comma_ints, default=[], metavar="L1,L2,...",
                    help="keep exact softmax attention in exactly these layers (instead of --keep-softmax K)")
+    p.add_argument("--window-dropout", type=float, default=d.window_dropout, metavar="P",
+                   help="scheduled sliding-window dropout in stage 1: each layer trains a step without its window (the "
+                        "current token and the sinks stay exact) with probability P at the first step, falling to 0 "
+                        "at the last, so the linear memory cannot leave the work to the window (default: 0)")
     p.add_argument("--retrieval-fraction", type=float, default=d.retrieval_fraction, metavar="F",
                    help="make a share F of the stage 1 and 2 training rows look-up exercises: facts hidden in the "
                         "text, one asked at the end (data/retrieval.py; default: 0)")

@@ -59,6 +59,8 @@ class ConvertSettings:
     transfer_state: str | None = None  # stage 1 done elsewhere (`linearize blocks stitch`): load it, skip stage 1
     keep_softmax: int = 0  # keep exact softmax in the K layers with the largest held-out transfer error
     softmax_layers: list[int] = field(default_factory=list)  # or keep it in exactly these layers
+    window_dropout: float = 0.0  # stage 1: the probability at its first step that a layer trains without its window
+    # (transfer/window_dropout.py), falling linearly to 0
     retrieval_fraction: float = 0.0  # share of stage 1 and 2 training rows made look-up exercises (data/retrieval.py)
     minutes: float | None = None  # a wall-clock budget: plan transfer_tokens and lora_tokens from it (budget.py)
     transfer_share: float | None = None  # stage 1's share of a --minutes budget (None: budget.TRANSFER_SHARE)
@@ -107,6 +109,11 @@ class ConvertSettings:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_tokens < self.seq_len:
             raise LinearizeError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.seq_len}); raise it")
+        if not 0 <= self.window_dropout <= 1:
+            raise LinearizeError(f"--window-dropout must be between 0 and 1 (got {self.window_dropout})")
+        if self.window_dropout and not (attention.linear and attention.window and attention.window > 1):
+            raise LinearizeError("--window-dropout trains the linear memory without the softmax window, so it needs "
+                                 "both (a linear attention with --window > 1); drop --window-dropout")
         if not 0 <= self.retrieval_fraction <= 1:
             raise LinearizeError(f"--retrieval-fraction must be between 0 and 1 (got {self.retrieval_fraction})")
         if self.keep_softmax and self.softmax_layers:

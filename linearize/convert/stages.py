@@ -26,6 +26,7 @@ from ..run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, s
 from ..training_free import TrainingFree
 from ..transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
 from ..transfer.distributed import distributed_transfer, init_distributed
+from ..transfer.window_dropout import WindowDropout
 from . import budget
 from .run_state import RunState, check_out_folder, start_over
 from .settings import ConvertSettings
@@ -174,7 +175,8 @@ def transfer(c: Conversion):
         load_transfer_state(c.students, load_checkpoint(ckpt)[0])
         return
     t0 = time.perf_counter()
-    kw = dict(lr=s.transfer_lr, checkpoint_dir=ckpt, progress=c.progress)
+    kw = dict(lr=s.transfer_lr, checkpoint_dir=ckpt, progress=c.progress,
+              window_dropout=WindowDropout(s.window_dropout, s.seed) if s.window_dropout else None)
     mode = "data" if c.distributed == "fsdp" else c.distributed  # FSDP is for stage 2 only
     r1 = (attention_transfer(c.teacher, c.students, c.train1, **kw) if c.group is None else
           distributed_transfer(c.teacher, c.students, c.train1, c.group, mode,

@@ -40,11 +40,16 @@ from ..training_free import TrainingFree, add_arguments
 
 SELECTIONS = ("transfer", "recall", "first", "last")
 ABOUT = "about"  # the recall.json entry that is not a variant: run, teacher, settings, device, layer rankings
+REAL_TEXT = "real_text"  # nor this one: `linearize eval`'s part realrecall of a run, merged in by --real-text
+NOT_VARIANTS = (ABOUT, REAL_TEXT)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a converted run folder (read only)")
+    p.add_argument("--run", help="a converted run folder (read only); required unless --real-text")
+    p.add_argument("--real-text", metavar="EVAL_JSON",
+                   help="measure nothing: merge this eval.json's part realrecall (facts in real text: teacher, "
+                        "student and StreamingLLM of equal bytes on the same questions) into --out as 'real_text'")
     p.add_argument("--keep", type=comma_ints, default=[0, 2, 4, 8, 15, 30],
                    help="K layers switched back to softmax (default: 0,2,4,8,15,30)")
     p.add_argument("--select", type=names, default=("transfer", "recall"),
@@ -64,6 +69,8 @@ def parse(argv=None):
     p.add_argument("--resume", action="store_true", help="keep the variants an earlier --out already has")
     add_placement(p, "both models")
     args = p.parse_args(argv)
+    if not args.run and not args.real_text:
+        p.error("give --run (measure a run) or --real-text EVAL_JSON (merge one)")
     if unknown := set(args.select) - set(SELECTIONS):
         p.error(f"unknown --select {sorted(unknown)}; choose from {', '.join(SELECTIONS)}")
     if min(args.trials, args.ppl_sequences, args.probes) < 1 or min(args.keep) < 0:
@@ -115,6 +122,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_real_text(eval_json: Path, out: Path) -> dict:
+    """recall.json (out) with entry REAL_TEXT set from eval_json's part realrecall; written with its markdown."""
+    ev = read_json(eval_json)
+    if not ev or "realrecall" not in ev:
+        raise LinearizeError(f"{eval_json} has no part realrecall; run `linearize eval RUN` without --skip realrecall")
+    recall = read_json(out) or {}
+    s = ev.get("settings", {})
+    command = (f"linearize eval {ev['model']} --recall-texts {','.join(s.get('recall_texts', []))} --recall-lengths "
+               f"{','.join(map(str, s.get('recall_lengths', [])))} --recall-keys "
+               f"{','.join(map(str, s.get('recall_keys', [])))} --recall-trials {s.get('recall_trials')}")
+    recall[REAL_TEXT] = {"run": ev["model"], "command": command, "from": str(eval_json), "device": ev.get("device"),
+                         **ev["realrecall"]}
+    write_json(recall, out)
+    md = out.with_suffix(".md")
+    text = md.read_text() if md.exists() else ""
+    write_text(text.split(REAL_TEXT_HEAD)[0].rstrip("\n") + ("\n\n" if text else "") + real_text_markdown(
+        recall[REAL_TEXT]), md)
+    return recall
+
+
+REAL_TEXT_HEAD = "## Facts in real text"
+
+
+def real_text_markdown(rr: dict) -> str:
+    """The real-text rows: accuracy per k and length for each model (all texts pooled), then per text."""
+    lengths, models = rr["lengths"], list(rr["models"])
+    lines = [REAL_TEXT_HEAD, "", f"`{rr['command']}` ({rr['trials']} questions per text, k and length; texts: "
+             f"{', '.join(rr['texts'])}; StreamingLLM of equal state bytes: {rr.get('sinks')} sinks + "
+             f"{rr.get('window')} tokens). Per format and depth: recall.json.", "",
+             "| model | " + " | ".join(f"k = {k}, {n}" for k in rr["keys"] for n in lengths) + " |",
+             "|---|" + "---|" * (len(rr["keys"]) * len(lengths))]
+    for who in models:
+        acc = rr["models"][who]["accuracy"]
+        lines.append(f"| {who} | " + " | ".join(f"{acc[str(k)][i]:.0%}" for k in rr["keys"]
+                                                for i in range(len(lengths))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     from ..models.linearized import linearized_layers
     from .baseline import kv_cache_bytes, state_bytes
@@ -123,6 +168,10 @@ def main(argv=None):
 
     args = parse(argv)
     out = Path(args.out)
+    if args.real_text:
+        merge_real_text(Path(args.real_text), out)
+        print(f"written {out} ('{REAL_TEXT}') and {out.with_suffix('.md')}")
+        return
     device, dtype = placement(args.device, args.dtype)
     student, tokenizer = load_student(args.run, device, dtype, TrainingFree(cache=args.cache or None,
                                                                              memory_cap=args.memory_cap,
@@ -135,11 +184,14 @@ def main(argv=None):
     result = {"run": args.run, "teacher": spec, "settings": settings,
               "device": {"device": str(device), "name": device_name(device), "dtype": str(dtype).removeprefix("torch.")},
               "ranking": earlier.get(ABOUT, {}).get("ranking", {}),
-              "variants": {k: v for k, v in earlier.items() if k != ABOUT}}
+              "variants": {k: v for k, v in earlier.items() if k not in NOT_VARIANTS}}
+    real_text = {REAL_TEXT: earlier[REAL_TEXT]} if REAL_TEXT in earlier else {}
 
     def save():  # the file: one entry per variant, and what was measured how under ABOUT
-        write_json({**result["variants"], ABOUT: {k: v for k, v in result.items() if k != "variants"}}, out)
-        write_text(markdown(result), out.with_suffix(".md"))
+        write_json({**result["variants"], ABOUT: {k: v for k, v in result.items() if k != "variants"}, **real_text},
+                   out)
+        write_text(markdown(result) + ("\n" + real_text_markdown(real_text[REAL_TEXT]) if real_text else ""),
+                   out.with_suffix(".md"))
 
     if "transfer" in args.select and "transfer" not in result["ranking"]:
         mse = read_json(Path(args.run) / "convert.json").get("layer_mse")

@@ -166,6 +166,16 @@ def attention_preset(name: str, **overrides) -> LinearAttentionConfig:
     return LinearAttentionConfig(**cfg)
 
 
+DROPPED_WINDOW = 1  # a window dropped in training (transfer/window_dropout.py) keeps the current token exact
+
+
+def dropped_window(spec: AttentionSpec) -> AttentionSpec:
+    """spec with its window shrunk to DROPPED_WINDOW (the sinks stay) and no memory cap, heavy hitters or cache
+    (the cap was set for the full window: it would scale the larger memory down)."""
+    return replace(spec, window=min(spec.window, DROPPED_WINDOW), memory_cap=0, heavy=0, cache=0,
+                   cache_distance=None, cache_packed=False)
+
+
 class DecodingState(list):
     """Per-layer LinearAttentionState list, passed to the model as `linear_state=` to decode step by step.
     An entry is None until that layer has seen its prompt."""
@@ -188,6 +198,9 @@ class LinearAttention(nn.Module):
     # True: the teacher's own attention (exact causal softmax) in the layers that have a linear part; with the LoRA
     # adapters disabled the model then *is* the teacher (stage 2 distils from it without a second copy, teacher_view)
     exact_softmax: bool = False
+    # True for one training step (transfer/window_dropout.py): the window shrinks to the current token, the sinks
+    # stay, so the linear memory carries the rest
+    window_dropped: bool = False
 
     def __init__(self, teacher_attn: nn.Module, config: LinearAttentionConfig, num_heads: int, num_kv_heads: int,
                  rope_frequencies=None):
@@ -303,6 +316,8 @@ class LinearAttention(nn.Module):
         step = state is not None and state[self.layer_idx] is not None and len(streams) == 1
         # a decoding step with a window needs no features of its key: they are made when the key leaves the window
         spec, layer = self.spec, self.constants(streams.q)
+        if self.window_dropped and state is None and spec.memory and spec.window:
+            spec = dropped_window(spec)
         streams = self.features(streams, keys=not (step and spec.window))
         if state is not None:  # one new token: recurrent step; a prompt or a block of one: chunked from the state
             # the state keeps window keys, not their features: layer.key_features recomputes them

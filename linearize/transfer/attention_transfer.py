@@ -111,13 +111,15 @@ def attention_transfer(
     layers: list[int] | None = None,
     data_parallel=None,
     forward=None,
+    window_dropout=None,
 ) -> TrainResult:
     """Train the students' feature maps (and mixing factors) on sequences (N, T) of token ids. mix_lr: the mixing
     factors' learning rate (None: lr).
     layers: train only these students (default all). data_parallel: a transfer.distributed.RankGroup; each
     rank then runs its shard of every batch and gradients are averaged (see transfer/distributed.py).
     forward(batch): what runs the teacher attention modules on a batch; default the teacher's decoder on token
-    ids (transfer/blockwise.py replays one block of layers on stored hidden states instead)."""
+    ids (transfer/blockwise.py replays one block of layers on stored hidden states instead).
+    window_dropout: a transfer.window_dropout.WindowDropout: at each step some layers train without their window."""
     for p in teacher.parameters():
         p.requires_grad_(False)
     layers = list(range(len(students))) if layers is None else layers
@@ -149,6 +151,10 @@ def attention_transfer(
                      state_fn=lambda: transfer_state(students, layers),
                      restore_fn=lambda t: load_transfer_state(students, t, layers),
                      lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
-                     write_checkpoints=data_parallel is None or data_parallel.rank == 0)
+                     write_checkpoints=data_parallel is None or data_parallel.rank == 0,
+                     on_step=None if window_dropout is None else (
+                         lambda step, total: window_dropout.set(students, step, total)))
     finally:
         hooks.remove()
+        if window_dropout is not None:
+            window_dropout.clear(students)

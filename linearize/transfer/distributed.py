@@ -152,13 +152,14 @@ def distributed_transfer(
     batch_size: int = 1,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    window_dropout=None,
 ) -> TrainResult:
     """attention_transfer over the ranks of `group` (every rank calls it with the same arguments); afterwards
     every rank holds all trained students. batch_size is the global batch."""
     if mode not in TRANSFER_MODES:
         raise LinearizeError(f"unknown --distributed mode {mode!r}; choose one of {TRANSFER_MODES}")
     progress = progress and group.rank == 0
-    args = dict(lr=lr, batch_size=batch_size, progress=progress)
+    args = dict(lr=lr, batch_size=batch_size, progress=progress, window_dropout=window_dropout)
     if mode == "data":
         return attention_transfer(teacher, students, sequences, checkpoint_dir=checkpoint_dir, data_parallel=group,
                                   **args)
