@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 
 import linearize.ops.sparse_cache.segment as segment
-from linearize.evaluate.passkey import NAMES, token_ids
-from linearize.evaluate.real_recall import FORMATS, Corpus, real_haystacks
+from linearize.evaluate.passkey import token_ids
+from linearize.evaluate.real_recall import Corpus, real_haystacks
 from linearize.generate.decoding import prefill
 from linearize.loading.student import load_student
 from linearize.loading.teacher import load_teacher_of
 from linearize.ops.sparse_cache.positions import rope_keys
 from linearize.ops.sparse_cache.selection import pooled, self_recall_error
+
+from needle_trace import needle_positions  # noqa: E402 (experiments/ is on sys.path when run as a script)
 
 ORIGINAL_SELECT = segment.select
 
@@ -73,12 +75,8 @@ def main():
         corpus = Corpus(text, tokenizer)
         for length in [int(x) for x in args.lengths.split(",")]:
             for hay in real_haystacks(tokenizer, corpus, 1, length, args.trials):
-                (_, number), about = hay.questions[0], hay.about[0]
-                template = FORMATS[about["format"]][0]
-                sentence = next(t for t in (template.format(name=nm, n=number) for nm in NAMES) if t in hay.context)
-                enc = tokenizer(hay.context, add_special_tokens=False, return_offsets_mapping=True)
-                a = hay.context.index(sentence)
-                needle = {i for i, (s, e) in enumerate(enc.offset_mapping) if s < a + len(sentence) and e > a}
+                about = hay.about[0]
+                needle = needle_positions(tokenizer, hay)[0]
                 ids = token_ids(tokenizer, hay.context)
                 with torch.no_grad():
                     logits = teacher(input_ids=ids).logits[0, :-1].float()

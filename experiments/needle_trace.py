@@ -118,8 +118,12 @@ class Watch:
         return hold
 
 
-def needle_positions(tokenizer, context: str, needle: str, number: int) -> tuple[set, set]:
-    """(token positions of the needle sentence, of its number) in token_ids(context)."""
+def needle_positions(tokenizer, hay) -> tuple[set, set]:
+    """(token positions of the needle sentence, of its number) in token_ids(hay.context) of a real_haystacks k = 1
+    haystack."""
+    context, ((_, number), about) = hay.context, (hay.questions[0], hay.about[0])
+    template = FORMATS[about["format"]][0]
+    needle = next(t for t in (template.format(name=name, n=number) for name in NAMES) if t in context)
     enc = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
     a = context.index(needle)
     b = a + len(needle)
@@ -172,10 +176,7 @@ def main():
         for length in [int(x) for x in args.lengths.split(",")]:
             for hay in real_haystacks(tokenizer, corpus, 1, length, args.trials):
                 (question, number), about = hay.questions[0], hay.about[0]
-                template = FORMATS[about["format"]][0]
-                sentence_text = next(t for t in (template.format(name=nm, n=number) for nm in NAMES)
-                                     if t in hay.context)
-                sentence, digits = needle_positions(tokenizer, hay.context, sentence_text, number)
+                sentence, digits = needle_positions(tokenizer, hay)
                 row = {"text": text, "length": length, **about, "needle_tokens": len(sentence),
                        "digit_tokens": len(digits), "first_needle_position": min(sentence)}
                 nll = None
