@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from linearize.evaluate.long import BLOCK, band_sums, long_documents, token_nll
+from linearize.evaluate.long import BLOCK, _ppl, band_sums, long_documents, token_nll
 from linearize.loading.student import load_student
 from linearize.training_free import TrainingFree
 
@@ -38,7 +38,7 @@ def main():
             nll = token_nll(student, doc["ids"], BLOCK)
             sums = band_sums(nll, bands)
             teacher = ref["texts"][name]["models"]["teacher"]["ppl"]
-            ppl = [torch.tensor(t / c).exp().item() for t, c in sums]
+            ppl = [_ppl(t, c) for t, c in sums]
             per_text[name] = {"ppl": ppl, "ratio": [p / q for p, q in zip(ppl, teacher)]}
             for acc, (t, c) in zip(pooled, sums):
                 acc[0] += t
@@ -46,9 +46,9 @@ def main():
             t, c = band_sums(nll, [(1024, length)])[0]
             beyond[0] += t
             beyond[1] += c
-        from_1k = torch.tensor(beyond[0] / beyond[1]).exp().item()
+        from_1k = _ppl(*beyond)
         rows[run] = {"texts": per_text,
-                     "all": {"ppl": [torch.tensor(t / c).exp().item() for t, c in pooled]},
+                     "all": {"ppl": [_ppl(t, c) for t, c in pooled]},
                      "from_1k": {"ppl": from_1k, "ratio": from_1k / ref["from_1k"]["teacher"]["ppl"]},
                      "convert": json.loads((Path(run) / "convert.json").read_text()).get("settings")}
         rows[run]["all"]["ratio"] = [p / q for p, q in zip(rows[run]["all"]["ppl"], ref["all"]["teacher"]["ppl"])]

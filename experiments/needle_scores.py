@@ -98,8 +98,8 @@ def main():
                        **{f"{n}_heads_top3pct": sum(x < 0.03 for x in r) / len(r) for n, r in ranks.items() if r},
                        "ranks": ranks}
                 rows.append(row)
-                print(text, length, about, {k: round(v, 3) for k, v in row.items() if k != "ranks" and ("rank" in k or "top" in k)},
-                      flush=True)
+                shown = {k: round(v, 3) for k, v in row.items() if k != "ranks" and ("rank" in k or "top" in k)}
+                print(text, length, about, shown, flush=True)
     summary = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if "median_rank" in k or "top3" in k}
     print(json.dumps(summary, indent=1))
     if args.out:

@@ -81,7 +81,6 @@ class Watch:
         self.layers = None  # oracle only in these layers (None: all); layer index from the state's `layer` tag
         self.n_layers = 1
         self.layer_of = {}  # id(state) -> layer index (first-seen order within a prefill)
-        self.selections = {}  # id(state) -> selections seen
 
     def select(self, state, spec, layer):
         index = self.layer_of.setdefault(id(state), len(self.layer_of) % self.n_layers)
@@ -92,7 +91,6 @@ class Watch:
             self.current = state.cache.position
         ORIGINAL_SELECT(state, spec, layer)
         self.current = None
-        self.selections[id(state)] = self.selections.get(id(state), 0) + 1
 
     def pooled(self, errors, radius):
         if self.look is not None:
@@ -146,7 +144,8 @@ def main():
                     "predicted worst (its own NLL from a first full forward), pooled over these radii, e.g. 2,6")
     ap.add_argument("--lookahead", type=int, default=0, help="also the student whose cache keeps the keys the prompt's "
                     "last N queries (context + question, from a first prefill) attend to most (SnapKV's vote)")
-    ap.add_argument("--heavy", type=int, default=None, help="also the student with heavy hitters of this size, no cache")
+    ap.add_argument("--heavy", type=int, default=None,
+                    help="also the student with heavy hitters of this size, no cache")
     ap.add_argument("--cache", type=int, default=None, help="the student's cache size (default: as converted)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -197,7 +196,6 @@ def main():
                     watch.needle, watch.oracle = sentence, who.startswith("oracle")
                     watch.surprise = (nll, radii[who]) if who in radii else None
                     watch.layers = groups.get(who)
-                    watch.selections.clear()
                     watch.layer_of.clear()
                     decoder = Decoder(model)
                     row[who] = answers_correct(decoder, tokenizer, hay.context, [(question, number)])[0]

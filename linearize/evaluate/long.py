@@ -30,7 +30,6 @@ position's logits of a block only until they are reduced to NLLs: memory is one 
 """
 
 import math
-import shlex
 from pathlib import Path
 
 import torch
@@ -214,14 +213,3 @@ def long_eval(teacher, student, documents: dict, length: int, baseline=None, blo
     sinks = max(m.config.sinks for m in streaming.attention_modules())
     return {**res, "models": {who: MODELS[who] for who in models}, "state_bytes": nbytes, "window": window,
             "sinks": sinks}
-
-
-def long_command(path, settings, parts: tuple[str, ...]) -> str:
-    """The `linearize eval` command that runs the part "long" alone with these settings (EvalSettings); parts:
-    every part of eval (run.PARTS), the others skipped."""
-    args = ["linearize", "eval", str(path), "--skip", ",".join(p for p in parts if p != "long"),
-            "--long-texts", ",".join(settings.long_texts), "--long-length", str(settings.long_length),
-            *settings.student.flags()]
-    if settings.dtype != "auto":
-        args += ["--dtype", settings.dtype]
-    return shlex.join(args)

@@ -124,31 +124,33 @@ def markdown(result: dict) -> str:
 
 def merge_real_text(eval_json: Path, out: Path) -> dict:
     """recall.json (out) with entry REAL_TEXT set from eval_json's part realrecall; written with its markdown."""
+    from .run import EvalSettings, part_command
+
     ev = read_json(eval_json)
     if not ev or "realrecall" not in ev:
         raise LinearizeError(f"{eval_json} has no part realrecall; run `linearize eval RUN` without --skip realrecall")
     recall = read_json(out) or {}
-    s = ev.get("settings", {})
-    command = (f"linearize eval {ev['model']} --recall-texts {','.join(s.get('recall_texts', []))} --recall-lengths "
-               f"{','.join(map(str, s.get('recall_lengths', [])))} --recall-keys "
-               f"{','.join(map(str, s.get('recall_keys', [])))} --recall-trials {s.get('recall_trials')}")
+    command = part_command(ev["model"], EvalSettings.from_dict(ev.get("settings", {})), "realrecall")
     recall[REAL_TEXT] = {"run": ev["model"], "command": command, "from": str(eval_json), "device": ev.get("device"),
                          **ev["realrecall"]}
-    write_json(recall, out)
-    md = out.with_suffix(".md")
-    text = md.read_text() if md.exists() else ""
-    write_text(text.split(REAL_TEXT_HEAD)[0].rstrip("\n") + ("\n\n" if text else "") + real_text_markdown(
-        recall[REAL_TEXT]), md)
+    write_recall(recall, out)
     return recall
 
 
-REAL_TEXT_HEAD = "## Facts in real text"
+def write_recall(recall: dict, out: Path) -> None:
+    """recall.json's entries (variants, ABOUT, REAL_TEXT) to `out`, and their tables to its .md beside it."""
+    write_json(recall, out)
+    variants = {k: v for k, v in recall.items() if k not in NOT_VARIANTS}
+    tables = [markdown({**recall[ABOUT], "variants": variants})] if variants else []
+    if REAL_TEXT in recall:
+        tables.append(real_text_markdown(recall[REAL_TEXT]))
+    write_text("\n".join(tables), out.with_suffix(".md"))
 
 
 def real_text_markdown(rr: dict) -> str:
-    """The real-text rows: accuracy per k and length for each model (all texts pooled), then per text."""
+    """The real-text rows: accuracy per k and length for each model, all texts pooled."""
     lengths, models = rr["lengths"], list(rr["models"])
-    lines = [REAL_TEXT_HEAD, "", f"`{rr['command']}` ({rr['trials']} questions per text, k and length; texts: "
+    lines = ["## Facts in real text", "", f"`{rr['command']}` ({rr['trials']} questions per text, k and length; texts: "
              f"{', '.join(rr['texts'])}; StreamingLLM of equal state bytes: {rr.get('sinks')} sinks + "
              f"{rr.get('window')} tokens). Per format and depth: recall.json.", "",
              "| model | " + " | ".join(f"k = {k}, {n}" for k in rr["keys"] for n in lengths) + " |",
@@ -187,11 +189,9 @@ def main(argv=None):
               "variants": {k: v for k, v in earlier.items() if k not in NOT_VARIANTS}}
     real_text = {REAL_TEXT: earlier[REAL_TEXT]} if REAL_TEXT in earlier else {}
 
-    def save():  # the file: one entry per variant, and what was measured how under ABOUT
-        write_json({**result["variants"], ABOUT: {k: v for k, v in result.items() if k != "variants"}, **real_text},
-                   out)
-        write_text(markdown(result) + ("\n" + real_text_markdown(real_text[REAL_TEXT]) if real_text else ""),
-                   out.with_suffix(".md"))
+    def save():  # the file: one entry per variant, what was measured how under ABOUT, and an earlier REAL_TEXT
+        write_recall({**result["variants"], ABOUT: {k: v for k, v in result.items() if k != "variants"}, **real_text},
+                     out)
 
     if "transfer" in args.select and "transfer" not in result["ranking"]:
         mse = read_json(Path(args.run) / "convert.json").get("layer_mse")

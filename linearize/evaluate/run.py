@@ -33,8 +33,9 @@
     device                     where both models ran: {device, name, dtype}
 """
 
+import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..device import device_name, placement
@@ -84,6 +85,14 @@ class EvalSettings:
         student = settings.pop("student")
         return {**settings, **student}
 
+    @classmethod
+    def from_dict(cls, settings: dict) -> "EvalSettings":
+        """The settings of eval.json's "settings" (to_dict); fields it lacks (an older file) at their defaults."""
+        own = {f.name for f in fields(cls)} - {"student"}
+        student = TrainingFree(**{f.name: settings.get(f.name) for f in fields(TrainingFree)})
+        return cls(**{k: v for k, v in settings.items() if k in own}, student=student)
+
+
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -114,6 +123,26 @@ class EvalSettings:
             raise LinearizeError(f"--limit must be >= 1 (got {self.limit})")
 
 
+# the flags of a part's own settings, for part_command
+PART_FLAGS = {
+    "long": lambda s: ["--long-texts", ",".join(s.long_texts), "--long-length", str(s.long_length)],
+    "realrecall": lambda s: ["--recall-texts", ",".join(s.recall_texts),
+                             "--recall-lengths", ",".join(map(str, s.recall_lengths)),
+                             "--recall-keys", ",".join(map(str, s.recall_keys)),
+                             "--recall-trials", str(s.recall_trials)],
+}
+
+
+def part_command(path, settings: EvalSettings, part: str) -> str:
+    """The `linearize eval` command that runs one part (with PART_FLAGS) alone, with these settings: what
+    docs/results copies beside a part's numbers."""
+    args = ["linearize", "eval", str(path), "--skip", ",".join(p for p in PARTS if p != part),
+            *PART_FLAGS[part](settings), *settings.student.flags()]
+    if settings.dtype != "auto":
+        args += ["--dtype", settings.dtype]
+    return shlex.join(args)
+
+
 def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: str | None = None,
              progress: bool = True, log=print) -> dict:
     """Run every part not in settings.skip; returns the eval.json dict (also written to path/eval.json)."""
@@ -122,7 +151,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
     from .agreement import agreement
     from .baseline import streaming_baseline
     from .generation import file_prompts, generation_agreement, heldout_prompts
-    from .long import check_teacher_context, long_command, long_documents, long_eval
+    from .long import check_teacher_context, long_documents, long_eval
     from .mmlu import mmlu_accuracy
     from .passkey import multikey_accuracy, passkey_accuracy
     from .real_recall import check_recall_lengths, load_corpora, real_recall
@@ -232,7 +261,7 @@ def evaluate(path: str | Path, settings: EvalSettings | None = None, teacher: st
 
     def long():
         res["long"] = {**long_eval(teacher_model, student, long_docs, settings.long_length, streaming(),
-                                   progress=progress, log=log), "command": long_command(path, settings, PARTS)}
+                                   progress=progress, log=log), "command": part_command(path, settings, "long")}
 
     for name, fn in (("ppl", ppl), ("baseline", baseline), ("layers", layers), ("passkey", passkey),
                      ("multikey", multikey), ("realrecall", realrecall), ("generation", generation), ("mmlu", mmlu),

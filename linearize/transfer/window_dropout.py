@@ -1,9 +1,9 @@
 """Scheduled sliding-window dropout for attention transfer (the idea of Benfeghoul et al. 2025): a hybrid of a
 softmax window and a linear memory, trained to match the teacher, can match it with the window alone and leave the
 memory untrained. With probability p at a training step, a layer runs that step with its window shrunk to the
-current token (layers/linear_attention.py: DROPPED_WINDOW; the sinks stay): the memory then has to carry every other token the teacher attends
-to. p falls linearly from `probability` at the stage's first step to 0 at its last, so the stage ends on the
-attention the model is used with.
+current token (layers/linear_attention.py: DROPPED_WINDOW; the sinks stay): the memory then has to carry every
+other token the teacher attends to. p falls linearly from `probability` at the stage's first step to 0 at its last,
+so the stage ends on the attention the model is used with.
 
     dropout = WindowDropout(0.5, seed=0)
     dropout.set(students, step, total_steps)   # before each step: draws per layer, deterministic in (seed, step)
