@@ -1,4 +1,5 @@
-"""The `linearize` command: convert, generate, prefill, serve, eval, bench, serve-bench, report, compare, blocks.
+"""The `linearize` command: convert, generate, prefill, serve, eval, bench, serve-bench, report, compare, blocks,
+cache-score.
 
 Every user error is one line on stderr and a non-zero exit code, never a traceback."""
 
@@ -14,6 +15,7 @@ from .generate import cli as generate_cli
 from .report import cli as report_cli
 from .serve import cli as serve_cli
 from .serve import load_test
+from .transfer import cache_score
 from .transfer import cli as blocks_cli
 from .transfer import speed as transfer_speed
 
@@ -26,7 +28,7 @@ def _quiet_libraries():
 
 
 COMMANDS = [convert_cli.add, generate_cli.add, serve_cli.add, evaluate_cli.add, bench_cli.add, load_test.add,
-            transfer_speed.add, report_cli.add, compare_cli.add, blocks_cli.add]
+            transfer_speed.add, report_cli.add, compare_cli.add, blocks_cli.add, cache_score.add]
 
 
 ON_INTERRUPT = {  # what an interrupted command kept, for those that keep anything

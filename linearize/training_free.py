@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import LinearizeError
 from .layers.linear_attention import CACHE_POSITIONS, LinearAttentionConfig
+from .ops.hybrid.spec import CACHE_SCORES
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class TrainingFree:
     memory_cap: int | None = None  # the linear memory weighs at most this many keys (0: none)
     cache_position: str | None = None  # where the cached keys are scored: "own" | "edge" | "packed"
     # (LinearAttentionConfig.cache_position)
+    cache_score: str | None = None  # how the cache ranks its keys: "recall" (the memory's self-recall error) |
+    # "learned" (the model's fitted score: transfer/cache_score.py; a model without one is refused)
 
     @classmethod
     def from_args(cls, args) -> "TrainingFree":
@@ -62,6 +65,8 @@ class TrainingFree:
             reconfigure(model, memory_cap=self.memory_cap)
         if self.cache_position is not None:
             reconfigure(model, cache_position=self.cache_position)
+        if self.cache_score is not None:
+            reconfigure(model, cache_score=self.cache_score)
         return model
 
 
@@ -78,7 +83,9 @@ class TrainingFree:
 #   764 and the sinks at their own positions; README, docs/results/recall.json); texts at 1k move by 0.3 % of ppl
 #   at most
 # - heavy: the preset's (0 in every preset); cache_every: LinearAttentionConfig's (64; convert has no flag for it)
-CONVERT_DEFAULT = TrainingFree(cache=64, cache_position="edge", memory_cap=256)
+# - cache_score: learned, where the cache is scored at a distance (fitted after training: convert/stages.py
+#   fit_cache_score, transfer/cache_score.py); real-text recall at 2k and 4k in docs/recall.md
+CONVERT_DEFAULT = TrainingFree(cache=64, cache_position="edge", memory_cap=256, cache_score="learned")
 
 # the help's "default:" of each flag in `linearize convert`
 CONVERT_HELP = {
@@ -88,6 +95,8 @@ CONVERT_HELP = {
     "memory_cap": "seq-len - window - sinks, what it holds in training: no change up to seq-len; with a sparse cache "
                   f"the saved model's is then {CONVERT_DEFAULT.memory_cap} at most",
     "heavy": "--attention's preset: 0",
+    "cache_score": f"{CONVERT_DEFAULT.cache_score} where the cache is at the edge or packed (fitted after training), "
+                   "else recall",
 }
 # the help's "default:" of each flag where it changes a converted model (`linearize eval`, `bench`)
 AS_CONVERTED = {"cache_every": "as converted, 64"}
@@ -118,7 +127,7 @@ def with_convert_defaults(config: LinearAttentionConfig, given: TrainingFree, se
 def add_arguments(p, names: tuple[str, ...] = tuple(f.name for f in fields(TrainingFree)),
                   defaults: dict[str, str] = AS_CONVERTED, default: str = "as converted"):
     """The flags of the settings `names` on parser p: --heavy, --cache, --cache-every, --memory-cap,
-    --cache-position (TrainingFree.from_args reads them; None where not given). The help gives each one's default
+    --cache-position, --cache-score (TrainingFree.from_args reads them; None where not given). The help gives each one's default
     as defaults[name], else `default`."""
     d = {name: defaults.get(name, default) for name in names}
     if "cache" in names:
@@ -134,6 +143,11 @@ def add_arguments(p, names: tuple[str, ...] = tuple(f.name for f in fields(Train
                        help="score the sparse cache's keys at their own positions (own), as if each sat just beyond "
                             "the window (edge), or in a row from there back in their order (packed): far keys read "
                             f"like near ones (training-free; default: {d['cache_position']})")
+    if "cache_score" in names:
+        p.add_argument("--cache-score", choices=CACHE_SCORES,
+                       help="how the sparse cache ranks its keys: by the memory's self-recall error (recall) or by the "
+                            "score fitted to what far questions read (learned; `linearize cache-score RUN` fits one "
+                            f"for an older run; default: {d['cache_score']})")
     if "memory_cap" in names:
         p.add_argument("--memory-cap", type=int, metavar="C",
                        help="the linear memory weighs at most C keys: beyond, it is scaled by C / n, so longer "

@@ -34,6 +34,9 @@ def test_plan_fills_the_budget_and_splits_it():
                        transfer_share=0.0)
     assert skip.transfer_tokens == 0 and skip.lora_tokens > p.lora_tokens
     assert budget.plan(20, 30, 1.0, 2.0, 4, T, True).lora_tokens > 2 * p.lora_tokens - T  # more minutes, more tokens
+    fit = budget.plan(minutes=10, elapsed_s=30, teacher_s=1.0, transfer_s=2.0, eval_rows=4, seq_len=T, kl=True,
+                      after_rows=32)  # the cache's score fitted after training: 32 teacher rows' time reserved
+    assert fit.overhead_s == p.overhead_s + 32 and fit.lora_tokens < p.lora_tokens
 
 
 def test_a_budget_too_small_for_one_step_is_a_clear_error():
@@ -58,7 +61,7 @@ def test_convert_plans_the_split_it_is_given(model_dir, tmp_path, monkeypatch):
     plans = {}
     for share in (None, 2 / 3):
         settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
-                                   device="cpu", transfer_share=share)
+                                   device="cpu", transfer_share=share, cache_score="recall")  # (no fit to reserve)
         out = tmp_path / f"run-{share}"
         load_inputs(Conversion(settings, out, RunState(out, settings, resume=False), None, None, False,
                                lambda *a: None))
@@ -79,7 +82,7 @@ def test_convert_plans_from_a_probe_and_resume_keeps_the_plan(model_dir, tmp_pat
     data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
     monkeypatch.setattr(budget, "probe", lambda *a: (1.0, 2.0))  # a slow machine: a plan the data can fill
     settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
-                               device="cpu")
+                               device="cpu", cache_score="recall")  # no fit of the cache's score to reserve time for
     out = tmp_path / "run"
     c = Conversion(settings, out, RunState(out, settings, resume=False), None, None, False, lambda *a: None)
     load_inputs(c)
@@ -132,7 +135,7 @@ def test_stage2_is_replanned_from_a_real_step_and_resume_keeps_it(model_dir, tmp
     data = write_word_jsonl(tmp_path / "data.jsonl", lines=3000)
     monkeypatch.setattr(budget, "probe", lambda *a: (1.0, 2.0))
     settings = ConvertSettings(model=str(model_dir), data=str(data), seq_len=T, eval_tokens=2 * T, minutes=3,
-                               device="cpu")
+                               device="cpu", cache_score="recall")  # no fit of the cache's score to reserve time for
     out = tmp_path / "run"
 
     def conversion(resume):

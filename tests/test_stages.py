@@ -234,6 +234,12 @@ def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_
     from linearize.convert.settings import ConvertSettings
 
     assert ConvertSettings().attention_config().cache_position == "edge"
+    # the cache's learned score: the default where the cache sits at a distance, refused where it cannot read keys
+    assert ConvertSettings().saved_cache_score() == "learned"
+    assert ConvertSettings(cache_position="own").saved_cache_score() == "recall"
+    assert ConvertSettings(cache=0).saved_cache_score() == "recall"
+    with pytest.raises(LinearizeError, match="--cache-score learned"):
+        ConvertSettings(cache_score="learned", cache_position="own").check()
     assert ConvertSettings().training_attention_config().cache == 0
     assert ConvertSettings(cache_position="own").attention_config().cache_position == "own"
     assert ConvertSettings(cache=0).attention_config().cache_position == "own"

@@ -78,12 +78,13 @@ def time_lora_step(model, rows: torch.Tensor, settings, lr: float) -> float:
 
 
 def plan(minutes: float, elapsed_s: float, teacher_s: float, transfer_s: float, eval_rows: int, seq_len: int,
-         kl: bool, transfer_share: float = TRANSFER_SHARE) -> Plan:
+         kl: bool, transfer_share: float = TRANSFER_SHARE, after_rows: int = 0) -> Plan:
     """Token counts that fit `minutes` of wall time, `elapsed_s` of which are already spent (loading, probing).
-    transfer_share 0: no stage 1 (--skip-transfer, --transfer-state), all the training time goes to stage 2."""
+    transfer_share 0: no stage 1 (--skip-transfer, --transfer-state), all the training time goes to stage 2.
+    after_rows: teacher forwards of seq_len tokens spent after training (fitting the cache's learned score)."""
     budget = minutes * 60
     lora_s = (teacher_s if kl else 0.0) + LORA_STEP_IN_TRANSFER_STEPS * transfer_s
-    overhead = elapsed_s + eval_rows * teacher_s * (1 + EVALUATIONS) + SAVE_S
+    overhead = elapsed_s + (eval_rows * (1 + EVALUATIONS) + after_rows) * teacher_s + SAVE_S
     training = budget - overhead
     n1 = math.floor(training * transfer_share / transfer_s) if training > 0 else 0
     n2 = math.floor(training * (1 - transfer_share) / lora_s) if training > 0 else 0

@@ -65,7 +65,9 @@ class RunState:
             for both in (recorded_settings, now := asdict(settings)):  # None (the default) and its value agree
                 both["lora_train_attention"] = resolve_train_attention(both["lora_targets"],
                                                                        both["lora_train_attention"])
-            changed = [k for k, v in now.items() if k not in overrides and recorded_settings[k] != v]
+            # the cache's score is fitted after training (convert/stages.py switch_on_cache): free to change on --resume
+            changed = [k for k, v in now.items()
+                       if k not in overrides and k != "cache_score" and recorded_settings[k] != v]
             recorded = {**asdict(LinearAttentionConfig()), **self.data.get("attention", attention)}  # fields added
             if settings.memory_cap is None:  # the default cap, whatever it was when the run started (or before there
                 recorded["memory_cap"] = attention["memory_cap"]  # was one), trains the same: no change there

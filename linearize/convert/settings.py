@@ -10,7 +10,7 @@ from ..device import placement, torch_dtype
 from ..errors import LinearizeError
 from ..finetune.lora import LORA_TARGETS, LoraSettings, has_adapters
 from ..layers.linear_attention import attention_preset
-from ..training_free import TrainingFree, memory_cap_for_training_length, with_convert_defaults
+from ..training_free import CONVERT_DEFAULT, TrainingFree, memory_cap_for_training_length, with_convert_defaults
 
 
 def resolve_train_attention(lora_targets: str, lora_train_attention: bool | None) -> bool:
@@ -34,6 +34,8 @@ class ConvertSettings:
     cache: int | None = None  # the sparse cache (exact keys per KV head; ops/sparse_cache/), switched on in the
     # saved model after training (it has no parameters) unless train_with_cache
     cache_position: str | None = None  # where the cache is scored (LinearAttentionConfig.cache_position)
+    cache_score: str | None = None  # how the cache ranks its keys: "recall" | "learned" (fitted after training;
+    # None: learned where the cache is scored at a distance, else recall)
     train_with_cache: bool = False  # stages 1 and 2 run with the sparse cache in place (slow on the CPU)
     mix_init: float | None = None  # override the initial mixing logit (LinearAttentionConfig.mix_init)
     heavy: int | None = None  # override the preset's heavy hitters (exact keys per KV head; ops/heavy_hitters/)
@@ -90,8 +92,19 @@ class ConvertSettings:
         cap = memory_cap_for_training_length(config, self.seq_len) if self.memory_cap is None else config.memory_cap
         return replace(config, cache=0, memory_cap=cap)
 
+    def saved_cache_score(self) -> str:
+        """How the saved model's cache ranks its keys: --cache-score, else CONVERT_DEFAULT's where the cache is
+        scored at a distance (a learned score reads keys with their RoPE undone), else "recall"."""
+        attention = self.attention_config()
+        if self.cache_score is not None:
+            return self.cache_score
+        return CONVERT_DEFAULT.cache_score if attention.cache and attention.cache_position != "own" else "recall"
+
     def check(self):
         attention = self.attention_config()
+        if self.cache_score == "learned" and not (attention.cache and attention.cache_position != "own"):
+            raise LinearizeError("--cache-score learned needs a sparse cache scored at a distance: keep --cache-position "
+                                 "edge (the default) or packed and a --cache above 0, or use --cache-score recall")
         if self.transfer_state and not Path(self.transfer_state).is_file():
             raise LinearizeError(f"--transfer-state {self.transfer_state} not found; give the .safetensors that "
                                  "`linearize blocks stitch` wrote")

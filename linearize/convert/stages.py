@@ -25,6 +25,7 @@ from ..models.linearized import LinearizedForCausalLM, layer_configs, linearized
 from ..run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, save_model, write_json
 from ..training_free import TrainingFree
 from ..transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
+from ..transfer.cache_score import ROWS, SEQ_LEN, fit_cache_score, fit_rows
 from ..transfer.distributed import distributed_transfer, init_distributed
 from ..transfer.window_dropout import WindowDropout
 from . import budget
@@ -141,8 +142,10 @@ def plan_budget(c: Conversion, stage1: bool) -> dict:
     s = c.settings
     teacher_s, transfer_s = budget.probe(c.teacher, c.heldout[0], s.training_attention_config())
     share = budget.TRANSFER_SHARE if s.transfer_share is None else s.transfer_share
+    # fitting the cache's score: ROWS forwards of SEQ_LEN tokens, each at least SEQ_LEN / seq_len training rows' worth
+    after = ROWS * math.ceil(SEQ_LEN / s.seq_len) if s.saved_cache_score() == "learned" else 0
     plan = budget.plan(s.minutes, time.perf_counter() - c.started, teacher_s, transfer_s, len(c.heldout),
-                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=share if stage1 else 0.0)
+                       s.seq_len, kl="kl" in s.lora_loss, transfer_share=share if stage1 else 0.0, after_rows=after)
     return plan.to_dict()
 
 
@@ -233,18 +236,30 @@ def finetune(c: Conversion):
 
 def switch_on_cache(c: Conversion):
     """The saved model's sparse cache and memory cap: trained without them (unless --train-with-cache), they are set
-    now (no parameters, as `linearize eval --cache --memory-cap` does), and the held-out perplexity of the model as
-    saved measured."""
+    now (no parameters, as `linearize eval --cache --memory-cap` does); its learned score fitted (unless --cache-score
+    recall; transfer/cache_score.py, again on --resume: the weights are saved with the model), and the held-out
+    perplexity of the model as saved measured."""
     attention = c.settings.attention_config()
     cache = attention.cache
-    if not cache or c.model.config.attention.get("cache", 0) == cache:
+    if not cache:
         return
-    TrainingFree(cache=cache, memory_cap=attention.memory_cap).apply(c.model)
+    trained_with_cache = c.model.config.attention.get("cache", 0) == cache
+    if not trained_with_cache:
+        TrainingFree(cache=cache, memory_cap=attention.memory_cap).apply(c.model)
+    learned = c.settings.saved_cache_score() == "learned"
+    fitted = ""
+    if learned:
+        t0 = time.perf_counter()
+        fit_cache_score(c.model, fit_rows(c.tokenizer, c.settings.data, ROWS, SEQ_LEN, c.settings.seed),
+                        progress=c.progress)
+        c.state.record(cache_score={"rows": ROWS, "seq_len": SEQ_LEN, "seconds": round(time.perf_counter() - t0, 1)})
+        fitted = f", ranked by a score fitted on {ROWS} look-up rows of {SEQ_LEN} tokens"
+    if trained_with_cache and not learned:
+        return  # trained with the cache in place: the model is saved as trained
     ppl = c.state.once("saved_ppl", lambda: perplexity(c.model, c.heldout, desc="student perplexity (+ cache)",
                                                        progress=c.progress))
     capped = f", the memory capped at {attention.memory_cap} keys" if attention.memory_cap else ""
-    c.log(f"sparse cache of {cache} keys per KV head switched on{capped} (training-free): held-out perplexity "
-          f"{ppl:.3f}")
+    c.log(f"sparse cache of {cache} keys per KV head switched on{capped}{fitted}: held-out perplexity {ppl:.3f}")
 
 
 STAGES = (load_inputs, transfer, assemble, finetune, switch_on_cache)

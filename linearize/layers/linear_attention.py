@@ -17,7 +17,7 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 from ..ops.hybrid.chunked import attention_chunked
 from ..ops.hybrid.naive import attention_quadratic
 from ..ops.hybrid.recurrent import attention_recurrent
-from ..ops.hybrid.spec import AttentionSpec, LayerConstants, check_settings, plain_sum_memory
+from ..ops.hybrid.spec import CACHE_SCORES, AttentionSpec, LayerConstants, check_settings, plain_sum_memory
 from ..ops.hybrid.state import Streams
 
 
@@ -48,6 +48,10 @@ class LinearAttentionConfig:
       ops/rotary.py) | "packed" (in a row from there back, in their order, one position apart: as if the text
       between them were cut out; ops/sparse_cache/positions.py); training-free like the cache
       (training_free.TrainingFree). Needs the teacher's RoPE frequencies;
+    cache_score: how the cache ranks its keys: "recall" (the memory's self-recall error, training-free) | "learned"
+      (a linear score of each key and value per KV head, fitted to the attention that questions far beyond the
+      window pay in look-up exercises: transfer/cache_score.py; the layer then holds its weights, `cache_scorer`,
+      and needs cache_position edge or packed);
     norm: "shared" (one normaliser for the window and the linear memory) | "rms" (TransNormer's NormAttention: the
       linear part has no denominator; its output is RMS-normalised per head with a learnable gain (H, d), init 1,
       then mixed with the window's softmax output by the same per-head factor);
@@ -81,6 +85,7 @@ class LinearAttentionConfig:
     memory_cap: int = 0
     heavy: int = 0
     cache_position: str = "own"
+    cache_score: str = "recall"
 
     def __post_init__(self):
         """The layer's own settings here; which attention settings combine: ops/hybrid/spec.py check_settings."""
@@ -98,6 +103,13 @@ class LinearAttentionConfig:
         if self.cache_position not in CACHE_POSITIONS:
             raise LinearizeError(f"cache_position (--cache-position) must be one of {CACHE_POSITIONS} (got "
                                  f"{self.cache_position!r})")
+        if self.cache_score not in CACHE_SCORES:
+            raise LinearizeError(f"cache_score (--cache-score) must be one of {CACHE_SCORES} (got "
+                                 f"{self.cache_score!r})")
+        if self.cache and self.cache_score == "learned" and self.cache_position == "own":
+            raise LinearizeError("the learned cache score (--cache-score learned) reads keys with their RoPE undone, "
+                                 "which a cache at its keys' own positions does not hold: use --cache-position edge "
+                                 "(or packed), or --cache-score recall")
         check_settings(window=self.window, sinks=self.sinks, rule=self.rule, gate=self.gate, norm=self.norm,
                        cache=self.cache, cache_every=self.cache_every, cache_pool=self.cache_pool,
                        memory_cap=self.memory_cap, heavy=self.heavy)
@@ -230,6 +242,8 @@ class LinearAttention(nn.Module):
         # () -> the teacher's RoPE frequencies (d/2,) or None, for a cache scored away from its own positions: read
         # from the model's rotary module when used (transformers fills that buffer in after loading the weights)
         self._rope_frequencies = rope_frequencies or (lambda: None)
+        if config.cache_score == "learned":  # the fitted cache score (transfer/cache_score.py), saved with the model
+            self.register_buffer("cache_scorer", torch.zeros(num_kv_heads, 2 * self.head_dim + 1))
         self.spec = self.make_spec()
         self.teacher_spec = AttentionSpec(window=None, scale=self.scaling, linear=False)  # for exact_softmax
 
@@ -245,10 +259,14 @@ class LinearAttention(nn.Module):
         if distance is not None and self.rope_frequencies is None:
             raise LinearizeError(f"--cache-position {c.cache_position} needs the teacher's RoPE frequencies, which "
                                  "this model's rotary module does not expose; use --cache-position own")
+        if c.cache and c.cache_score == "learned" and getattr(self, "cache_scorer", None) is None:
+            raise LinearizeError("this model has no fitted cache score: fit one with `linearize cache-score RUN`, or "
+                                 "use --cache-score recall")
         return AttentionSpec(window=c.window, scale=self.scaling, sinks=c.sinks, rule=c.rule, linear=c.linear,
                              cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
                              memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance,
-                             cache_packed=distance is not None and c.cache_position == "packed")
+                             cache_packed=distance is not None and c.cache_position == "packed",
+                             cache_score=c.cache_score if c.cache else "recall")
 
     @property
     def approximates_teacher(self) -> bool:
@@ -295,7 +313,8 @@ class LinearAttention(nn.Module):
     def constants(self, like: torch.Tensor) -> LayerConstants:
         """What the attention ops read of this layer besides the tokens: the mixing factor (in like's dtype), the
         key feature map, the output normalisation's gain, the RoPE frequencies."""
-        return LayerConstants(self.mix(like), self.key_features, self.norm_gain, self.rope_frequencies)
+        return LayerConstants(self.mix(like), self.key_features, self.norm_gain, self.rope_frequencies,
+                              getattr(self, "cache_scorer", None))
 
     def features(self, streams: Streams, keys: bool = True) -> Streams:
         """Add what the linear part reads: fq, fk (unit norm for the delta rule; None with keys=False) and the

@@ -6,10 +6,12 @@ LinearAttentionConfig calls too).
   tokens stay in exact softmax for ever and never enter the memory), rule ("sum" | "delta"), linear (False: no
   linear part), memory_cap C (0: none), the sparse cache (cache M, cache_every, cache_pool; sparse_cache/), its
   cache_distance (None: a cached key is scored at its own position; D: as if it sat D tokens before every query)
-  and cache_packed (with D: in a row from D back), heavy M (heavy_hitters/).
+  and cache_packed (with D: in a row from D back), cache_score (how the cache ranks its keys: "recall", the
+  memory's self-recall error, or "learned", the layer's fitted scorer), heavy M (heavy_hitters/).
 - LayerConstants: mix (H,) the exact part's weight, key_features k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F) (a state
   keeps its window keys, not their features), norm_gain (H, d) the output normalisation's gain (None: the shared
-  normaliser), inv_freq (d/2,) the RoPE frequencies (needed where cache_distance is set).
+  normaliser), inv_freq (d/2,) the RoPE frequencies (needed where cache_distance is set), cache_scorer (Hkv, 2d + 1)
+  the fitted cache score (needed where cache_score is "learned").
 """
 
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from ...errors import LinearizeError
 RULES = ("sum", "delta")
 GATES = ("none", "key")
 NORMS = ("shared", "rms")
+CACHE_SCORES = ("recall", "learned")
 
 
 class SettingsError(LinearizeError, ValueError):
@@ -36,7 +39,8 @@ def plain_sum_memory(rule: str = "sum", gate: str = "none", norm: str = "shared"
 
 def check_settings(*, window: int | None, sinks: int = 0, rule: str = "sum", gate: str = "none",
                    norm: str = "shared", cache: int = 0, cache_every: int = 64, cache_pool: int = 0,
-                   memory_cap: int = 0, heavy: int = 0, cache_distance: int | None = None, cache_packed: bool = False):
+                   memory_cap: int = 0, heavy: int = 0, cache_distance: int | None = None, cache_packed: bool = False,
+                   cache_score: str = "recall"):
     """Raise SettingsError for the first rule these settings break. The one place that says which settings of a
     hybrid attention combine: AttentionSpec checks its mode here (gate and norm are not part of it: the streams and
     the layer's constants carry them), LinearAttentionConfig its settings."""
@@ -72,6 +76,12 @@ def check_settings(*, window: int | None, sinks: int = 0, rule: str = "sum", gat
         raise SettingsError("cache_distance needs a sparse cache and must be >= 0")
     if cache_packed and cache_distance is None:
         raise SettingsError("cache_packed needs a cache_distance")
+    if cache_score not in CACHE_SCORES:
+        raise SettingsError(f"cache_score (--cache-score) must be one of {CACHE_SCORES} (got {cache_score!r})")
+    if cache_score == "learned" and cache_distance is None:
+        raise SettingsError("the learned cache score (--cache-score learned) reads keys with their RoPE undone, which "
+                            "a cache scored at a distance holds: add --cache-position edge (or packed), or use "
+                            "--cache-score recall")
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,13 @@ class AttentionSpec:
     heavy: int = 0
     cache_distance: int | None = None
     cache_packed: bool = False
+    cache_score: str = "recall"
 
     def __post_init__(self):
         check_settings(window=self.window, sinks=self.sinks, rule=self.rule, cache=self.cache,
                        cache_every=self.cache_every, cache_pool=self.cache_pool, memory_cap=self.memory_cap,
-                       heavy=self.heavy, cache_distance=self.cache_distance, cache_packed=self.cache_packed)
+                       heavy=self.heavy, cache_distance=self.cache_distance, cache_packed=self.cache_packed,
+                       cache_score=self.cache_score)
 
     @property
     def memory(self) -> bool:
@@ -113,9 +125,12 @@ class LayerConstants:
     key_features: k (B, Hkv, n, d) -> phi(k) (B, Hkv, n, F), the map that made the streams' fk (a state keeps its
       window keys, not their features, and recomputes them as they leave the window); None without a memory;
     norm_gain (H, d): the gain of the linear part's output normalisation (None: the shared normaliser);
-    inv_freq (d/2,): the model's RoPE frequencies, needed where spec.cache_distance is set."""
+    inv_freq (d/2,): the model's RoPE frequencies, needed where spec.cache_distance is set;
+    cache_scorer (Hkv, 2d + 1): the fitted cache score's weights (sparse_cache/selection.learned_score), needed where
+      spec.cache_score is "learned"."""
 
     mix: torch.Tensor | None
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None
     norm_gain: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None
+    cache_scorer: torch.Tensor | None = None

@@ -29,12 +29,20 @@ key weighs w_h exp(s_ij - m_i) too, which exceeds 1 when it outscores the window
 then outweighs the memory as in the teacher's softmax, however many tokens the memory holds. (With m_i the largest
 score of the whole exact set instead, the memory's mass, which grows with the context, drowns such a key.)
 
+With a fitted score (cache_score "learned", transfer/cache_score.py) the keys are ranked instead by a linear score
+of each key and value per KV head, fitted to the attention that questions asked far beyond the window pay to the
+keys of look-up exercises in the model's own training text: in real prose every sentence is new to the memory, so
+the self-recall error does not single out a fact, while the fitted score learns what such questions read (pooled
+the same way). It needs the keys held with their RoPE undone (a cache_distance).
+
 - selection.py: ranking the cached keys by the memory's self-recall error; positions.py: where the cache's keys
   (and the sinks outside the window) are scored (their own positions, or at a distance);
 - naive.py: the quadratic reference (replays the selections); segment.py: the chunked form, segment by segment
   between selections, and the selection on a state; recurrent.py: one decoding step.
 """
 
-from .selection import gather_time, keep_worst_recalled, pooled, read_out, self_recall_error, worst_recalled
+from .selection import (gather_time, keep_worst_recalled, learned_score, pooled, read_out, score_features,
+                        self_recall_error, worst_recalled)
 
-__all__ = ["gather_time", "keep_worst_recalled", "pooled", "read_out", "self_recall_error", "worst_recalled"]
+__all__ = ["gather_time", "keep_worst_recalled", "learned_score", "pooled", "read_out", "score_features",
+           "self_recall_error", "worst_recalled"]

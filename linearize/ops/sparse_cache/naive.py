@@ -9,7 +9,7 @@ from ..hybrid.spec import AttentionSpec, LayerConstants
 from ..hybrid.state import Streams
 from ..hybrid.terms import capped, combine, exact_num, group, ones_column
 from ..rotary import rotate
-from .selection import pooled, self_recall_error, worst_recalled
+from .selection import learned_score, pooled, self_recall_error, worst_recalled
 
 
 def cached_quadratic(streams: Streams, spec: AttentionSpec, layer: LayerConstants) -> torch.Tensor:
@@ -19,6 +19,8 @@ def cached_quadratic(streams: Streams, spec: AttentionSpec, layer: LayerConstant
     B, H, T, d = q.shape
     Hkv = k.shape[1]
     pos = torch.arange(T, device=q.device)
+    if spec.cache_score == "learned":  # of each key with its RoPE undone, as the cache holds it
+        fitted = learned_score(rotate(k, -pos, inv_freq), v, layer.cache_scorer)
     in_memory = torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)  # after the latest selection
     memory_of = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)  # [.., query i, key j]
     for p in range(T):
@@ -29,7 +31,8 @@ def cached_quadratic(streams: Streams, spec: AttentionSpec, layer: LayerConstant
         memory = None
         if spec.memory:
             memory = (streams.fk * in_memory[..., None]).transpose(-1, -2) @ ones_column(v)
-        errors = self_recall_error(streams.fk, v, memory).masked_fill(~cached, float("-inf"))
+        score = fitted if spec.cache_score == "learned" else self_recall_error(streams.fk, v, memory)
+        errors = score.masked_fill(~cached, float("-inf"))
         if spec.cache_pool:  # over each head's cached keys alone, in position order, as the cache holds them
             for b, h in [(b, h) for b in range(B) for h in range(Hkv)]:
                 at = cached[b, h].nonzero()[:, 0]

@@ -12,7 +12,7 @@ from ..hybrid.spec import AttentionSpec, LayerConstants
 from ..hybrid.state import LinearAttentionState, Streams, then
 from ..hybrid.terms import capped, combine, exact_num, group, ones_column, per_group
 from .positions import cache_queries, cache_scores, rope_keys, to_cache
-from .selection import gather_time, keep_worst_recalled, pooled, self_recall_error
+from .selection import gather_time, keep_worst_recalled, learned_score, pooled, self_recall_error
 
 
 def attention_cached(streams: Streams, spec: AttentionSpec, layer: LayerConstants, state: LinearAttentionState,
@@ -92,11 +92,20 @@ def select_when_due(state: LinearAttentionState, spec: AttentionSpec, layer: Lay
         select(state, spec, layer)
 
 
+def ranking(cache: Streams, fk: torch.Tensor | None, memory: torch.Tensor | None, spec: AttentionSpec,
+            layer: LayerConstants) -> torch.Tensor:
+    """(B, Hkv, n): the score the selection keeps the largest of, before pooling: the self-recall error, or the
+    fitted score (spec.cache_score "learned"; the cache then holds its keys with their RoPE undone)."""
+    if spec.cache_score == "learned":
+        return learned_score(cache.k, cache.v, layer.cache_scorer)
+    return self_recall_error(fk, cache.v, memory)
+
+
 def select(state: LinearAttentionState, spec: AttentionSpec, layer: LayerConstants):
-    """The cache keeps the spec.cache keys of each head the memory recalls worst; the rest enter the memory."""
+    """The cache keeps the spec.cache keys of each head ranked highest (ranking); the rest enter the memory."""
     cache = state.cache
     fk = layer.key_features(rope_keys(cache, layer.inv_freq)) if spec.memory else None
-    errors = pooled(self_recall_error(fk, cache.v, state.kv), spec.cache_pool)
+    errors = pooled(ranking(cache, fk, state.kv, spec, layer), spec.cache_pool)
     kept, evicted = keep_worst_recalled(errors, spec.cache)
     if spec.memory:
         fk_out, v_out = gather_time(fk, evicted), gather_time(cache.v, evicted)

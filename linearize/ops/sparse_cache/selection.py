@@ -1,7 +1,8 @@
-"""Ranking the sparse cache's keys: how badly the memory recalls each value from its key, pooled over neighbours,
-and the keys each head keeps.
+"""Ranking the sparse cache's keys: how badly the memory recalls each value from its key (or a score fitted to
+the model's attention: learned_score), pooled over neighbours, and the keys each head keeps.
 
-Shapes: cached keys k, v (B, Hkv, n, d); their features fk (B, Hkv, n, F); memory S (B, Hkv, F, d + 1) or None.
+Shapes: cached keys k, v (B, Hkv, n, d); their features fk (B, Hkv, n, F); memory S (B, Hkv, F, d + 1) or None;
+a fitted scorer w (Hkv, 2d + 1).
 """
 
 import torch
@@ -25,6 +26,19 @@ def self_recall_error(fk: torch.Tensor | None, v: torch.Tensor, memory: torch.Te
     if memory is None:
         return v.to(wide).pow(2).sum(-1)
     return 1 - F.cosine_similarity(v.to(wide), read_out(fk, memory).to(wide), dim=-1)
+
+
+def score_features(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, n, 2d + 1) float32 at least: [k, v, 1] of each key, k with its RoPE undone (at position 0), what a
+    learned score reads (transfer/cache_score.py fits it)."""
+    wide = torch.promote_types(v.dtype, torch.float32)
+    return torch.cat([k.to(wide), v.to(wide), torch.ones_like(v[..., :1], dtype=wide)], dim=-1)
+
+
+def learned_score(k: torch.Tensor, v: torch.Tensor, scorer: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, n): a linear score per KV head, [k, v, 1] . w_h, fitted to predict how strongly a question asked
+    far beyond the window reads each key (transfer/cache_score.py); k with its RoPE undone, scorer (Hkv, 2d + 1)."""
+    return (score_features(k, v) @ scorer.to(torch.promote_types(scorer.dtype, torch.float32))[..., None]).squeeze(-1)
 
 
 def pooled(errors: torch.Tensor, radius: int) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Fit the sparse cache's learned score (cache_score "learned", ops/sparse_cache/selection.learned_score): which of
+the keys that left the window will a question asked much later read?
+
+The self-recall error ranks keys by what the linear memory has not seen, which in real prose is every sentence: a
+fact hidden in a manual is ranked like its neighbours and written into the memory (docs/recall.md). This fits, per
+layer and KV head, a linear score of the key (RoPE undone) and value to what such questions read:
+
+    rows     look-up exercises (data/retrieval.py): facts inserted in the run's own training text, a question about
+             one of them and its answer at the end (their formats and names differ from the eval's)
+    target   for key j >= sinks: log(max over the row's last QUESTION_QUERIES queries i with i - j >= window, and over
+             the KV head's query heads, of a_ij |v_j| + EPS), a_ij the model's exact softmax attention (the teacher's:
+             every layer in exact softmax, LinearAttention.exact_softmax); keys no such query reaches are left out
+    fit      ridge regression on [k, v, 1] (selection.score_features), w = (X^T X + RIDGE mean(diag) I)^-1 X^T y,
+             from sums over the rows (no per-key data kept)
+
+    fit_cache_score(model, rows) -> {layer: (Hkv, 2d + 1)}; the model's layers hold them and rank with them
+    `linearize convert` fits it after training (convert/stages.py); `linearize cache-score RUN` fits it for a run
+    converted before (add, fit_run)
+"""
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LinearizeError
+from ..ops.hybrid.terms import group
+from ..ops.rotary import rotate
+from ..ops.sparse_cache.selection import score_features
+
+QUESTION_QUERIES = 8  # the question's end and the answer (a look-up row ends with question, answer, EOS)
+EPS = 1e-6
+RIDGE = 1e-2
+ROWS = 16  # rows of SEQ_LEN tokens `linearize convert` fits on (about 1.5 minutes on 2 CPU cores for SmolLM2-135M)
+SEQ_LEN = 2048
+
+
+def question_targets(streams, scale: float, window: int, sinks: int, queries: int = QUESTION_QUERIES):
+    """streams q (B, H, T, d), k, v (B, Hkv, T, d) with RoPE at their positions -> (target (B, Hkv, T), reached
+    (T,) bool): what the last `queries` queries read of each key at least `window` tokens back (module docstring)."""
+    q, k, v = streams.q.float(), streams.k.float(), streams.v.float()
+    T = k.shape[2]
+    pos_q = torch.arange(T - queries, T, device=k.device)[:, None]
+    pos_k = torch.arange(T, device=k.device)[None, :]
+    s = group(q[:, :, -queries:], k.shape[1]) @ k.unsqueeze(2).transpose(-1, -2) * scale  # (B, Hkv, G, Q, T)
+    a = s.masked_fill(pos_k > pos_q, float("-inf")).softmax(-1)
+    far = pos_q - pos_k >= window  # (Q, T)
+    read = a.masked_fill(~far, 0).amax(dim=(2, 3))  # (B, Hkv, T)
+    reached = far.any(0) & (pos_k[0] >= sinks)
+    return torch.log(read * v.norm(dim=-1) + EPS), reached
+
+
+class Sums:
+    """X^T X and X^T y of one layer's keys, per KV head."""
+
+    def __init__(self):
+        self.xtx = self.xty = 0
+        self.keys = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor):
+        """x (B, Hkv, n, D), y (B, Hkv, n)."""
+        self.xtx = self.xtx + torch.einsum("bhnd,bhne->hde", x, x).double()
+        self.xty = self.xty + torch.einsum("bhnd,bhn->hd", x, y).double()
+        self.keys += x.shape[0] * x.shape[2]
+
+    def solve(self) -> torch.Tensor:
+        """(Hkv, D) ridge weights."""
+        eye = torch.eye(self.xtx.shape[-1], dtype=self.xtx.dtype, device=self.xtx.device)
+        lam = RIDGE * self.xtx.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        return torch.linalg.solve(self.xtx + lam * eye, self.xty).float()
+
+
+def cached_layers(model) -> list:
+    """The attention modules whose sparse cache can take a learned score (a cache scored at a distance)."""
+    from ..models.linearized import memory_layers
+
+    return [m for m in memory_layers(model) if m.config.cache and m.config.cache_position != "own"]
+
+
+def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[int, torch.Tensor]:
+    """Fit the learned cache score of every layer with such a cache (cached_layers) on look-up rows (N, T), set it
+    on the model (its config then says cache_score "learned") and return {layer index: (Hkv, 2d + 1)}."""
+    from ..models.linearized import reconfigure
+
+    layers = cached_layers(model)
+    if not layers:
+        raise LinearizeError("this model has no sparse cache scored at a distance to fit a score for: convert with "
+                             "--cache-position edge (the default) and a cache")
+    window, sinks = layers[0].config.window, layers[0].config.sinks
+    if rows.shape[1] <= window + QUESTION_QUERIES:
+        raise LinearizeError(f"rows of {rows.shape[1]} tokens leave no key beyond the {window}-token window to score; "
+                             f"fit on rows longer than {window + QUESTION_QUERIES}")
+    sums = {m.layer_idx: Sums() for m in layers}
+    device = next(model.parameters()).device
+
+    def watching(m):
+        def attend(streams, state=None):
+            target, reached = question_targets(streams, m.scaling, window, sinks)
+            positions = torch.arange(streams.k.shape[2], device=streams.k.device)
+            x = score_features(rotate(streams.k, -positions, m.rope_frequencies), streams.v)
+            sums[m.layer_idx].add(x[:, :, reached], target[:, :, reached])
+            return type(m).attend(m, streams, state)
+        return attend
+
+    modules = model.attention_modules()
+    for m in modules:
+        m.exact_softmax = True
+    for m in layers:
+        m.attend = watching(m)  # an instance attribute: forward's self.attend finds it first
+    try:
+        with torch.no_grad():
+            for row in tqdm(rows, desc="fitting the cache score", unit="row", disable=not progress):
+                model(input_ids=row[None].to(device))
+    finally:
+        for m in modules:
+            m.exact_softmax = False
+        for m in layers:
+            del m.attend
+    weights = {i: s.solve() for i, s in sums.items()}
+    for m in layers:
+        w = weights[m.layer_idx].to(device)
+        if getattr(m, "cache_scorer", None) is None:
+            m.register_buffer("cache_scorer", w)
+        else:
+            m.cache_scorer.copy_(w)
+    reconfigure(model, cache_score="learned")
+    return weights
+
+
+def fit_rows(tokenizer, data: str | None, rows: int = ROWS, seq_len: int = SEQ_LEN, seed: int = 0) -> torch.Tensor:
+    """(rows, seq_len) look-up exercises in the training split of `data` (None: the bundled ShareGPT)."""
+    from ..data.packing import pack_sequences
+    from ..data.retrieval import mix_retrieval
+
+    text = pack_sequences(data, tokenizer, seq_len, rows, split="train")
+    return mix_retrieval(text, tokenizer, 1.0, tag=f"cache-score-{seed}")
+
+
+def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = True, log=print) -> dict:
+    """`linearize cache-score RUN`: fit the score for a converted model folder and save the folder (each file
+    written, then renamed); returns what convert.json records of it."""
+    from ..loading.student import load_student
+    from ..run_folder import CONVERT, check_converted, read_json, save_model, write_json
+
+    if rows < 1 or seq_len < 2:
+        raise LinearizeError(f"--rows must be >= 1 and --seq-len >= 2 (got {rows}, {seq_len})")
+    path = check_converted(path)
+    model, tokenizer = load_student(path)
+    record = read_json(path / CONVERT) or {}
+    data = (record.get("settings") or {}).get("data")
+    started = time.perf_counter()
+    fit_cache_score(model, fit_rows(tokenizer, data, rows, seq_len), progress=progress)
+    summary = {"rows": rows, "seq_len": seq_len, "seconds": round(time.perf_counter() - started, 1)}
+    save_model(model, tokenizer, path)
+    if record:
+        write_json({**record, "cache_score": summary}, path / CONVERT)
+    log(f"{path}: the sparse cache now ranks its keys by a score fitted on {rows} look-up rows of {seq_len} tokens "
+        f"({summary['seconds']:.0f} s); `--cache-score recall` gives the self-recall error back")
+    return summary
+
+
+def add(sub):
+    p = sub.add_parser("cache-score", help="fit the sparse cache's learned score for a converted model (`linearize "
+                                           "convert` does it after training)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="a converted model folder (`linearize convert --out`); saved in place")
+    p.add_argument("--rows", type=int, default=ROWS, help="look-up rows to fit on (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per row (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=lambda args: fit_run(args.folder, args.rows, args.seq_len, progress=not args.no_progress))
