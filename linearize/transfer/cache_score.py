@@ -31,7 +31,7 @@ from ..ops.sparse_cache.selection import score_features
 QUESTION_QUERIES = 8  # the question's end and the answer (a look-up row ends with question, answer, EOS)
 EPS = 1e-6
 RIDGE = 1e-2
-ROWS = 16  # rows of SEQ_LEN tokens `linearize convert` fits on (about 1.5 minutes on 2 CPU cores for SmolLM2-135M)
+ROWS = 32  # rows of SEQ_LEN tokens `linearize convert` fits on (about 3 minutes on 2 CPU cores for SmolLM2-135M)
 SEQ_LEN = 2048
 
 
