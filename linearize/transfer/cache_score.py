@@ -103,6 +103,7 @@ def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[i
         return attend
 
     modules = model.attention_modules()
+    before = [m.exact_softmax for m in modules]
     for m in modules:
         m.exact_softmax = True
     for m in layers:
@@ -112,8 +113,8 @@ def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[i
             for row in tqdm(rows, desc="fitting the cache score", unit="row", disable=not progress):
                 model(input_ids=row[None].to(device))
     finally:
-        for m in modules:
-            m.exact_softmax = False
+        for m, exact in zip(modules, before):
+            m.exact_softmax = exact
         for m in layers:
             del m.attend
     weights = {i: s.solve() for i, s in sums.items()}
