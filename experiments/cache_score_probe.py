@@ -4,7 +4,13 @@ Fit (ridge, per layer and KV head) log(max over far queries and the group's head
 (RoPE undone) and value, on the run's training text with look-up exercises; then rank the cache with it in place of
 the self-recall error and ask real-text questions.
 
-    python experiments/cache_score_probe.py runs/smollm2 --rows 16 --lengths 2048 --trials 4
+    python experiments/cache_score_probe.py runs/smollm2 --rows 8 --trials 2 --retrieval 1.0 --target question --skip-recall
+    python experiments/cache_score_probe.py runs/smollm2 --rows 16 --trials 2 --retrieval 1.0 --target question \
+        --floor 0.9 --skip-recall                      # (--floor 0: the same fit on 16 rows)
+    python experiments/cache_score_probe.py runs/smollm2 --rows 16 --trials 4 --lengths 2048,4096 --retrieval 1.0 \
+        --target question --skip-ranks                 # ask the questions with the fitted score
+
+The package's form of the fit: linearize/transfer/cache_score.py (`linearize cache-score`).
 """
 
 import argparse
@@ -28,6 +34,9 @@ from linearize.ops.hybrid.terms import ones_column
 
 def features(k_unrot, v):
     return torch.cat([k_unrot, v, torch.ones_like(v[..., :1])], dim=-1).float()
+
+
+FLOOR = [0.0]
 
 
 def collect(model, rows, window, sinks, target_kind, W=None, needles=None):
@@ -56,6 +65,8 @@ def collect(model, rows, window, sinks, target_kind, W=None, needles=None):
         has = (pos >= sinks) & (pos <= T - 1 - window)
         X = features(ku, v)[:, :, has]  # (B, Hkv, n, D)
         y = target[:, :, has]
+        if FLOOR[0] and W is None:  # fit only the top: every key below the row's FLOOR quantile reads as that quantile
+            y = torch.maximum(y, torch.quantile(y, FLOOR[0], dim=-1, keepdim=True))
         if W is not None:
             pred = (X @ W[self.layer_idx][None, :, :, None]).squeeze(-1)  # (B, Hkv, n)
             idx = torch.arange(T)[has]
@@ -119,6 +130,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--retrieval", type=float, default=0.5)
     ap.add_argument("--target", default="max")
+    ap.add_argument("--floor", type=float, default=0.0, help="fit log-targets floored at this quantile per row and head")
     ap.add_argument("--lengths", default="2048")
     ap.add_argument("--texts", default="python-docs,sharegpt,shakespeare")
     ap.add_argument("--trials", type=int, default=4)
@@ -128,6 +140,7 @@ def main():
     ap.add_argument("--save", default=None)
     ap.add_argument("--load", default=None)
     args = ap.parse_args()
+    FLOOR[0] = args.floor
     model, tok = load_student(args.run, "cpu", torch.float32)
     cfg = model.attention_modules()[0].config
     t0 = time.time()
