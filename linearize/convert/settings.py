@@ -95,14 +95,13 @@ class ConvertSettings:
     def saved_cache_score(self) -> str:
         """How the saved model's cache ranks its keys: --cache-score, else CONVERT_DEFAULT's where the cache is
         scored at a distance (a learned score reads keys with their RoPE undone), else "recall"."""
-        attention = self.attention_config()
         if self.cache_score is not None:
             return self.cache_score
-        return CONVERT_DEFAULT.cache_score if attention.cache and attention.cache_position != "own" else "recall"
+        return CONVERT_DEFAULT.cache_score if self.attention_config().cache_distance is not None else "recall"
 
     def check(self):
         attention = self.attention_config()
-        if self.cache_score == "learned" and not (attention.cache and attention.cache_position != "own"):
+        if self.cache_score == "learned" and attention.cache_distance is None:
             raise LinearizeError("--cache-score learned needs a sparse cache scored at a distance: keep --cache-position "
                                  "edge (the default) or packed and a --cache above 0, or use --cache-score recall")
         if self.transfer_state and not Path(self.transfer_state).is_file():

@@ -92,7 +92,6 @@ class EvalSettings:
         student = TrainingFree(**{f.name: settings.get(f.name) for f in fields(TrainingFree)})
         return cls(**{k: v for k, v in settings.items() if k in own}, student=student)
 
-
     def check(self):
         if unknown := set(self.skip) - set(PARTS):
             raise LinearizeError(f"unknown part(s) to skip {sorted(unknown)}; choose from {', '.join(PARTS)}")

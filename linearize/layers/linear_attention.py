@@ -17,7 +17,7 @@ from ..ops.feature_maps import FEATURE_MAPS, make_feature_map
 from ..ops.hybrid.chunked import attention_chunked
 from ..ops.hybrid.naive import attention_quadratic
 from ..ops.hybrid.recurrent import attention_recurrent
-from ..ops.hybrid.spec import CACHE_SCORES, AttentionSpec, LayerConstants, check_settings, plain_sum_memory
+from ..ops.hybrid.spec import AttentionSpec, LayerConstants, check_settings, plain_sum_memory
 from ..ops.hybrid.state import Streams
 
 
@@ -103,16 +103,17 @@ class LinearAttentionConfig:
         if self.cache_position not in CACHE_POSITIONS:
             raise LinearizeError(f"cache_position (--cache-position) must be one of {CACHE_POSITIONS} (got "
                                  f"{self.cache_position!r})")
-        if self.cache_score not in CACHE_SCORES:
-            raise LinearizeError(f"cache_score (--cache-score) must be one of {CACHE_SCORES} (got "
-                                 f"{self.cache_score!r})")
-        if self.cache and self.cache_score == "learned" and self.cache_position == "own":
-            raise LinearizeError("the learned cache score (--cache-score learned) reads keys with their RoPE undone, "
-                                 "which a cache at its keys' own positions does not hold: use --cache-position edge "
-                                 "(or packed), or --cache-score recall")
         check_settings(window=self.window, sinks=self.sinks, rule=self.rule, gate=self.gate, norm=self.norm,
                        cache=self.cache, cache_every=self.cache_every, cache_pool=self.cache_pool,
-                       memory_cap=self.memory_cap, heavy=self.heavy)
+                       memory_cap=self.memory_cap, heavy=self.heavy, cache_distance=self.cache_distance,
+                       cache_score=self.cache_score)
+
+    @property
+    def cache_distance(self) -> int | None:
+        """How far back the cache's keys (and the sinks beyond the window) are scored: `window` tokens before each
+        query where the cache sits at the edge or packed (its keys then held with their RoPE undone, which a learned
+        score reads), None at their own positions or without a cache."""
+        return self.window if self.cache and self.cache_position != "own" else None
 
     @property
     def plain_sum_memory(self) -> bool:
@@ -255,7 +256,7 @@ class LinearAttention(nn.Module):
         """The mode of this layer's attention calls, from its config: made once (not on every decoding step), again
         when a training-free setting changes (models.linearized.reconfigure)."""
         c = self.config
-        distance = c.window if c.cache and c.cache_position != "own" else None
+        distance = c.cache_distance
         if distance is not None and self.rope_frequencies is None:
             raise LinearizeError(f"--cache-position {c.cache_position} needs the teacher's RoPE frequencies, which "
                                  "this model's rotary module does not expose; use --cache-position own")
@@ -266,7 +267,7 @@ class LinearAttention(nn.Module):
                              cache=c.cache, cache_every=c.cache_every, cache_pool=c.cache_pool,
                              memory_cap=c.memory_cap, heavy=c.heavy, cache_distance=distance,
                              cache_packed=distance is not None and c.cache_position == "packed",
-                             cache_score=c.cache_score if c.cache else "recall")
+                             cache_score=c.cache_score)
 
     @property
     def approximates_teacher(self) -> bool:
@@ -312,7 +313,7 @@ class LinearAttention(nn.Module):
 
     def constants(self, like: torch.Tensor) -> LayerConstants:
         """What the attention ops read of this layer besides the tokens: the mixing factor (in like's dtype), the
-        key feature map, the output normalisation's gain, the RoPE frequencies."""
+        key feature map, the output normalisation's gain, the RoPE frequencies, the fitted cache score."""
         return LayerConstants(self.mix(like), self.key_features, self.norm_gain, self.rope_frequencies,
                               getattr(self, "cache_scorer", None))
 

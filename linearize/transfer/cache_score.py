@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LinearizeError
-from ..ops.hybrid.terms import group
+from ..ops.hybrid.terms import group, per_group
 from ..ops.rotary import rotate
 from ..ops.sparse_cache.selection import score_features
 
@@ -42,7 +42,7 @@ def question_targets(streams, scale: float, window: int, sinks: int, queries: in
     T = k.shape[2]
     pos_q = torch.arange(T - queries, T, device=k.device)[:, None]
     pos_k = torch.arange(T, device=k.device)[None, :]
-    s = group(q[:, :, -queries:], k.shape[1]) @ k.unsqueeze(2).transpose(-1, -2) * scale  # (B, Hkv, G, Q, T)
+    s = per_group(group(q[:, :, -queries:], k.shape[1]), k.transpose(-1, -2)) * scale  # (B, Hkv, G, Q, T)
     a = s.masked_fill(pos_k > pos_q, float("-inf")).softmax(-1)
     far = pos_q - pos_k >= window  # (Q, T)
     read = a.masked_fill(~far, 0).amax(dim=(2, 3))  # (B, Hkv, T)
@@ -74,7 +74,7 @@ def cached_layers(model) -> list:
     """The attention modules whose sparse cache can take a learned score (a cache scored at a distance)."""
     from ..models.linearized import memory_layers
 
-    return [m for m in memory_layers(model) if m.config.cache and m.config.cache_position != "own"]
+    return [m for m in memory_layers(model) if m.config.cache_distance is not None]
 
 
 def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[int, torch.Tensor]:

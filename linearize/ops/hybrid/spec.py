@@ -78,7 +78,7 @@ def check_settings(*, window: int | None, sinks: int = 0, rule: str = "sum", gat
         raise SettingsError("cache_packed needs a cache_distance")
     if cache_score not in CACHE_SCORES:
         raise SettingsError(f"cache_score (--cache-score) must be one of {CACHE_SCORES} (got {cache_score!r})")
-    if cache_score == "learned" and cache_distance is None:
+    if cache_score == "learned" and cache and cache_distance is None:
         raise SettingsError("the learned cache score (--cache-score learned) reads keys with their RoPE undone, which "
                             "a cache scored at a distance holds: add --cache-position edge (or packed), or use "
                             "--cache-score recall")
