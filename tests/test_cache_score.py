@@ -12,7 +12,8 @@ from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants, SettingsErr
 from linearize.ops.hybrid.state import Streams
 from linearize.ops.rotary import rotate
 from linearize.ops.sparse_cache import learned_score, score_features
-from linearize.transfer.cache_score import Sums, cached_layers, fit_cache_score, question_targets
+from linearize.transfer.cache_score import (EPS, QUESTION_QUERIES, Sums, answer_queries, cached_layers,
+                                           fit_cache_score, question_targets)
 from linearize.training_free import TrainingFree
 
 from conftest import attention_inputs, decode_stepwise, run_in_spans
@@ -89,11 +90,24 @@ def test_question_targets_read_what_the_last_queries_attend_to_beyond_the_window
     q = torch.zeros(1, 2, T, d)
     q[..., 0] = 10.0
     k[:, :, 20, 0] = 5.0
-    target, reached = question_targets(Streams(k=k, v=v, q=q), d**-0.5, window, sinks, queries=4)
+    target, reached = question_targets(Streams(k=k, v=v, q=q), d**-0.5, window, sinks, torch.arange(T - 4, T))
     # the last query (T - 1) reaches every key up to T - 1 - window
     assert target.shape == (1, 1, T) and reached.tolist() == [False] * sinks + [True] * (T - window - sinks) \
         + [False] * window
     assert target[0, 0, reached].argmax().item() == 20 - sinks
+    default, _ = question_targets(Streams(k=k, v=v, q=q), d**-0.5, window, sinks)  # the last QUESTION_QUERIES
+    assert torch.equal(default, question_targets(Streams(k=k, v=v, q=q), d**-0.5, window, sinks,
+                                                 torch.arange(T - QUESTION_QUERIES, T))[0])
+    # queries at 25..28 reach keys up to 18 only: the key at 20 is not theirs, and the keys after 18 are not reached
+    early, reached = question_targets(Streams(k=k, v=v, q=q), d**-0.5, window, sinks, torch.arange(25, 29))
+    assert reached.tolist() == [False] * sinks + [True] * (28 - window - sinks + 1) + [False] * (T - 28 + window - 1)
+    assert early[0, 0, 20].item() == pytest.approx(torch.log(torch.tensor(EPS)).item())
+
+
+def test_answer_queries_are_the_tokens_before_each_answer_end():
+    assert answer_queries([12, 30], 30).tolist() == list(range(12 - QUESTION_QUERIES, 12)) + \
+        list(range(30 - QUESTION_QUERIES, 30))
+    assert answer_queries([3], 10).tolist() == [0, 1, 2]  # clipped at the row's start
 
 
 def test_fitted_model_ranks_by_its_score_and_round_trips(tiny_teacher, tmp_path):
@@ -108,7 +122,7 @@ def test_fitted_model_ranks_by_its_score_and_round_trips(tiny_teacher, tmp_path)
     with torch.no_grad():
         recall = student(input_ids=ids).logits
     rows = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(2))
-    weights = fit_cache_score(student, rows)
+    weights = fit_cache_score(student, rows, ends=[[20, 31], [31], [12, 25]])
     layers = cached_layers(student)
     assert layers and sorted(weights) == [m.layer_idx for m in layers]
     for m in layers:

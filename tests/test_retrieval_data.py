@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from linearize.data.retrieval import FORMATS, lookup_row, lookup_texts, mix_retrieval
+from linearize.data.retrieval import FORMATS, asked_rows, lookup_row, lookup_texts, mix_retrieval
 from linearize.errors import LinearizeError
 from linearize.evaluate import passkey, recall_layers
 from linearize.convert.run_state import RunState
@@ -53,6 +53,30 @@ def test_a_lookup_row_hides_the_asked_fact_and_ends_with_its_answer(tiny_tokeniz
         fact = f"[entry {key}] => {value}" if ledger else f"(Aside: {key} keeps the spare key in box {value}.)"
         assert fact in text[: text.rindex("\n")]  # stated before the question
         assert "quick" in text  # the training text is the filler
+
+
+def test_asked_rows_ask_every_fact_and_say_where_each_answer_ends(tiny_tokenizer):
+    """asked_rows (the cache score's fitting rows): every fact stated before the questions, each asked once, its
+    answer ending where `ends` says; the same rows on every call."""
+    rows = word_rows(tiny_tokenizer, 4)
+    out, ends = asked_rows(rows, tiny_tokenizer, 2, tag="fit")
+    assert out.shape == rows.shape and [len(e) for e in ends] == [2] * 4
+    for row, row_ends in zip(out, ends):
+        assert row_ends == sorted(row_ends) and row_ends[-1] == T - 1 and row[-1] == tiny_tokenizer.eos_token_id
+        names = set()
+        for end in row_ends:
+            text = tiny_tokenizer.decode(row[:end])
+            asked = list(re.finditer(r"(?:\[lookup (\S+)\] =>|which box holds (\w+)'s spare key\?\nAnswer: box) "
+                                     r"(\d+)$", text))
+            assert asked, text[-80:]  # the row up to `end` closes with a question and its answer
+            name, value = asked[-1].group(1) or asked[-1].group(2), asked[-1].group(3)
+            fact = f"[entry {name}] => {value}" if asked[-1].group(1) else \
+                f"(Aside: {name} keeps the spare key in box {value}.)"
+            assert 0 <= text.find(fact) < asked[-1].start()  # stated before it is asked
+            names.add(name)
+        assert len(names) == 2  # every fact asked once
+    again, ends_again = asked_rows(rows, tiny_tokenizer, 2, tag="fit")
+    assert torch.equal(out, again) and ends == ends_again
 
 
 def test_rows_too_short_for_a_lookup_are_a_clear_error(tiny_tokenizer):

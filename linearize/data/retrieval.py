@@ -54,8 +54,8 @@ FORMATS = (
 )
 
 
-def lookup_texts(rng: random.Random, facts: int) -> tuple[list[str], str, str]:
-    """(fact texts, question, answer) of one exercise: `facts` distinct keys, the asked one first."""
+def lookup_pairs(rng: random.Random, facts: int, asked: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """(fact texts, [(question, answer)] of the first `asked` facts) of one exercise: `facts` distinct keys."""
     form = rng.choice(FORMATS)
     keys = []
     while len(keys) < facts:
@@ -63,32 +63,60 @@ def lookup_texts(rng: random.Random, facts: int) -> tuple[list[str], str, str]:
             keys.append(key)
     values = [form.value(rng) for _ in keys]
     texts = [form.fact.format(key=k, value=v) for k, v in zip(keys, values)]
-    return texts, form.question.format(key=keys[0]), form.answer.format(value=values[0])
+    return texts, [(form.question.format(key=k), form.answer.format(value=v)) for k, v in zip(keys, values)][:asked]
+
+
+def lookup_texts(rng: random.Random, facts: int) -> tuple[list[str], str, str]:
+    """(fact texts, question, answer) of one exercise: `facts` distinct keys, the asked one first."""
+    texts, [(question, answer)] = lookup_pairs(rng, facts, 1)
+    return texts, question, answer
 
 
 def lookup_row(row: torch.Tensor, tokenizer, rng: random.Random) -> torch.Tensor:
     """A training row (T,) -> a look-up row (T,): its first tokens as filler, the facts inserted at random depths
     (the asked one anywhere among them), then question, answer and EOS."""
+    return asking_row(row, tokenizer, rng, rng.choice(FACTS), 1)[0]
+
+
+def asking_row(row: torch.Tensor, tokenizer, rng: random.Random, facts: int,
+               asked: int) -> tuple[torch.Tensor, list[int]]:
+    """(look-up row (T,), where each answer ends (exclusive)): `facts` facts inserted at random depths in the row's
+    first tokens, then question and answer for each of the first `asked` facts (their order is not the facts' order)
+    and EOS."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids
 
     T = row.numel()
-    facts, question, answer = lookup_texts(rng, rng.choice(FACTS))
-    tail = ids(question) + ids(answer) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    facts, pairs = lookup_pairs(rng, facts, asked)
+    tail, ends = [], []
+    for question, answer in pairs:
+        tail += ids(question) + ids(answer)
+        ends.append(len(tail))
+    tail += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     fact_ids = [ids(f) for f in facts]
-    while len(fact_ids) > 1 and sum(map(len, fact_ids)) + len(tail) > T // 2:  # keep at least half as filler
+    while len(fact_ids) > max(asked, 1) and sum(map(len, fact_ids)) + len(tail) > T // 2:  # half stays filler
         fact_ids.pop()
     room = T - sum(map(len, fact_ids)) - len(tail)
     if room < 0:
         raise LinearizeError(f"--seq-len {T} is too short for a look-up row ({T - room} tokens); use a longer "
-                             "--seq-len or leave --retrieval-fraction out")
+                             "--seq-len (in convert, or leave --retrieval-fraction out)")
     rng.shuffle(fact_ids)
     cuts = sorted(rng.randint(0, room) for _ in fact_ids)
     filler, out, at = row[:room].tolist(), [], 0
     for cut, fact in zip(cuts, fact_ids):
         out += filler[at:cut] + fact
         at = cut
-    return torch.tensor(out + filler[at:] + tail, dtype=row.dtype)
+    return torch.tensor(out + filler[at:] + tail, dtype=row.dtype), [T - len(tail) + end for end in ends]
+
+
+def asked_rows(rows: torch.Tensor, tokenizer, facts: int, tag: str) -> tuple[torch.Tensor, list[list[int]]]:
+    """rows (N, T) -> (look-up rows (N, T) that ask each of their `facts` facts at the end, where each row's answers
+    end): what the cache score is fitted on (transfer/cache_score.py)."""
+    out, ends = rows.clone(), []
+    for i in range(len(rows)):
+        out[i], row_ends = asking_row(rows[i], tokenizer, random.Random(f"retrieval-{tag}-{i}"), facts, facts)
+        ends.append(row_ends)
+    return out, ends
 
 
 def mix_retrieval(rows: torch.Tensor, tokenizer, fraction: float, tag: str) -> torch.Tensor:

@@ -5,11 +5,12 @@ The self-recall error ranks keys by what the linear memory has not seen, which i
 fact hidden in a manual is ranked like its neighbours and written into the memory (docs/recall.md). This fits, per
 layer and KV head, a linear score of the key (RoPE undone) and value to what such questions read:
 
-    rows     look-up exercises (data/retrieval.py): facts inserted in the run's own training text, a question about
-             one of them and its answer at the end (their formats and names differ from the eval's)
-    target   for key j >= sinks: log(max over the row's last QUESTION_QUERIES queries i with i - j >= window, and over
-             the KV head's query heads, of a_ij |v_j| + EPS), a_ij the model's exact softmax attention (the teacher's:
-             every layer in exact softmax, LinearAttention.exact_softmax); keys no such query reaches are left out
+    rows     look-up exercises (data/retrieval.asked_rows): ASKED facts inserted in the run's own training text, every
+             one asked (question and answer) at the end (formats and names differ from the eval's)
+    target   for key j >= sinks: log(max over the QUESTION_QUERIES queries before each answer's end (i with
+             i - j >= window), and over the KV head's query heads, of a_ij |v_j| + EPS), a_ij the model's exact
+             softmax attention (the teacher's: every layer in exact softmax, LinearAttention.exact_softmax); keys no
+             such query reaches are left out
     fit      ridge regression on [k, v, 1] (selection.score_features), w = (X^T X + RIDGE mean(diag) I)^-1 X^T y,
              from sums over the rows (no per-key data kept)
 
@@ -28,21 +29,30 @@ from ..ops.hybrid.terms import group, per_group
 from ..ops.rotary import rotate
 from ..ops.sparse_cache.selection import score_features
 
-QUESTION_QUERIES = 8  # the question's end and the answer (a look-up row ends with question, answer, EOS)
+QUESTION_QUERIES = 8  # per answer: the question's end and the answer (a row ends with questions, answers, EOS)
 EPS = 1e-6
 RIDGE = 1e-2
 ROWS = 32  # rows of SEQ_LEN tokens `linearize convert` fits on (about 3 minutes on 2 CPU cores for SmolLM2-135M)
 SEQ_LEN = 2048
+ASKED = 8  # facts per fitting row, every one asked at the end
 
 
-def question_targets(streams, scale: float, window: int, sinks: int, queries: int = QUESTION_QUERIES):
-    """streams q (B, H, T, d), k, v (B, Hkv, T, d) with RoPE at their positions -> (target (B, Hkv, T), reached
-    (T,) bool): what the last `queries` queries read of each key at least `window` tokens back (module docstring)."""
+def answer_queries(ends: list[int], length: int) -> torch.Tensor:
+    """(Q,) the positions of the queries whose reading a target counts: the QUESTION_QUERIES tokens before each
+    answer's end (ends exclusive; a row of `length` tokens)."""
+    return torch.tensor(sorted({i for end in ends for i in range(max(end - QUESTION_QUERIES, 0), min(end, length))}))
+
+
+def question_targets(streams, scale: float, window: int, sinks: int, queries: torch.Tensor | None = None):
+    """streams q (B, H, T, d), k, v (B, Hkv, T, d) with RoPE at their positions, queries (Q,) positions (None: the
+    last QUESTION_QUERIES) -> (target (B, Hkv, T), reached (T,) bool): what those queries read of each key at least
+    `window` tokens back (module docstring)."""
     q, k, v = streams.q.float(), streams.k.float(), streams.v.float()
     T = k.shape[2]
-    pos_q = torch.arange(T - queries, T, device=k.device)[:, None]
+    queries = torch.arange(T - QUESTION_QUERIES, T) if queries is None else queries
+    pos_q = queries.to(k.device)[:, None]
     pos_k = torch.arange(T, device=k.device)[None, :]
-    s = per_group(group(q[:, :, -queries:], k.shape[1]), k.transpose(-1, -2)) * scale  # (B, Hkv, G, Q, T)
+    s = per_group(group(q[:, :, pos_q[:, 0]], k.shape[1]), k.transpose(-1, -2)) * scale  # (B, Hkv, G, Q, T)
     a = s.masked_fill(pos_k > pos_q, float("-inf")).softmax(-1)
     far = pos_q - pos_k >= window  # (Q, T)
     read = a.masked_fill(~far, 0).amax(dim=(2, 3))  # (B, Hkv, T)
@@ -77,9 +87,11 @@ def cached_layers(model) -> list:
     return [m for m in memory_layers(model) if m.config.cache_distance is not None]
 
 
-def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[int, torch.Tensor]:
-    """Fit the learned cache score of every layer with such a cache (cached_layers) on look-up rows (N, T), set it
-    on the model (its config then says cache_score "learned") and return {layer index: (Hkv, 2d + 1)}."""
+def fit_cache_score(model, rows: torch.Tensor, ends: list[list[int]] | None = None,
+                    progress: bool = False) -> dict[int, torch.Tensor]:
+    """Fit the learned cache score of every layer with such a cache (cached_layers) on look-up rows (N, T) whose
+    answers end at `ends` (per row; None: each row ends with its one answer), set it on the model (its config then
+    says cache_score "learned") and return {layer index: (Hkv, 2d + 1)}."""
     from ..models.linearized import reconfigure
 
     layers = cached_layers(model)
@@ -93,9 +105,11 @@ def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[i
     sums = {m.layer_idx: Sums() for m in layers}
     device = next(model.parameters()).device
 
+    queries = [None]  # the row being read's
+
     def watching(m):
         def attend(streams, state=None):
-            target, reached = question_targets(streams, m.scaling, window, sinks)
+            target, reached = question_targets(streams, m.scaling, window, sinks, queries[0])
             positions = torch.arange(streams.k.shape[2], device=streams.k.device)
             x = score_features(rotate(streams.k, -positions, m.rope_frequencies), streams.v)
             sums[m.layer_idx].add(x[:, :, reached], target[:, :, reached])
@@ -110,7 +124,8 @@ def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[i
         m.attend = watching(m)  # an instance attribute: forward's self.attend finds it first
     try:
         with torch.no_grad():
-            for row in tqdm(rows, desc="fitting the cache score", unit="row", disable=not progress):
+            for i, row in enumerate(tqdm(rows, desc="fitting the cache score", unit="row", disable=not progress)):
+                queries[0] = None if ends is None else answer_queries(ends[i], rows.shape[1])
                 model(input_ids=row[None].to(device))
     finally:
         for m, exact in zip(modules, before):
@@ -128,13 +143,15 @@ def fit_cache_score(model, rows: torch.Tensor, progress: bool = False) -> dict[i
     return weights
 
 
-def fit_rows(tokenizer, data: str | None, rows: int = ROWS, seq_len: int = SEQ_LEN, seed: int = 0) -> torch.Tensor:
-    """(rows, seq_len) look-up exercises in the training split of `data` (None: the bundled ShareGPT)."""
+def fit_rows(tokenizer, data: str | None, rows: int = ROWS, seq_len: int = SEQ_LEN,
+             seed: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
+    """((rows, seq_len) look-up exercises in the training split of `data` (None: the bundled ShareGPT), each asking
+    all its ASKED facts at the end; where each row's answers end)."""
     from ..data.packing import pack_sequences
-    from ..data.retrieval import mix_retrieval
+    from ..data.retrieval import asked_rows
 
     text = pack_sequences(data, tokenizer, seq_len, rows, split="train")
-    return mix_retrieval(text, tokenizer, 1.0, tag=f"cache-score-{seed}")
+    return asked_rows(text, tokenizer, ASKED, tag=f"cache-score-{seed}")
 
 
 def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = True, log=print) -> dict:
@@ -150,8 +167,8 @@ def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = Tru
     record = read_json(path / CONVERT) or {}
     data = (record.get("settings") or {}).get("data")
     started = time.perf_counter()
-    fit_cache_score(model, fit_rows(tokenizer, data, rows, seq_len), progress=progress)
-    summary = {"rows": rows, "seq_len": seq_len, "seconds": round(time.perf_counter() - started, 1)}
+    fit_cache_score(model, *fit_rows(tokenizer, data, rows, seq_len), progress=progress)
+    summary = {"rows": rows, "seq_len": seq_len, "asked": ASKED, "seconds": round(time.perf_counter() - started, 1)}
     save_model(model, tokenizer, path)
     if record:
         write_json({**record, "cache_score": summary}, path / CONVERT)
