@@ -56,6 +56,14 @@ def needle_ranks(model, rows, needles, window: int, sinks: int) -> dict[int, lis
     return ranks
 
 
+def load_scorer(model, path: str):
+    """Give every layer with a fitted cache score the weights --save wrote to `path`."""
+    weights = load_file(path)
+    for m in model.attention_modules():
+        if getattr(m, "cache_scorer", None) is not None:
+            m.cache_scorer.copy_(weights[str(m.layer_idx)])
+
+
 def summary(ranks, layers):
     rr = [r for layer in ranks if layer in layers for r in ranks[layer]]
     return {"heads": len(rr), "median_rank": round(sorted(rr)[len(rr) // 2], 4),
@@ -78,9 +86,8 @@ def main():
     model, tok = load_student(args.run, "cpu", torch.float32)
     cfg = model.attention_modules()[0].config
     t0 = time.time()
-    if args.load:  # weights saved by --save
-        for m in model.attention_modules():
-            m.cache_scorer.copy_(load_file(args.load)[str(m.layer_idx)])
+    if args.load:
+        load_scorer(model, args.load)
     elif args.asked:
         text = pack_sequences(None, tok, args.seq_len, args.rows, split="train")
         if args.asked == 1:

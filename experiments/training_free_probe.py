@@ -17,11 +17,11 @@ long.json). Results: docs/results/training_free_probe.json.
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 
 import torch
-from safetensors.torch import load_file
 
 import linearize.ops.sparse_cache.segment as segment
 from linearize.evaluate.baseline import state_bytes
@@ -32,6 +32,9 @@ from linearize.evaluate.texts import eval_sequences
 from linearize.loading.student import load_student
 from linearize.models.linearized import memory_layers
 from linearize.training_free import TrainingFree
+
+sys.path.insert(0, "experiments")
+from cache_fit_probe import load_scorer  # noqa: E402
 
 
 def set_budgets(model, budgets: str):
@@ -72,9 +75,7 @@ def main():
     args = ap.parse_args()
     model, tok = load_student(args.run, "cpu", torch.float32)
     if args.scorer:
-        weights = load_file(args.scorer)
-        for m in memory_layers(model):
-            m.cache_scorer.copy_(weights[str(m.layer_idx)])
+        load_scorer(model, args.scorer)
     if args.budgets:
         set_budgets(model, args.budgets)
     if args.memory_cap is not None:

@@ -200,14 +200,15 @@ def test_eval_command_writes_realrecall_for_teacher_student_and_baseline(tiny_co
 def test_training_lookups_never_write_the_real_text_facts_or_questions():
     """--retrieval-fraction's exercises (data/retrieval.py) share no sentence, name or 5-digit number with these
     prompts (as tests/test_retrieval_data.py checks for the repeated-filler ones)."""
-    from linearize.data.retrieval import lookup_texts
+    from linearize.data.retrieval import lookup_pairs
     from linearize.evaluate.passkey import NAMES
 
     ours = [REAL_INTRO] + [t.format(name="", n="") for pair in FORMATS.values() for t in pair]
     sentences = {s.strip() for t in ours for s in re.split(r"[.?:\n]", t) if len(s.strip()) > 8}
     rng = random.Random(0)
     text = "\n".join("".join(facts) + question + answer
-                     for facts, question, answer in (lookup_texts(rng, rng.choice([1, 4, 16])) for _ in range(400)))
+                     for facts, [(question, answer)] in (lookup_pairs(rng, rng.choice([1, 4, 16]), 1)
+                                                         for _ in range(400)))
     assert sentences and not [s for s in sentences if s in text]
     assert not set(re.findall(r"[A-Z][a-z]+", text)) & set(NAMES) and not re.search(r"(?<!\d)\d{5}(?!\d)", text)
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from linearize.data.retrieval import FORMATS, asked_rows, lookup_row, lookup_texts, mix_retrieval
+from linearize.data.retrieval import FORMATS, asked_rows, lookup_pairs, lookup_row, mix_retrieval
 from linearize.errors import LinearizeError
 from linearize.evaluate import passkey, recall_layers
 from linearize.convert.run_state import RunState
@@ -95,7 +95,7 @@ def test_training_lookups_never_contain_the_eval_prompts(tiny_tokenizer):
     rng = random.Random(0)
     generated = []
     for _ in range(400):
-        facts, question, answer = lookup_texts(rng, rng.choice([1, 4, 16]))
+        facts, [(question, answer)] = lookup_pairs(rng, rng.choice([1, 4, 16]), 1)
         generated.append("".join(facts) + question + answer)
     text = "\n".join(generated)
     assert not [s for s in eval_sentences if s in text]

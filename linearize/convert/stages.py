@@ -25,7 +25,7 @@ from ..models.linearized import LinearizedForCausalLM, layer_configs, linearized
 from ..run_folder import CHECKPOINTS, CONVERT, CURVES, PROGRESS, load_tensors, save_model, write_json
 from ..training_free import TrainingFree
 from ..transfer.attention_transfer import attention_transfer, layer_transfer_errors, load_transfer_state
-from ..transfer.cache_score import ASKED, ROWS, SEQ_LEN, fit_cache_score, fit_rows
+from ..transfer.cache_score import ROWS, SEQ_LEN, fit_on_lookups
 from ..transfer.distributed import distributed_transfer, init_distributed
 from ..transfer.window_dropout import WindowDropout
 from . import budget
@@ -249,11 +249,8 @@ def switch_on_cache(c: Conversion):
     learned = c.settings.saved_cache_score() == "learned"
     fitted = ""
     if learned:
-        t0 = time.perf_counter()
-        fit_cache_score(c.model, *fit_rows(c.tokenizer, c.settings.data, ROWS, SEQ_LEN, c.settings.seed),
-                        progress=c.progress)
-        c.state.record(cache_score={"rows": ROWS, "seq_len": SEQ_LEN, "asked": ASKED,
-                                    "seconds": round(time.perf_counter() - t0, 1)})
+        c.state.record(cache_score=fit_on_lookups(c.model, c.tokenizer, c.settings.data, ROWS, SEQ_LEN,
+                                                  c.settings.seed, progress=c.progress))
         fitted = f", ranked by a score fitted on {ROWS} look-up rows of {SEQ_LEN} tokens"
     if trained_with_cache and not learned:
         return  # trained with the cache in place: the model is saved as trained

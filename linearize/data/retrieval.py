@@ -66,12 +66,6 @@ def lookup_pairs(rng: random.Random, facts: int, asked: int) -> tuple[list[str],
     return texts, [(form.question.format(key=k), form.answer.format(value=v)) for k, v in zip(keys, values)][:asked]
 
 
-def lookup_texts(rng: random.Random, facts: int) -> tuple[list[str], str, str]:
-    """(fact texts, question, answer) of one exercise: `facts` distinct keys, the asked one first."""
-    texts, [(question, answer)] = lookup_pairs(rng, facts, 1)
-    return texts, question, answer
-
-
 def lookup_row(row: torch.Tensor, tokenizer, rng: random.Random) -> torch.Tensor:
     """A training row (T,) -> a look-up row (T,): its first tokens as filler, the facts inserted at random depths
     (the asked one anywhere among them), then question, answer and EOS."""
@@ -94,7 +88,7 @@ def asking_row(row: torch.Tensor, tokenizer, rng: random.Random, facts: int,
         ends.append(len(tail))
     tail += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     fact_ids = [ids(f) for f in facts]
-    while len(fact_ids) > max(asked, 1) and sum(map(len, fact_ids)) + len(tail) > T // 2:  # half stays filler
+    while len(fact_ids) > asked and sum(map(len, fact_ids)) + len(tail) > T // 2:  # keep at least half as filler
         fact_ids.pop()
     room = T - sum(map(len, fact_ids)) - len(tail)
     if room < 0:

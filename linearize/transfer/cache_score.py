@@ -15,8 +15,8 @@ layer and KV head, a linear score of the key (RoPE undone) and value to what suc
              from sums over the rows (no per-key data kept)
 
     fit_cache_score(model, rows) -> {layer: (Hkv, 2d + 1)}; the model's layers hold them and rank with them
-    `linearize convert` fits it after training (convert/stages.py); `linearize cache-score RUN` fits it for a run
-    converted before (add, fit_run)
+    fit_on_lookups(model, tokenizer, data) -> convert.json's record: the same on fit_rows, what `linearize convert`
+    does after training (convert/stages.py) and `linearize cache-score RUN` for a run converted before (add, fit_run)
 """
 
 import time
@@ -154,6 +154,15 @@ def fit_rows(tokenizer, data: str | None, rows: int = ROWS, seq_len: int = SEQ_L
     return asked_rows(text, tokenizer, ASKED, tag=f"cache-score-{seed}")
 
 
+def fit_on_lookups(model, tokenizer, data: str | None, rows: int = ROWS, seq_len: int = SEQ_LEN, seed: int = 0,
+                   progress: bool = False) -> dict:
+    """fit_cache_score on fit_rows: the score `linearize convert` and `linearize cache-score` give a model; returns
+    what convert.json records of the fit."""
+    started = time.perf_counter()
+    fit_cache_score(model, *fit_rows(tokenizer, data, rows, seq_len, seed), progress=progress)
+    return {"rows": rows, "seq_len": seq_len, "asked": ASKED, "seconds": round(time.perf_counter() - started, 1)}
+
+
 def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = True, log=print) -> dict:
     """`linearize cache-score RUN`: fit the score for a converted model folder and save the folder (each file
     written, then renamed); returns what convert.json records of it."""
@@ -166,9 +175,7 @@ def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = Tru
     model, tokenizer = load_student(path)
     record = read_json(path / CONVERT) or {}
     data = (record.get("settings") or {}).get("data")
-    started = time.perf_counter()
-    fit_cache_score(model, *fit_rows(tokenizer, data, rows, seq_len), progress=progress)
-    summary = {"rows": rows, "seq_len": seq_len, "asked": ASKED, "seconds": round(time.perf_counter() - started, 1)}
+    summary = fit_on_lookups(model, tokenizer, data, rows, seq_len, progress=progress)
     save_model(model, tokenizer, path)
     if record:
         write_json({**record, "cache_score": summary}, path / CONVERT)
