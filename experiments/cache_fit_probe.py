@@ -25,13 +25,15 @@ from linearize.evaluate.real_recall import Corpus, real_haystacks  # noqa: E402
 from linearize.layers.linear_attention import LinearAttention  # noqa: E402
 from linearize.loading.student import load_student  # noqa: E402
 from linearize.ops.rotary import rotate  # noqa: E402
-from linearize.ops.sparse_cache.selection import learned_score  # noqa: E402
+from linearize.ops.sparse_cache.selection import learned_score, pooled, worst_recalled  # noqa: E402
 from linearize.transfer.cache_score import fit_cache_score  # noqa: E402
 
 
-def needle_ranks(model, rows, needles, window: int, sinks: int) -> dict[int, list[float]]:
+def needle_ranks(model, rows, needles, window: int, sinks: int, kept=None) -> dict[int, list[float]]:
     """{layer: per row and KV head, the share of the keys a window or more before the row's end that the fitted score
-    ranks above the needle's best digit} (the student's own forward)."""
+    ranks above the needle's best digit} (the student's own forward). kept: {(M, r): {layer: [...]}} to fill with,
+    per row and KV head, whether every digit is among the M keys of highest score pooled over r neighbours (all keys
+    beyond the window at once: what a fixed score's selections keep, but for pooling over evicted neighbours)."""
     ranks, current = {}, [0]
     original = LinearAttention.attend
 
@@ -43,6 +45,12 @@ def needle_ranks(model, rows, needles, window: int, sinks: int) -> dict[int, lis
         where = torch.tensor(sorted(needles[current[0]]))
         for h in range(score.shape[0]):
             ranks.setdefault(self.layer_idx, []).append((score[h, has] > score[h, where].max()).float().mean().item())
+        for (M, r), got in (kept or {}).items():
+            candidates = score[None, :, has]
+            top = worst_recalled(pooled(candidates, r), M)[0]  # (Hkv, n)
+            index = where - sinks  # the candidates start at the first key after the sinks
+            for h in range(score.shape[0]):
+                got.setdefault(self.layer_idx, []).append(float(top[h, index].all()))
         return original(self, streams, state)
 
     LinearAttention.attend = attend
@@ -82,6 +90,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--save", default=None, help="the fitted weights (safetensors)")
     ap.add_argument("--load", default=None, help="rank with these weights instead of fitting")
+    ap.add_argument("--kept", default="", help="M/r,...: the share of heads whose M keys of highest score, pooled over "
+                    "r neighbours, hold every digit (e.g. 64/2,64/0,128/2)")
     args = ap.parse_args()
     model, tok = load_student(args.run, "cpu", torch.float32)
     cfg = model.attention_modules()[0].config
@@ -100,11 +110,16 @@ def main():
     fit_s = time.time() - t0
     hays = [h for t in args.texts.split(",") for n in map(int, args.lengths.split(","))
             for h in real_haystacks(tok, Corpus(t, tok), 1, n, args.trials)]
+    kept = {(int(M), int(r)): {} for M, r in (c.split("/") for c in args.kept.split(",") if c)}
     ranks = needle_ranks(model, [token_ids(tok, h.context)[0] for h in hays], [needle_positions(tok, h)[1] for h in hays],
-                         cfg.window, cfg.sinks)
+                         cfg.window, cfg.sinks, kept)
     n = len(model.attention_modules())
     out = {"args": vars(args), "fit_s": round(fit_s), "all": summary(ranks, range(n)),
-           "upper": summary(ranks, range(n // 2, n)), "lower": summary(ranks, range(n // 2))}
+           "upper": summary(ranks, range(n // 2, n)), "lower": summary(ranks, range(n // 2)),
+           "every_digit_kept": {f"{M}/{r}": {part: round(sum(v for i in layers for v in got.get(i, [])) /
+                                                       max(1, sum(len(got.get(i, [])) for i in layers)), 3)
+                                             for part, layers in (("upper", range(n // 2, n)), ("lower", range(n // 2)))}
+                                for (M, r), got in kept.items()}}
     print(json.dumps(out, indent=1))
     if args.out:
         json.dump(out, open(args.out, "w"), indent=1)

@@ -115,6 +115,25 @@ def test_passkey_accuracy_runs_for_teacher_and_student(pair):
         assert r["tokens"][0] < r["tokens"][1]
 
 
+def test_a_teacher_is_not_asked_beyond_its_context_and_a_student_is(pair, monkeypatch):
+    """A length above the teacher's max_position_embeddings is not asked of it (None), every length is asked of
+    the linearized student, whose state does not grow."""
+    from linearize.evaluate import passkey
+
+    teacher, student, tokenizer = pair
+    assert passkey.context_limit(teacher) == teacher.config.max_position_embeddings
+    assert passkey.context_limit(student) is None
+    asked = []
+    real = passkey.ask_haystacks
+    monkeypatch.setattr(passkey, "ask_haystacks", lambda m, t, hs: asked.append(m) or real(m, t, hs))
+    pk = passkey.passkey_accuracy(teacher, tokenizer, [300, 600], trials=1, limit=400)
+    assert pk["accuracy"][1] is None and pk["tokens"][1] is None and 0 <= pk["accuracy"][0] <= 1 and len(asked) == 1
+    mk = passkey.multikey_accuracy(teacher, tokenizer, [2], [300, 600], trials=1, limit=400)
+    assert mk["accuracy"]["2"][1] is None and mk["accuracy"]["2"][0] is not None and len(asked) == 2
+    mk = passkey.multikey_accuracy(student, tokenizer, [2], [300, 600], trials=1, limit=passkey.context_limit(student))
+    assert None not in mk["accuracy"]["2"] and len(asked) == 4
+
+
 def test_passkey_scores_a_reader_that_finds_the_key_and_one_that_does_not(pair, monkeypatch):
     """The scoring can fail: a decoder that reads the planted key back out of the prompt scores 1, one that answers
     a nearby number scores 0 (and the prompt it is given holds the trial's key)."""

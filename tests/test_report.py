@@ -25,8 +25,8 @@ def run_dir(tmp_path):
     texts = {n: {"tokens": 100, "teacher_ppl": 10.0, "student_ppl": 12.0, "kl": 0.2, "top1": 0.8}
              for n in ("sharegpt", "shakespeare")}
     results = {"texts": texts, "layer_mse": {"sharegpt": [1e-3, 2e-3, 4e-3]},
-               "passkey": {"lengths": [256, 1024], "tokens": [250, 1030], "trials": 2,
-                           "teacher": [1, 1], "student": [1, 0]},
+               "passkey": {"lengths": [256, 1024], "tokens": [250, 1030], "trials": 2, "teacher_context": 512,
+                           "teacher": [1, None], "student": [1, 0]},  # None: beyond the teacher's context
                "multikey": {"keys": [4, 16], "lengths": [1024, 2048], "trials": 20,
                             "tokens": {"4": [1000, 2010], "16": [1030, 2040]},
                             "teacher": {"4": [1.0, 0.95], "16": [0.9, 0.85]},
@@ -37,7 +37,7 @@ def run_dir(tmp_path):
                             "student_state_bytes": 3,
                             "texts": {n: {**texts[n], "student_ppl": 13.5, "top1": 0.85} for n in texts},
                             "memory_off": {"texts": {n: {**texts[n], "student_ppl": 12.75} for n in texts}}},
-               "generation": {"prompts": 50, "max_new_tokens": 64, "prefix": 32, "prefix_match": 7.5,
+               "generation": {"prompts": 50, "max_new_tokens": 64, "prefix": 32, "prefix_match": 7.5, "prefix_equal": 0.1,
                               "repetition": {"teacher": 0.05, "student": 0.31}},
                "long": {"length": 2048, "bands": [[0, 256], [256, 1024], [1024, 2048]],  # evaluate/long.py
                         "state_bytes": {"teacher": 2**22, "student": 2**20, "streaming": 2**20},
@@ -67,7 +67,17 @@ def test_report_embeds_every_figure(run_dir):
     assert "memory off" in page and "12.75" in page  # the student without its linear memory
     assert "student 31.0%" in page  # the repetition rate of the generation part
     assert "<td>16 keys, one asked</td><td>2048</td><td>85%</td><td>0%</td>" in page  # the recall table
+    assert "<td>passkey</td><td>1024</td><td>-</td><td>0%</td>" in page  # the teacher not asked beyond its context
     assert "<script" not in page and "http" not in page  # self-contained
+
+
+def test_eval_tables_print_a_teacher_not_asked_beyond_its_context(run_dir, capsys):
+    from linearize.evaluate.cli import print_tables
+
+    res = json.loads((run_dir / "eval.json").read_text())
+    print_tables({k: res[k] for k in ("passkey", "multikey")})
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the titles
+    assert "teacher: - beyond its 512-token context" in out and "│ 1030 │ - │ 0% │" in out
 
 
 def test_report_with_only_convert_results_says_what_is_missing(run_dir):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..options import add_placement, comma_ints, mmlu_limit, names, token_count, token_counts
+from ..options import add_placement, comma_ints, fmt, mmlu_limit, names, token_count, token_counts
 from ..training_free import TrainingFree, add_arguments
 
 
@@ -126,21 +126,21 @@ def print_tables(res: dict):
     if "passkey" in res:
         pk = res["passkey"]
         t = Table(title=f"passkey retrieval, {pk.get('filler', 'repeated (easy)')} filler ({pk['trials']} trials per "
-                        "length)")
+                        f"length{beyond(pk)})")
         t.add_column("prompt tokens", justify="right")
         t.add_column("teacher", justify="right")
         t.add_column("student", justify="right")
         for i, n in enumerate(pk["tokens"]):
-            t.add_row(str(n), f"{pk['teacher'][i]:.0%}", f"{pk['student'][i]:.0%}")
+            t.add_row(str(n), fmt(pk["teacher"][i], ".0%"), fmt(pk["student"][i], ".0%"))
         console.print(t)
     if "multikey" in res:
         mk = res["multikey"]
         t = Table(title=f"multi-key recall: k facts hidden, one asked, {mk.get('filler', 'repeated (easy)')} filler "
-                        f"({mk['trials']} questions per cell)")
+                        f"({mk['trials']} questions per cell{beyond(mk)})")
         for col in ("length (tokens)", *(f"{who} k={k}" for k in mk["keys"] for who in ("teacher", "student"))):
             t.add_column(col, justify="right")
         for i, n in enumerate(mk["lengths"]):
-            t.add_row(str(n), *(f"{mk[who][str(k)][i]:.0%}" for k in mk["keys"] for who in ("teacher", "student")))
+            t.add_row(str(n), *(fmt(mk[who][str(k)][i], ".0%") for k in mk["keys"] for who in ("teacher", "student")))
         console.print(t)
     if "realrecall" in res:
         print_realrecall(console, res["realrecall"])
@@ -150,6 +150,12 @@ def print_tables(res: dict):
         m = res["mmlu"]
         console.print(f"MMLU {m['num_fewshot']}-shot ({m['questions']} questions, limit {m['limit']} per subject): "
                       f"teacher {m['teacher']['acc']:.1%}, student {m['student']['acc']:.1%}")
+
+
+def beyond(part: dict) -> str:
+    """A recall table's note on lengths the teacher was not asked (beyond its context: "-")."""
+    limit = part.get("teacher_context")
+    return "" if limit is None or max(part["lengths"]) <= limit else f"; teacher: - beyond its {limit}-token context"
 
 
 def print_realrecall(console, rr: dict):

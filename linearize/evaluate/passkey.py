@@ -174,10 +174,26 @@ def mean_tokens_and_accuracy(asked: list[dict]) -> tuple[int, float]:
     return round(sum(a["tokens"] for a in asked) / len(asked)), sum(a["correct"] for a in asked) / len(asked)
 
 
-def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 20, seed: int = 0) -> dict:
-    """{"lengths": [...], "tokens": [mean prompt tokens per length], "accuracy": [fraction correct per length]}."""
+def context_limit(model) -> int | None:
+    """The longest prompt a model of full softmax attention was made to read (max_position_embeddings); None for a
+    linearized model, whose state does not grow (it is asked at any length)."""
+    from ..models.linearized import LinearizedForCausalLM
+
+    if isinstance(model, LinearizedForCausalLM):
+        return None
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 20, seed: int = 0,
+                     limit: int | None = None) -> dict:
+    """{"lengths": [...], "tokens": [mean prompt tokens per length], "accuracy": [fraction correct per length]};
+    a length above `limit` (context_limit: a teacher beyond its context) is not asked, its tokens and accuracy None."""
     tokens, accuracy = [], []
     for length in lengths:
+        if limit is not None and length > limit:
+            tokens.append(None)
+            accuracy.append(None)
+            continue
         n, acc = mean_tokens_and_accuracy(ask_haystacks(model, tokenizer,
                                                         passkey_haystacks(tokenizer, length, trials, seed)))
         tokens.append(n)
@@ -186,13 +202,18 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], trials: int = 20, see
 
 
 def multikey_accuracy(model, tokenizer, keys: list[int], lengths: list[int], trials: int = 20, seed: int = 0,
-                      rewrite=None) -> dict:
+                      rewrite=None, limit: int | None = None) -> dict:
     """{"keys", "lengths", "trials", "tokens": {k: [mean prompt tokens per length]}, "accuracy": {k: [fraction
     correct per length]}} (k as a string: JSON keys). rewrite(haystack, pairs) -> the text prefilled instead of each
-    haystack (the same questions; experiments/multikey_ceiling.py shortens them), None: the haystacks as drawn."""
+    haystack (the same questions; experiments/multikey_ceiling.py shortens them), None: the haystacks as drawn. A
+    length above `limit` is not asked (None), as in passkey_accuracy."""
     tokens, accuracy = {}, {}
     for k in keys:
         for length in lengths:
+            if limit is not None and length > limit:
+                tokens.setdefault(str(k), []).append(None)
+                accuracy.setdefault(str(k), []).append(None)
+                continue
             n, acc = mean_tokens_and_accuracy(ask_haystacks(
                 model, tokenizer, multikey_haystacks(tokenizer, k, length, trials, seed, rewrite)))
             tokens.setdefault(str(k), []).append(n)

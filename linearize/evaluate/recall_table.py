@@ -34,7 +34,7 @@ from ..device import device_name, placement
 from ..errors import LinearizeError
 from ..loading.student import load_student
 from ..loading.teacher import load_teacher_of
-from ..options import add_placement, comma_ints, names, token_count, token_counts
+from ..options import add_placement, comma_ints, fmt, names, token_count, token_counts
 from ..run_folder import read_json, training_data, write_json, write_text
 from ..training_free import TrainingFree, add_arguments
 
@@ -89,11 +89,13 @@ def choose(selection: str, k: int, candidates: list[int], ranking: dict) -> list
 
 def measure(model, tokenizer, args, rows) -> dict:
     """passkey, multikey and ppl of one model (the state bytes are added by the caller)."""
-    from linearize.evaluate.passkey import multikey_accuracy, passkey_accuracy
+    from linearize.evaluate.passkey import context_limit, multikey_accuracy, passkey_accuracy
     from linearize.evaluate.perplexity import perplexity
 
-    pk = passkey_accuracy(model, tokenizer, list(args.passkey_lengths), args.trials)
-    mk = multikey_accuracy(model, tokenizer, list(args.multikey_keys), list(args.multikey_lengths), args.trials)
+    limit = context_limit(model)  # the teacher is not asked beyond its context: None there
+    pk = passkey_accuracy(model, tokenizer, list(args.passkey_lengths), args.trials, limit=limit)
+    mk = multikey_accuracy(model, tokenizer, list(args.multikey_keys), list(args.multikey_lengths), args.trials,
+                           limit=limit)
     return {"passkey": dict(zip(map(str, pk["lengths"]), pk["accuracy"])),
             "multikey": {k: dict(zip(map(str, mk["lengths"]), acc)) for k, acc in mk["accuracy"].items()},
             "ppl": perplexity(model, rows, progress=False)}
@@ -116,8 +118,8 @@ def markdown(result: dict) -> str:
         shown = "all" if name == "teacher" else ",".join(map(str, layers)) or "-"
         lines.append("| " + " | ".join([
             name, shown + (f" (= {r['same_as']})" if "same_as" in r else ""), f"{r['ppl']:.3f}",
-            *[f"{r['passkey'][n]:.0%}" for n in lengths],
-            *[f"{r['multikey'][k][n]:.0%}" for k, ns in keys.items() for n in ns],
+            *[fmt(r["passkey"].get(n), ".0%") for n in lengths],
+            *[fmt(r["multikey"][k].get(n), ".0%") for k, ns in keys.items() for n in ns],
             *[f"{r['state_bytes'][c] / 2**20:.2f}" for c in contexts]]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -120,8 +120,9 @@ def recall(results: dict | None):
         return None
     fig, axes = _figure(len(panels), width=4.6)
     for ax, (title, tokens, teacher, student) in zip(axes, panels):
-        for who, accuracy in (("teacher", teacher), ("student", student)):
-            ax.plot(tokens, [100 * a for a in accuracy], marker="o", color=COLORS[who], label=who)
+        for who, accuracy in (("teacher", teacher), ("student", student)):  # None: not asked (beyond a context)
+            asked = [(n, a) for n, a in zip(tokens, accuracy) if n is not None and a is not None]
+            ax.plot([n for n, _ in asked], [100 * a for _, a in asked], marker="o", color=COLORS[who], label=who)
         ax.set(title=title, xlabel="prompt length (tokens)", ylabel="accuracy (%)", ylim=(-5, 105))
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
