@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--save", default=None, help="the fitted weights (safetensors)")
+    ap.add_argument("--top", type=float, default=0.02, help="the share of a row's keys labelled as read (0: the "
+                    "attention target itself, the fit before labels)")
     ap.add_argument("--load", default=None, help="rank with these weights instead of fitting")
     ap.add_argument("--kept", default="", help="M/r,...: the share of heads whose M keys of highest score, pooled over "
                     "r neighbours, hold every digit (e.g. 64/2,64/0,128/2)")
@@ -104,7 +106,7 @@ def main():
             rows, ends = mix_retrieval(text, tok, 1.0, tag="cache-score-0"), None
         else:
             rows, ends = asked_rows(text, tok, args.asked, tag="cache-score-0")
-        W = fit_cache_score(model, rows, ends)
+        W = fit_cache_score(model, rows, ends, top=None if args.top == 0 else args.top)
         if args.save:
             save_file({str(k): v.contiguous() for k, v in W.items()}, args.save)
     fit_s = time.time() - t0

@@ -12,7 +12,7 @@ from linearize.ops.hybrid.spec import AttentionSpec, LayerConstants, SettingsErr
 from linearize.ops.hybrid.state import Streams
 from linearize.ops.rotary import rotate
 from linearize.ops.sparse_cache import learned_score, score_features
-from linearize.transfer.cache_score import (EPS, QUESTION_QUERIES, Sums, answer_queries, cached_layers,
+from linearize.transfer.cache_score import (EPS, QUESTION_QUERIES, Sums, answer_queries, cached_layers, labels,
                                            fit_cache_score, question_targets)
 from linearize.training_free import TrainingFree
 
@@ -79,6 +79,31 @@ def test_ridge_fit_recovers_a_linear_score():
         sums.add(x, torch.einsum("bhnd,hd->bhn", x, w))
     torch.testing.assert_close(sums.solve(), w, rtol=0.05, atol=0.05)
     assert sums.keys == 800
+
+
+def test_labels_mark_the_top_share_of_each_row_and_head():
+    """labels(target, top): 1 on the keys whose target is in the top `top` of their row and KV head (here the 2 of
+    100 largest, wherever they are), 0 elsewhere; top None fits the target itself. A ridge fit on such labels ranks
+    keys of the positives' kind above the rest."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 2, 100, generator=g)
+    y = labels(target, 0.02)
+    assert set(y.unique().tolist()) == {0.0, 1.0} and (y.sum(-1) == 2).all()
+    assert torch.equal(y.bool(), target >= target.topk(2, dim=-1).values[..., -1:])
+    assert labels(target, None) is target
+    read = torch.zeros(20, 2, 100, dtype=torch.bool)
+    read[..., :2] = True  # 2 keys per row and head that questions read
+    x = torch.cat([torch.randn(20, 2, 100, 8, generator=g), torch.ones(20, 2, 100, 1)], -1)
+    x[..., 0] += 6 * read  # they differ from the rest along one feature; the target's bulk follows another
+    bulk = 5 * x[..., 1] + torch.randn(20, 2, 100, generator=g)
+    target = torch.where(read, bulk.amax(-1, keepdim=True) + 1, bulk)
+    found = {}
+    for top in (0.02, None):
+        sums = Sums()
+        sums.add(x, labels(target, top))
+        score = torch.einsum("bhnd,hd->bhn", x, sums.solve())
+        found[top] = read.gather(-1, score.topk(2, dim=-1).indices).float().mean().item()
+    assert found[0.02] > 0.95 and found[None] < 0.5, found
 
 
 def test_question_targets_read_what_the_last_queries_attend_to_beyond_the_window():

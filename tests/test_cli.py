@@ -148,7 +148,7 @@ def test_convert_switches_the_sparse_cache_on_after_training(model_dir, data_fil
     # trained with the cache in place, then saved with its fitted score (the default where the cache sits at the
     # window's edge): measured as saved too
     trained = json.loads((outs["trained"] / "convert.json").read_text())
-    assert trained["saved_ppl"] and trained["cache_score"]["rows"] >= 1
+    assert trained["saved_ppl"] and trained["cache_score"]["rows"] >= 1 and trained["cache_score"]["top"] == 0.02
     student, _ = load(outs["cache"])
     assert student.config.attention["cache"] == 4 and student.config.attention["cache_score"] == "learned"
     extra = set(weights["cache"]) - set(weights["plain"])  # the fitted score's weights, nothing else

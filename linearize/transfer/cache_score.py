@@ -11,6 +11,8 @@ layer and KV head, a linear score of the key (RoPE undone) and value to what suc
              i - j >= window), and over the KV head's query heads, of a_ij |v_j| + EPS), a_ij the model's exact
              softmax attention (the teacher's: every layer in exact softmax, LinearAttention.exact_softmax); keys no
              such query reaches are left out
+    label    y = 1 for the keys whose target is in the top TOP of their row and KV head, else 0 (top None: y = the
+             target itself): the score is to single out the few keys questions read, not to rank the rest
     fit      ridge regression on [k, v, 1] (selection.score_features), w = (X^T X + RIDGE mean(diag) I)^-1 X^T y,
              from sums over the rows (no per-key data kept)
 
@@ -35,6 +37,7 @@ RIDGE = 1e-2
 ROWS = 32  # rows of SEQ_LEN tokens `linearize convert` fits on (about 3 minutes on 2 CPU cores for SmolLM2-135M)
 SEQ_LEN = 2048
 ASKED = 8  # facts per fitting row, every one asked at the end
+TOP = 0.02  # the share of a row's keys (per KV head) labelled as read: the fitted score's positives
 
 
 def answer_queries(ends: list[int], length: int) -> torch.Tensor:
@@ -58,6 +61,15 @@ def question_targets(streams, scale: float, window: int, sinks: int, queries: to
     read = a.masked_fill(~far, 0).amax(dim=(2, 3))  # (B, Hkv, T)
     reached = far.any(0) & (pos_k[0] >= sinks)
     return torch.log(read * v.norm(dim=-1) + EPS), reached
+
+
+def labels(target: torch.Tensor, top: float | None) -> torch.Tensor:
+    """target (B, Hkv, n) -> what the ridge fits: 1 where the target is in the top `top` of its row and KV head, else
+    0; top None: the target itself."""
+    if top is None:
+        return target
+    cut = torch.quantile(target.float(), 1 - top, dim=-1, keepdim=True)
+    return (target >= cut).to(target.dtype)
 
 
 class Sums:
@@ -88,10 +100,11 @@ def cached_layers(model) -> list:
 
 
 def fit_cache_score(model, rows: torch.Tensor, ends: list[list[int]] | None = None,
-                    progress: bool = False) -> dict[int, torch.Tensor]:
+                    progress: bool = False, top: float | None = TOP) -> dict[int, torch.Tensor]:
     """Fit the learned cache score of every layer with such a cache (cached_layers) on look-up rows (N, T) whose
-    answers end at `ends` (per row; None: each row ends with its one answer), set it on the model (its config then
-    says cache_score "learned") and return {layer index: (Hkv, 2d + 1)}."""
+    answers end at `ends` (per row; None: each row ends with its one answer), the labels the top `top` of each row's
+    keys (labels), set it on the model (its config then says cache_score "learned") and return {layer index: (Hkv,
+    2d + 1)}."""
     from ..models.linearized import reconfigure
 
     layers = cached_layers(model)
@@ -112,7 +125,7 @@ def fit_cache_score(model, rows: torch.Tensor, ends: list[list[int]] | None = No
             target, reached = question_targets(streams, m.scaling, window, sinks, queries[0])
             positions = torch.arange(streams.k.shape[2], device=streams.k.device)
             x = score_features(rotate(streams.k, -positions, m.rope_frequencies), streams.v)
-            sums[m.layer_idx].add(x[:, :, reached], target[:, :, reached])
+            sums[m.layer_idx].add(x[:, :, reached], labels(target[:, :, reached], top))
             return type(m).attend(m, streams, state)
         return attend
 
@@ -160,7 +173,8 @@ def fit_on_lookups(model, tokenizer, data: str | None, rows: int = ROWS, seq_len
     what convert.json records of the fit."""
     started = time.perf_counter()
     fit_cache_score(model, *fit_rows(tokenizer, data, rows, seq_len, seed), progress=progress)
-    return {"rows": rows, "seq_len": seq_len, "asked": ASKED, "seconds": round(time.perf_counter() - started, 1)}
+    return {"rows": rows, "seq_len": seq_len, "asked": ASKED, "top": TOP,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def fit_run(path, rows: int = ROWS, seq_len: int = SEQ_LEN, progress: bool = True, log=print) -> dict:

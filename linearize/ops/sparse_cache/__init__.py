@@ -30,8 +30,8 @@ then outweighs the memory as in the teacher's softmax, however many tokens the m
 score of the whole exact set instead, the memory's mass, which grows with the context, drowns such a key.)
 
 With a fitted score (cache_score "learned", transfer/cache_score.py) the keys are ranked instead by a linear score
-of each key and value per KV head, fitted to the attention that questions asked far beyond the window pay to the
-keys of look-up exercises in the model's own training text: in real prose every sentence is new to the memory, so
+of each key and value per KV head, fitted to mark the keys that questions asked far beyond the window read most
+(the top 2 %) in look-up exercises in the model's own training text: in real prose every sentence is new to the memory, so
 the self-recall error does not single out a fact, while the fitted score learns what such questions read (pooled
 the same way). It needs the keys held with their RoPE undone (a cache_distance).
 
