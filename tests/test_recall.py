@@ -310,3 +310,18 @@ def test_recall_table_merges_real_text_rows_and_keeps_them_on_resume(tiny_conver
     ev.write_text(json.dumps({"model": "RUN"}))
     with pytest.raises(LinearizeError, match="no part realrecall"):
         recall_table.main(["--real-text", str(ev), "--out", str(out)])
+
+
+def test_recall_markdown_shows_a_length_only_the_student_was_asked():
+    """A teacher row kept by --resume may lack a length measured later (or one beyond its context): the table has
+    the column, the teacher's cell "-"."""
+    from linearize.evaluate.recall_table import markdown
+
+    row = {"softmax_layers": [], "ppl": 9.0, "state_bytes": {"1024": 2**20}}
+    result = {"run": "r", "device": {"name": "cpu", "dtype": "float32"}, "settings": {"trials": 10}, "variants": {
+        "teacher": {**row, "passkey": {"1024": 1.0}, "multikey": {"4": {"4096": 0.5}}},
+        "student": {**row, "passkey": {"1024": 1.0, "16384": 0.9}, "multikey": {"4": {"4096": 0.3, "8192": 0.2}}}}}
+    table = markdown(result)
+    assert "| passkey 1024 | passkey 16384 | 4 keys 4096 | 4 keys 8192 |" in table
+    assert "| teacher | all | 9.000 | 100% | - | 50% | - | 1.00 |" in table
+    assert "| student | - | 9.000 | 100% | 90% | 30% | 20% | 1.00 |" in table

@@ -104,8 +104,9 @@ def measure(model, tokenizer, args, rows) -> dict:
 def markdown(result: dict) -> str:
     variants = result["variants"]
     any_row = next(iter(variants.values()))
-    lengths = list(any_row["passkey"])
-    keys = {k: list(v) for k, v in any_row["multikey"].items()}
+    lengths = sorted({n for r in variants.values() for n in r["passkey"]}, key=int)  # a teacher may lack the longest
+    keys = {k: sorted({n for r in variants.values() for n in r["multikey"].get(k, {})}, key=int)
+            for k in any_row["multikey"]}
     contexts = list(any_row["state_bytes"])
     head = ["variant", "softmax layers", "ppl", *[f"passkey {n}" for n in lengths],
             *[f"{k} keys {n}" for k, ns in keys.items() for n in ns], *[f"state MiB {c}" for c in contexts]]
@@ -119,7 +120,7 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join([
             name, shown + (f" (= {r['same_as']})" if "same_as" in r else ""), f"{r['ppl']:.3f}",
             *[fmt(r["passkey"].get(n), ".0%") for n in lengths],
-            *[fmt(r["multikey"][k].get(n), ".0%") for k, ns in keys.items() for n in ns],
+            *[fmt(r["multikey"].get(k, {}).get(n), ".0%") for k, ns in keys.items() for n in ns],
             *[f"{r['state_bytes'][c] / 2**20:.2f}" for c in contexts]]) + " |")
     return "\n".join(lines) + "\n"
 
