@@ -24,6 +24,7 @@ from linearize.loading.student import load_student  # noqa: E402
 from linearize.ops.rotary import rotate  # noqa: E402
 from linearize.ops.sparse_cache.selection import pooled, score_features, worst_recalled  # noqa: E402
 from linearize.transfer.cache_score import RIDGE, answer_queries, fit_rows, question_targets  # noqa: E402
+from linearize.transfer.cache_score import labels as cache_score_labels  # noqa: E402
 
 
 def features(kind, m, streams, hidden):
@@ -42,11 +43,7 @@ def features(kind, m, streams, hidden):
 def labels(name: str, target: torch.Tensor) -> torch.Tensor:
     """What the ridge fits, from question_targets' log attention (B, Hkv, n): "attn" itself, "topP" 1 for the keys
     in the top P % of each row and head, else 0."""
-    if name == "attn":
-        return target
-    share = float(name.removeprefix("top")) / 100
-    cut = torch.quantile(target, 1 - share, dim=-1, keepdim=True)
-    return (target >= cut).float()
+    return cache_score_labels(target, None if name == "attn" else float(name.removeprefix("top")) / 100)
 
 
 def solve(xtx, xty):

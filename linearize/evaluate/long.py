@@ -106,7 +106,9 @@ def long_documents(names, tokenizer, length: int) -> dict[str, dict]:
 
 def check_teacher_context(teacher, length: int) -> None:
     """A LinearizeError if the teacher was not made to read `length` tokens (its max_position_embeddings)."""
-    limit = getattr(teacher.config, "max_position_embeddings", None)
+    from .passkey import context_limit
+
+    limit = context_limit(teacher)
     if limit is not None and length > limit:
         raise LinearizeError(f"--long-length {length} exceeds the teacher's context ({limit} tokens, "
                              "max_position_embeddings); lower --long-length")

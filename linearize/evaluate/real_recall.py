@@ -317,7 +317,9 @@ def summary(answers: dict, texts, keys, lengths) -> dict:
 
 def check_recall_lengths(teacher, lengths) -> None:
     """A LinearizeError if a length exceeds what the teacher was made to read (its max_position_embeddings)."""
-    limit = getattr(teacher.config, "max_position_embeddings", None)
+    from .passkey import context_limit
+
+    limit = context_limit(teacher)
     if limit is not None and max(lengths) > limit:
         raise LinearizeError(f"--recall-lengths {max(lengths)} exceeds the teacher's context ({limit} tokens, "
                              "max_position_embeddings); lower --recall-lengths")
