@@ -26,5 +26,6 @@ Every entry point takes Streams (state.py), an AttentionSpec and the LayerConsta
   O(T) memory, for training and prefill (in blocks, continuing initial_state).
 - recurrent.attention_recurrent(streams, spec, layer, initial_state, output_final_state) -> (y, state | None): one
   token at a time, for decoding; advances its state in place (the window is a ring buffer: window.py).
-terms.py holds the arithmetic the forms share (grouping, exact numerators, the cap, the mixing).
+terms.py holds the arithmetic the forms share (grouping, exact numerators, the cap, the mixing); composed.py runs the
+chunked form's exact part of a fresh call as one fused flex_attention kernel on CUDA (opt-in: LINEARIZE_FLEX_ATTENTION=1).
 """

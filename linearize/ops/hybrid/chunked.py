@@ -3,7 +3,8 @@
 attention_chunked(streams, spec, layer, initial_state, output_final_state, chunk) -> (y, state | None): the sparse
 cache segment by segment (sparse_cache/segment.py), or the window + sinks + linear memory hybrid, with heavy hitters
 where spec.heavy (heavy_hitters/chunked.py). The linear memory runs on flash-linear-attention's kernels where
-fla_kernels.fla_usable says so (CUDA, LINEARIZE_FLA_KERNELS=1).
+fla_kernels.fla_usable says so (CUDA, LINEARIZE_FLA_KERNELS=1), the exact part of a fresh call on flex_attention
+where composed.usable says so (CUDA, LINEARIZE_FLEX_ATTENTION=1).
 
 A call continuing a state sees the state's w window keys (oldest first) then its own: T keys in all, with w
 placeholder queries in front whose outputs are dropped.
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import fla_kernels
+from . import composed
 from ..heavy_hitters.chunked import heavy_chunked, heavy_final
 from ..linear_memory import memory_chunked
 from ..sparse_cache.segment import attention_cached
@@ -54,8 +56,11 @@ def hybrid_chunked(streams: Streams, spec: AttentionSpec, layer: LayerConstants,
     if lin is None and W >= T and sink_set is None and not spec.heavy:  # exact causal softmax: PyTorch's kernel
         y = _causal_softmax(streams.q, keys, w, spec.scale)
     else:
-        qg = group(pad_time(streams.q, w, 0), Hkv)
-        num_sm, m, keys = _window_and_sinks(qg, keys, sink_set, W, spec, chunk, w)
+        if composed.usable(streams.q, state=state, window=spec.window, heavy=spec.heavy):  # one fused kernel
+            num_sm, _ = composed.exact_part(streams.q, keys.k, keys.v, W, spec.sinks, spec.scale)
+        else:
+            qg = group(pad_time(streams.q, w, 0), Hkv)
+            num_sm, m, keys = _window_and_sinks(qg, keys, sink_set, W, spec, chunk, w)
         if spec.heavy:
             fq = group(pad_time(streams.fq, w, 0), Hkv) if spec.memory else None
             num_sm, lin, heavy = heavy_chunked(qg, fq, keys, state, spec, n_sink, w, num_sm, m, lin,
