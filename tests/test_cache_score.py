@@ -66,7 +66,7 @@ def test_score_features_and_settings():
         AttentionSpec(4, 0.5, cache=2, cache_score="learned")  # a cache at its own positions keeps RoPE on its keys
     with pytest.raises(SettingsError, match="cache_score"):
         AttentionSpec(4, 0.5, cache=2, cache_distance=4, cache_score="best")
-    with pytest.raises(LinearizeError, match="cache-position edge"):
+    with pytest.raises(LinearizeError, match="cache-position packed"):
         LinearAttentionConfig(window=4, cache=2, cache_score="learned")
 
 
@@ -171,7 +171,7 @@ def test_fitted_model_ranks_by_its_score_and_round_trips(tiny_teacher, tmp_path)
 
 def test_fit_refuses_a_model_without_a_cache_at_a_distance(tiny_teacher):
     student = LinearizedForCausalLM.from_teacher(tiny_teacher, LinearAttentionConfig(window=4, sinks=1, cache=3))
-    with pytest.raises(LinearizeError, match="cache-position edge"):
+    with pytest.raises(LinearizeError, match="cache-position packed"):
         fit_cache_score(student, torch.zeros(1, 32, dtype=torch.long))
     TrainingFree(cache_position="edge").apply(student)
     with pytest.raises(LinearizeError, match="longer than"):

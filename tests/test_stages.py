@@ -233,7 +233,7 @@ def test_convert_scores_its_cache_at_the_window_edge_and_resumes_older_runs(tmp_
     from linearize.convert.run_state import RunState
     from linearize.convert.settings import ConvertSettings
 
-    assert ConvertSettings().attention_config().cache_position == "edge"
+    assert ConvertSettings().attention_config().cache_position == "packed"
     # the cache's learned score: the default where the cache sits at a distance, refused where it cannot read keys
     assert ConvertSettings().saved_cache_score() == "learned"
     assert ConvertSettings(cache_position="own").saved_cache_score() == "recall"

@@ -103,7 +103,7 @@ class ConvertSettings:
         attention = self.attention_config()
         if self.cache_score == "learned" and attention.cache_distance is None:
             raise LinearizeError("--cache-score learned needs a sparse cache scored at a distance: keep --cache-position "
-                                 "edge (the default) or packed and a --cache above 0, or use --cache-score recall")
+                                 "packed (the default) or edge and a --cache above 0, or use --cache-score recall")
         if self.transfer_state and not Path(self.transfer_state).is_file():
             raise LinearizeError(f"--transfer-state {self.transfer_state} not found; give the .safetensors that "
                                  "`linearize blocks stitch` wrote")

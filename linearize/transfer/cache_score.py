@@ -110,7 +110,7 @@ def fit_cache_score(model, rows: torch.Tensor, ends: list[list[int]] | None = No
     layers = cached_layers(model)
     if not layers:
         raise LinearizeError("this model has no sparse cache scored at a distance to fit a score for: convert with "
-                             "--cache-position edge (the default) and a cache")
+                             "--cache-position packed (the default) or edge, and a cache")
     window, sinks = layers[0].config.window, layers[0].config.sinks
     if rows.shape[1] <= window + QUESTION_QUERIES:
         raise LinearizeError(f"rows of {rows.shape[1]} tokens leave no key beyond the {window}-token window to score; "

@@ -80,7 +80,7 @@ def check_settings(*, window: int | None, sinks: int = 0, rule: str = "sum", gat
         raise SettingsError(f"cache_score (--cache-score) must be one of {CACHE_SCORES} (got {cache_score!r})")
     if cache_score == "learned" and cache and cache_distance is None:
         raise SettingsError("the learned cache score (--cache-score learned) reads keys with their RoPE undone, which "
-                            "a cache scored at a distance holds: add --cache-position edge (or packed), or use "
+                            "a cache scored at a distance holds: add --cache-position packed (or edge), or use "
                             "--cache-score recall")
 
 
