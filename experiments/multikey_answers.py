@@ -10,6 +10,7 @@ or no number. Tells a cache that loses needles (other numbers) from one that kee
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -26,8 +27,11 @@ from linearize.run_folder import write_json  # noqa: E402
 from linearize.training_free import TrainingFree  # noqa: E402
 
 
+KINDS = ("correct", "other needle", "other number", "no number")
+
+
 def answers(model, tokenizer, k: int, length: int, trials: int) -> list[dict]:
-    """Per question: the asked depth index, the decoded answer, its first number and its class."""
+    """Per question: its haystack, the right answer, what the model said and its class (KINDS)."""
     decoder, out = Decoder(model), []
     for h, haystack in enumerate(P.multikey_haystacks(tokenizer, k, length, trials)):
         codes = {str(code) for _, code in _pairs(haystack.context)}
@@ -45,10 +49,13 @@ def answers(model, tokenizer, k: int, length: int, trials: int) -> list[dict]:
     return out
 
 
+def tally(rows: list[dict]) -> dict:
+    """How many answers fall in each class."""
+    return {kind: sum(a["kind"] == kind for a in rows) for kind in KINDS}
+
+
 def _pairs(context: str):
     """The (name, code) needles written into a haystack, read back from its text."""
-    import re
-
     return re.findall(r"The code for (\w+) is (\d+)\.", context)
 
 
@@ -70,15 +77,14 @@ def main(argv=None):
         model, tokenizer = load(args.run)
         TrainingFree(cache=m, cache_position=args.position).apply(model)
         rows[f"cache {m}"] = answers(model, tokenizer, args.keys, length, args.trials)
-        print(m, {k: sum(a["kind"] == k for a in rows[f"cache {m}"]) for k in
-                  ("correct", "other needle", "other number", "no number")}, flush=True)
+        print(m, tally(rows[f"cache {m}"]), flush=True)
     if args.teacher:
         model, tokenizer = load_teacher(None)
         rows["teacher"] = answers(model, tokenizer, args.keys, length, args.trials)
-    summary = {name: {k: sum(a["kind"] == k for a in rows[name]) for k in
-                      ("correct", "other needle", "other number", "no number")} for name in rows}
-    write_json({"run": args.run, "position": args.position or "as converted", "keys": args.keys, "length": length, "trials": args.trials, "summary": summary,
-                "answers": rows, "command": "python " + " ".join(sys.argv)}, Path(args.out))
+    summary = {name: tally(rows[name]) for name in rows}
+    write_json({"run": args.run, "position": args.position or "as converted", "keys": args.keys, "length": length,
+                "trials": args.trials, "summary": summary, "answers": rows, "command": "python " + " ".join(sys.argv)},
+               Path(args.out))
     print(summary)
 
 

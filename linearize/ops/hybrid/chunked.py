@@ -57,7 +57,7 @@ def hybrid_chunked(streams: Streams, spec: AttentionSpec, layer: LayerConstants,
         y = _causal_softmax(streams.q, keys, w, spec.scale)
     else:
         if composed.usable(streams.q, state=state, window=spec.window, heavy=spec.heavy):  # one fused kernel
-            num_sm, _ = composed.exact_part(streams.q, keys.k, keys.v, W, spec.sinks, spec.scale)
+            num_sm = composed.exact_part(streams.q, keys.k, keys.v, W, spec.sinks, spec.scale)
         else:
             qg = group(pad_time(streams.q, w, 0), Hkv)
             num_sm, m, keys = _window_and_sinks(qg, keys, sink_set, W, spec, chunk, w)

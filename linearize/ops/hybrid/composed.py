@@ -36,15 +36,17 @@ def usable(x: torch.Tensor, *, state=None, window: int | None = None, heavy: int
             and not heavy)
 
 
+def in_exact_set(i, j, window: int, sinks: int):
+    """Whether key j is in query i's exact set E_i (tensors of positions, broadcast)."""
+    return (j <= i) & ((j > i - window) | (j < sinks))
+
+
 @functools.lru_cache(maxsize=32)
 def window_block_mask(T: int, window: int, sinks: int, device: str):
     """flex_attention's block mask of E_i over T queries and T keys (the same for every batch row and head)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def exact_set(b, h, i, j):
-        return (j <= i) & ((j > i - window) | (j < sinks))
-
-    return create_block_mask(exact_set, None, None, T, T, device=device)
+    return create_block_mask(lambda b, h, i, j: in_exact_set(i, j, window, sinks), None, None, T, T, device=device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,14 +66,13 @@ def window_max(q, k, window: int, sinks: int, scale: float, rows: int = 256) -> 
     for a in range(0, T, rows):
         i = torch.arange(a, min(a + rows, T), device=q.device)[:, None]
         s = (q[:, :, a : a + rows] @ k.transpose(-1, -2)) * scale
-        out.append(s.masked_fill(~((j <= i) & ((j > i - window) | (j < sinks))), float("-inf")).amax(-1))
+        out.append(s.masked_fill(~in_exact_set(i, j, window, sinks), float("-inf")).amax(-1))
     return torch.cat(out, dim=-1)
 
 
 def exact_part(q, k, v, window: int, sinks: int, scale: float):
     """The window + sinks numerator of a fresh call from one flex_attention: q (B, H, T, d), k, v (B, Hkv, T, d) ->
-    (numerator (B, Hkv, G, T, d + 1) in units of exp(-m_i), m (B, Hkv, G, T, 1)), as chunked._window_and_sinks
-    returns them (in q's dtype)."""
+    numerator (B, Hkv, G, T, d + 1) in units of exp(-m_i), as chunked._window_and_sinks returns it (in q's dtype)."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     B, H, T, d = q.shape
@@ -91,4 +92,4 @@ def exact_part(q, k, v, window: int, sinks: int, scale: float):
     units = torch.exp(aux.lse.to(wide) - m.to(wide))  # sum_j exp(s_ij - m_i) >= 1: the max's own term
     num = torch.cat([o.to(wide), torch.ones_like(o[..., :1], dtype=wide)], dim=-1) * units[..., None]
     G = H // Hkv
-    return num.to(q.dtype).view(B, Hkv, G, T, d + 1), m.to(q.dtype).view(B, Hkv, G, T, 1)
+    return num.to(q.dtype).view(B, Hkv, G, T, d + 1)
