@@ -73,7 +73,8 @@ class TrainingFree:
 # What `linearize convert` gives a model where its flags leave a setting open (with_convert_defaults). The cache and
 # the memory cap are set after training (training runs without the cache and with the cap of its own length, where
 # it never bites), unless --train-with-cache:
-# - cache: 64 keys, where the attention takes one (LinearAttentionConfig.takes_cache; else the preset's). On the
+# - cache: 96 keys (64 before cache_every fell to 32: below), where the attention takes one
+#   (LinearAttentionConfig.takes_cache; else the preset's). With 64 keys, on the
 #   attention-only default run (runs/memonly, 25 minutes) it took the held-out ShareGPT ppl ratio from 1.184 to 1.122
 #   and top-1 from 89.6 to 93.0 %, better than StreamingLLM 4 + 256 on every text (README,
 #   docs/results/default_cache64_eval.json)
@@ -86,15 +87,20 @@ class TrainingFree:
 #   and the sinks at the window's edge the default run finds the 8k passkey in 10 of 10 trials (7 with the cap at
 #   764 and the sinks at their own positions; README, docs/results/recall.json); texts at 1k move by 0.3 % of ppl
 #   at most
-# - heavy: the preset's (0 in every preset); cache_every: LinearAttentionConfig's (64; convert has no flag for it)
+# - cache_every: 32 where there is a cache: a state holds up to cache + cache_every - 1 cached keys, so 96 kept keys
+#   re-selected every 32 tokens cost the bytes of 64 re-selected every 64 (127 keys per KV head) with 96 of them
+#   chosen by the score instead of 64 (the rest are the latest to leave the window, waiting for the next selection);
+#   prefill runs in segments of 32 tokens instead of 64; real-text recall and the rest in docs/recall.md
+# - heavy: the preset's (0 in every preset)
 # - cache_score: learned, where the cache is scored at a distance (fitted after training: convert/stages.py
 #   fit_cache_score, transfer/cache_score.py); real-text recall at 2k and 4k in docs/recall.md
-CONVERT_DEFAULT = TrainingFree(cache=64, cache_position="packed", memory_cap=256, cache_score="learned")
+CONVERT_DEFAULT = TrainingFree(cache=96, cache_every=32, cache_position="packed", memory_cap=256, cache_score="learned")
 
 # the help's "default:" of each flag in `linearize convert`
 CONVERT_HELP = {
     "cache": f"{CONVERT_DEFAULT.cache} where the attention takes one, else 0; switched on in the saved model after "
              "training",
+    "cache_every": f"{CONVERT_DEFAULT.cache_every} where there is a cache",
     "cache_position": f"{CONVERT_DEFAULT.cache_position} where there is a cache",
     "memory_cap": "seq-len - window - sinks, what it holds in training: no change up to seq-len; with a sparse cache "
                   f"the saved model's is then {CONVERT_DEFAULT.memory_cap} at most",
@@ -103,7 +109,7 @@ CONVERT_HELP = {
                    "else recall",
 }
 # the help's "default:" of each flag where it changes a converted model (`linearize eval`, `bench`)
-AS_CONVERTED = {"cache_every": "as converted, 64"}
+AS_CONVERTED = {"cache_every": f"as converted; convert saves {CONVERT_DEFAULT.cache_every}"}
 
 
 def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) -> int:
@@ -117,9 +123,11 @@ def memory_cap_for_training_length(config: LinearAttentionConfig, seq_len: int) 
 
 def with_convert_defaults(config: LinearAttentionConfig, given: TrainingFree, seq_len: int) -> LinearAttentionConfig:
     """The attention `linearize convert` saves: `config` (the preset with the flags applied) with CONVERT_DEFAULT
-    where `given` (the flags) leaves the cache, its position or the memory cap open."""
+    where `given` (the flags) leaves the cache, how often it is re-selected, its position or the memory cap open."""
     if given.cache is None and config.takes_cache and not config.cache:
         config = replace(config, cache=CONVERT_DEFAULT.cache)
+    if config.cache:
+        config = replace(config, cache_every=given.cache_every or CONVERT_DEFAULT.cache_every)
     if given.cache_position is None and config.cache:
         config = replace(config, cache_position=CONVERT_DEFAULT.cache_position)
     if given.memory_cap is None:

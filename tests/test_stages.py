@@ -154,6 +154,30 @@ def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_pat
     RunState(tmp_path, ConvertSettings(), resume=True)
 
 
+def test_cache_every_defaults_with_the_cache_and_older_runs_resume(tmp_path):
+    """convert re-selects the saved model's cache every CONVERT_DEFAULT.cache_every tokens unless --cache-every says
+    otherwise; without a cache it keeps the config's; a run recorded with the earlier default (64) resumes, its
+    training being the same (the cache is switched on after it)."""
+    import json
+    from dataclasses import asdict
+
+    from linearize.convert.run_state import RunState
+    from linearize.convert.settings import ConvertSettings
+    from linearize.errors import LinearizeError
+    from linearize.training_free import CONVERT_DEFAULT
+
+    assert ConvertSettings().attention_config().cache_every == CONVERT_DEFAULT.cache_every != 64
+    assert ConvertSettings(cache_every=8).attention_config().cache_every == 8
+    assert ConvertSettings(cache=0).attention_config().cache_every == LinearAttentionConfig().cache_every
+    attention = ConvertSettings().attention_config().to_dict()
+    attention["cache_every"] = 64
+    (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
+                                                        "results": {}}))
+    RunState(tmp_path, ConvertSettings(), resume=True)
+    with pytest.raises(LinearizeError, match="--resume with different settings"):
+        RunState(tmp_path, ConvertSettings(window=128), resume=True)
+
+
 def test_mix_init_starts_the_model_at_its_window(tiny_teacher):
     """mix_init sets every head's starting weight of the window + sinks; a very large one leaves the linear memory
     no weight: the model then equals its window + sinks alone (the streaming baseline), and resume records it."""

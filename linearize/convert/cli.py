@@ -30,7 +30,7 @@ def add(sub):
     p.add_argument("--feature-dim", type=int, help="projection width of the feature map (Hedgehog's features are "
                                                    "twice it; default: head_dim); the linear memory holds "
                                                    "features x (head_dim + 1) numbers per KV head")
-    add_arguments(p, ("cache", "cache_position", "cache_score", "memory_cap", "heavy"), CONVERT_HELP)
+    add_arguments(p, ("cache", "cache_every", "cache_position", "cache_score", "memory_cap", "heavy"), CONVERT_HELP)
     p.add_argument("--train-with-cache", action="store_true",
                    help="train stages 1 and 2 with the sparse cache in place (slow on the CPU; default: without)")
     p.add_argument("--mix-init", type=float, help="initial mixing logit of every head: the window + sinks start at "

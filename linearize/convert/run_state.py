@@ -59,7 +59,7 @@ class RunState:
             defaults = {**asdict(ConvertSettings()), **SETTINGS_BEFORE_THEY_EXISTED}
             # the resolved attention is compared below when the run recorded it: then the overrides may differ
             overrides = ("window", "sinks", "feature_map", "feature_dim", "cache", "mix_init", "memory_cap", "heavy",
-                         "local_layers", "cache_position")
+                         "local_layers", "cache_position", "cache_every")
             overrides = overrides if "attention" in self.data else ()
             recorded_settings = {k: self.data["settings"].get(k, defaults[k]) for k in defaults}
             for both in (recorded_settings, now := asdict(settings)):  # None (the default) and its value agree
@@ -73,7 +73,7 @@ class RunState:
                 recorded["memory_cap"] = attention["memory_cap"]  # was one), trains the same: no change there
             # set after training, so a default that changed since (or a run from before the setting) trains the
             # same: such a run resumes and is saved with today's
-            for key in () if settings.train_with_cache else ("cache", "cache_position"):
+            for key in () if settings.train_with_cache else ("cache", "cache_every", "cache_position"):
                 if getattr(settings, key) is None or key not in self.data.get("attention", attention):
                     recorded[key] = attention[key]
             if recorded != attention:  # later read as their defaults: what the run did

@@ -29,10 +29,12 @@ class ConvertSettings:
     sinks: int | None = None  # override the preset's attention sinks
     feature_map: str | None = None  # override the preset's feature map
     feature_dim: int | None = None  # override the feature map's projection width (None: head_dim)
-    # cache, cache_position, heavy and memory_cap: the training-free settings (training_free.TrainingFree); None:
+    # cache, cache_every, cache_position, heavy, memory_cap: the training-free settings (training_free.TrainingFree); None:
     # training_free.CONVERT_DEFAULT where it has one (with_convert_defaults), else the preset's
     cache: int | None = None  # the sparse cache (exact keys per KV head; ops/sparse_cache/), switched on in the
     # saved model after training (it has no parameters) unless train_with_cache
+    cache_every: int | None = None  # re-select the cache every this many tokens (a state holds up to cache +
+    # cache_every - 1 cached keys per KV head)
     cache_position: str | None = None  # where the cache is scored (LinearAttentionConfig.cache_position)
     cache_score: str | None = None  # how the cache ranks its keys: "recall" | "learned" (fitted after training;
     # None: learned where the cache is scored at a distance, else recall)
@@ -79,7 +81,8 @@ class ConvertSettings:
 
     @property
     def training_free(self) -> TrainingFree:
-        """The training-free settings given (--cache, --cache-position, --memory-cap, --heavy; None: open)."""
+        """The training-free settings given (--cache, --cache-every, --cache-position, --memory-cap, --heavy; None:
+        open)."""
         return TrainingFree.from_args(self)
 
     def training_attention_config(self):

@@ -3,7 +3,7 @@
 
     python scripts/recall_table.py --run runs/w64-s4-kl [--device cuda --dtype bfloat16] [--keep 0,2,4,8,15,30]
         [--select transfer,recall] [--passkey-lengths 256,512,1k,2k,4k] [--multikey-lengths 1k,2k,4k,8k,16k]
-        [--multikey-keys 4,16] [--trials 20] [--state-contexts 1k,32k] [--ppl-sequences 8] [--cache M]
+        [--multikey-keys 4,16] [--trials 20] [--state-contexts 1k,32k] [--ppl-sequences 8] [--cache M] [--cache-every N]
         [--memory-cap C] [--resume]
 
 Variants: the teacher; the converted run ("student", K = 0); the run with K of its linearized layers switched back
@@ -63,7 +63,7 @@ def parse(argv=None):
     p.add_argument("--ppl-sequences", type=int, default=8, help="held-out rows of 1024 tokens (default: 8)")
     p.add_argument("--probes", type=int, default=4, help="retrieval probe prompts for the recall ranking")
     p.add_argument("--probe-length", type=token_count, default=1024, help="tokens per probe prompt (default: 1k)")
-    add_arguments(p, ("cache", "cache_position", "memory_cap"))  # as `linearize eval`
+    add_arguments(p, ("cache", "cache_every", "cache_position", "memory_cap"))  # as `linearize eval`
     p.set_defaults(cache=0)  # recorded as 0 in the settings, read as "as converted"
     p.add_argument("--out", default="docs/results/recall.json", help="the JSON; the markdown table goes beside it")
     p.add_argument("--resume", action="store_true", help="keep the variants an earlier --out already has")
@@ -179,6 +179,7 @@ def main(argv=None):
         return
     device, dtype = placement(args.device, args.dtype)
     student, tokenizer = load_student(args.run, device, dtype, TrainingFree(cache=args.cache or None,
+                                                                             cache_every=args.cache_every,
                                                                              memory_cap=args.memory_cap,
                                                                              cache_position=args.cache_position))
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
