@@ -168,6 +168,8 @@ def test_cache_every_defaults_with_the_cache_and_older_runs_resume(tmp_path):
 
     assert ConvertSettings().attention_config().cache_every == CONVERT_DEFAULT.cache_every != 64
     assert ConvertSettings(cache_every=8).attention_config().cache_every == 8
+    with pytest.raises(LinearizeError, match="cache_every >= 1"):  # 0 is an error, not "the default"
+        ConvertSettings(cache_every=0).attention_config()
     assert ConvertSettings(cache=0).attention_config().cache_every == LinearAttentionConfig().cache_every
     attention = ConvertSettings().attention_config().to_dict()
     attention["cache_every"] = 64
