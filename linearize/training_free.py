@@ -73,8 +73,7 @@ class TrainingFree:
 # What `linearize convert` gives a model where its flags leave a setting open (with_convert_defaults). The cache and
 # the memory cap are set after training (training runs without the cache and with the cap of its own length, where
 # it never bites), unless --train-with-cache:
-# - cache: 96 keys (64 before cache_every fell to 32: below), where the attention takes one
-#   (LinearAttentionConfig.takes_cache; else the preset's). With 64 keys, on the
+# - cache: 64 keys, where the attention takes one (LinearAttentionConfig.takes_cache; else the preset's). On the
 #   attention-only default run (runs/memonly, 25 minutes) it took the held-out ShareGPT ppl ratio from 1.184 to 1.122
 #   and top-1 from 89.6 to 93.0 %, better than StreamingLLM 4 + 256 on every text (README,
 #   docs/results/default_cache64_eval.json)
@@ -87,14 +86,14 @@ class TrainingFree:
 #   and the sinks at the window's edge the default run finds the 8k passkey in 10 of 10 trials (7 with the cap at
 #   764 and the sinks at their own positions; README, docs/results/recall.json); texts at 1k move by 0.3 % of ppl
 #   at most
-# - cache_every: 32 where there is a cache: a state holds up to cache + cache_every - 1 cached keys, so 96 kept keys
-#   re-selected every 32 tokens cost the bytes of 64 re-selected every 64 (127 keys per KV head) with 96 of them
-#   chosen by the score instead of 64 (the rest are the latest to leave the window, waiting for the next selection);
-#   prefill runs in segments of 32 tokens instead of 64; real-text recall and the rest in docs/recall.md
+# - cache_every: 64 where there is a cache: a state holds up to cache + cache_every - 1 cached keys. 96 kept and
+#   re-selected every 32 tokens cost the same bytes with 96 keys chosen by the score instead of 64; on recall that won
+#   one question of 20-30 in some columns, within noise, and in one bench run at 16k it decoded at 0.76x and
+#   prefilled at 0.66x the speed of 64 / 64 (docs/recall.md, "96 keys re-selected every 32 tokens"): an option
 # - heavy: the preset's (0 in every preset)
 # - cache_score: learned, where the cache is scored at a distance (fitted after training: convert/stages.py
 #   fit_cache_score, transfer/cache_score.py); real-text recall at 2k and 4k in docs/recall.md
-CONVERT_DEFAULT = TrainingFree(cache=96, cache_every=32, cache_position="packed", memory_cap=256, cache_score="learned")
+CONVERT_DEFAULT = TrainingFree(cache=64, cache_every=64, cache_position="packed", memory_cap=256, cache_score="learned")
 
 # the help's "default:" of each flag in `linearize convert`
 CONVERT_HELP = {

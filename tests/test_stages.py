@@ -156,8 +156,8 @@ def test_default_memory_cap_is_the_training_length_and_older_runs_resume(tmp_pat
 
 def test_cache_every_defaults_with_the_cache_and_older_runs_resume(tmp_path):
     """convert re-selects the saved model's cache every CONVERT_DEFAULT.cache_every tokens unless --cache-every says
-    otherwise; without a cache it keeps the config's; a run recorded with the earlier default (64) resumes, its
-    training being the same (the cache is switched on after it)."""
+    otherwise (0 is an error); without a cache it keeps the config's; a run recorded with another default resumes,
+    its training being the same (the cache is switched on after it)."""
     import json
     from dataclasses import asdict
 
@@ -166,13 +166,13 @@ def test_cache_every_defaults_with_the_cache_and_older_runs_resume(tmp_path):
     from linearize.errors import LinearizeError
     from linearize.training_free import CONVERT_DEFAULT
 
-    assert ConvertSettings().attention_config().cache_every == CONVERT_DEFAULT.cache_every != 64
-    assert ConvertSettings(cache_every=8).attention_config().cache_every == 8
+    assert ConvertSettings().attention_config().cache_every == CONVERT_DEFAULT.cache_every
+    assert ConvertSettings(cache_every=8).attention_config().cache_every == 8 != CONVERT_DEFAULT.cache_every
     with pytest.raises(LinearizeError, match="cache_every >= 1"):  # 0 is an error, not "the default"
         ConvertSettings(cache_every=0).attention_config()
     assert ConvertSettings(cache=0).attention_config().cache_every == LinearAttentionConfig().cache_every
     attention = ConvertSettings().attention_config().to_dict()
-    attention["cache_every"] = 64
+    attention["cache_every"] = CONVERT_DEFAULT.cache_every // 2  # a default that changed since
     (tmp_path / "progress.json").write_text(json.dumps({"settings": asdict(ConvertSettings()), "attention": attention,
                                                         "results": {}}))
     RunState(tmp_path, ConvertSettings(), resume=True)
