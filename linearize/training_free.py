@@ -125,8 +125,8 @@ def with_convert_defaults(config: LinearAttentionConfig, given: TrainingFree, se
     where `given` (the flags) leaves the cache, how often it is re-selected, its position or the memory cap open."""
     if given.cache is None and config.takes_cache and not config.cache:
         config = replace(config, cache=CONVERT_DEFAULT.cache)
-    if config.cache:
-        config = replace(config, cache_every=CONVERT_DEFAULT.cache_every if given.cache_every is None else given.cache_every)
+    if given.cache_every is None and config.cache:
+        config = replace(config, cache_every=CONVERT_DEFAULT.cache_every)
     if given.cache_position is None and config.cache:
         config = replace(config, cache_position=CONVERT_DEFAULT.cache_position)
     if given.memory_cap is None:

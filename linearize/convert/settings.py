@@ -76,7 +76,7 @@ class ConvertSettings:
         config = attention_preset(self.attention, window=self.window, sinks=self.sinks, feature_map=self.feature_map,
                                   feature_dim=self.feature_dim, cache=self.cache, mix_init=self.mix_init,
                                   memory_cap=self.memory_cap, heavy=self.heavy, local_layers=self.local_layers,
-                                  cache_position=self.cache_position)
+                                  cache_position=self.cache_position, cache_every=self.cache_every)
         return with_convert_defaults(config, self.training_free, self.seq_len)
 
     @property
