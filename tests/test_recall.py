@@ -312,6 +312,45 @@ def test_recall_table_merges_real_text_rows_and_keeps_them_on_resume(tiny_conver
         recall_table.main(["--real-text", str(ev), "--out", str(out)])
 
 
+def test_recall_table_adds_eval_cells_with_their_command_and_refuses_other_settings(tiny_converted, tmp_path):
+    """--cells EVAL_JSON adds an eval.json's passkey and multi-key cells to the teacher and student rows (a teacher's
+    None, beyond its context, left out), records each cell's command and trials, lists them under recall.md's table,
+    and refuses an eval of the student with other training-free settings than the table's."""
+    import json
+
+    from linearize.errors import LinearizeError
+    from linearize.evaluate import recall_table
+
+    res, out = run_recall_table(tiny_converted, tmp_path, "--select", "first", "--keep", "0", "--device", "cpu")
+    ev = tmp_path / "eval.json"
+    settings = {"passkey_lengths": [32768], "passkey_trials": 3, "multikey_keys": [4], "multikey_lengths": [8192],
+                "multikey_trials": 2}
+    ev.write_text(json.dumps({"model": "RUN", "settings": settings,
+                              "passkey": {"lengths": [32768], "trials": 3, "teacher": [None], "student": [2 / 3]},
+                              "multikey": {"keys": [4], "lengths": [8192], "trials": 2, "teacher": {"4": [1.0]},
+                                           "student": {"4": [0.5]}}}))
+    recall_table.main(["--cells", str(ev), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert merged["student"]["passkey"]["32768"] == 2 / 3 and "32768" not in merged["teacher"]["passkey"]
+    assert merged["student"]["multikey"]["4"]["8192"] == 0.5 and merged["teacher"]["multikey"]["4"]["8192"] == 1.0
+    assert merged["student"]["passkey"]["100"] == res["variants"]["student"]["passkey"]["100"]  # earlier cells kept
+    source = merged["student"]["cells_from"]["passkey 32768"]
+    assert source["trials"] == 3 and "--passkey-lengths 32768 --passkey-trials 3" in source["command"]
+    assert "passkey 32768" not in merged["teacher"].get("cells_from", {})
+    md = out.with_suffix(".md").read_text()
+    student_line = next(line for line in md.splitlines() if line.startswith("| student |"))
+    assert "| passkey 32768 |" in md and "| 67% |" in student_line
+    assert "- multikey 4 8192 (teacher, student; 2 trials)" in md
+    ev.write_text(json.dumps({"model": "RUN", "settings": {**settings, "cache_position": "packed"},
+                              "passkey": {"lengths": [32768], "trials": 3, "teacher": [None], "student": [1.0]}}))
+    with pytest.raises(LinearizeError, match="rerun eval with the table's flags"):
+        recall_table.main(["--cells", str(ev), "--out", str(out)])
+    assert json.loads(out.read_text()) == merged
+    ev.write_text(json.dumps({"model": "RUN"}))
+    with pytest.raises(LinearizeError, match="no part passkey or multikey"):
+        recall_table.main(["--cells", str(ev), "--out", str(out)])
+
+
 def test_recall_markdown_shows_a_length_only_the_student_was_asked():
     """A teacher row kept by --resume may lack a length measured later (or one beyond its context): the table has
     the column, the teacher's cell "-"."""

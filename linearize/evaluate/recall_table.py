@@ -20,7 +20,9 @@ ppl (held-out ShareGPT of the run's data: --ppl-sequences x 1024 tokens), softma
 {context: bytes}: for the converted variants measured after prefilling that many random token ids
 (generate/decoding.py, in blocks of 2048); for the teacher computed from its config (keys and values of every
 layer, what its KV cache holds; not prefilled). recall.json: {variant: row, ..., "about": {run, teacher, settings, device, ranking}},
-written after every variant (atomically); --resume keeps the variants it has.
+written after every variant (atomically); --resume keeps the variants it has. --real-text EVAL_JSON and --cells
+EVAL_JSON measure nothing: they merge `linearize eval`'s part realrecall ("real_text"), or its passkey and multi-key
+cells (into the teacher and student rows, each with the command that measured it: long cells run on another core).
 """
 
 import argparse
@@ -50,6 +52,10 @@ def parse(argv=None):
     p.add_argument("--real-text", metavar="EVAL_JSON",
                    help="measure nothing: merge this eval.json's part realrecall (facts in real text: teacher, "
                         "student and StreamingLLM of equal bytes on the same questions) into --out as 'real_text'")
+    p.add_argument("--cells", metavar="EVAL_JSON",
+                   help="measure nothing: add this eval.json's passkey and multi-key cells (lengths the table has not "
+                        "asked, e.g. 32k, measured by `linearize eval` on another core) to --out's teacher and student "
+                        "rows, each cell recorded with the command that measured it")
     p.add_argument("--keep", type=comma_ints, default=[0, 2, 4, 8, 15, 30],
                    help="K layers switched back to softmax (default: 0,2,4,8,15,30)")
     p.add_argument("--select", type=names, default=("transfer", "recall"),
@@ -69,8 +75,8 @@ def parse(argv=None):
     p.add_argument("--resume", action="store_true", help="keep the variants an earlier --out already has")
     add_placement(p, "both models")
     args = p.parse_args(argv)
-    if not args.run and not args.real_text:
-        p.error("give --run (measure a run) or --real-text EVAL_JSON (merge one)")
+    if not args.run and not args.real_text and not args.cells:
+        p.error("give --run (measure a run), --real-text EVAL_JSON or --cells EVAL_JSON (merge one)")
     if unknown := set(args.select) - set(SELECTIONS):
         p.error(f"unknown --select {sorted(unknown)}; choose from {', '.join(SELECTIONS)}")
     if min(args.trials, args.ppl_sequences, args.probes) < 1 or min(args.keep) < 0:
@@ -122,6 +128,14 @@ def markdown(result: dict) -> str:
             *[fmt(r["passkey"].get(n), ".0%") for n in lengths],
             *[fmt(r["multikey"].get(k, {}).get(n), ".0%") for k, ns in keys.items() for n in ns],
             *[f"{r['state_bytes'][c] / 2**20:.2f}" for c in contexts]]) + " |")
+    added = {}  # cell -> (command, trials): the cells --cells added, with who they were measured for
+    for name, r in variants.items():
+        for cell, source in r.get("cells_from", {}).items():
+            added.setdefault((cell, source["command"], source["trials"]), []).append(name)
+    if added:
+        lines += ["", "Cells added from `linearize eval` (`--cells`):", ""]
+        lines += [f"- {cell} ({', '.join(who)}; {trials} trials): `{command}`"
+                  for (cell, command, trials), who in added.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +150,47 @@ def merge_real_text(eval_json: Path, out: Path) -> dict:
     command = part_command(ev["model"], EvalSettings.from_dict(ev.get("settings", {})), "realrecall")
     recall[REAL_TEXT] = {"run": ev["model"], "command": command, "from": str(eval_json), "device": ev.get("device"),
                          **ev["realrecall"]}
+    write_recall(recall, out)
+    return recall
+
+
+def merge_cells(eval_json: Path, out: Path) -> dict:
+    """recall.json (out) with eval_json's passkey and multi-key cells put into its "teacher" and "student" rows (a
+    teacher's None, a length beyond its context, is left out); each cell's command, trials and source file under the
+    row's "cells_from". Refused where the eval's student settings differ from the table's."""
+    from .run import EvalSettings, part_command
+
+    ev, recall = read_json(eval_json), read_json(out)
+    if not ev or not {"passkey", "multikey"} & set(ev):
+        raise LinearizeError(f"{eval_json} has no part passkey or multikey; run `linearize eval RUN` with them")
+    if not recall or not {"teacher", "student"} <= set(recall):
+        raise LinearizeError(f"{out} has no teacher and student rows to add cells to; run "
+                             "`python scripts/recall_table.py --run RUN` first")
+    settings = EvalSettings.from_dict(ev.get("settings", {}))
+    table = recall[ABOUT]["settings"]
+    table_given = TrainingFree(cache=table.get("cache") or None, cache_every=table.get("cache_every"),
+                               memory_cap=table.get("memory_cap"), cache_position=table.get("cache_position")).given()
+    if settings.student.given() != table_given:
+        raise LinearizeError(f"{eval_json} measured the student with {settings.student.given() or 'its own settings'}, "
+                             f"{out} with {table_given or 'its own settings'}: rerun eval with the table's flags")
+    for part in ("passkey", "multikey"):
+        if part not in ev:
+            continue
+        res, source = ev[part], {"from": str(eval_json), "command": part_command(ev["model"], settings, part),
+                                 "trials": ev[part]["trials"]}
+        for who in ("teacher", "student"):
+            row = recall[who]
+            if part == "passkey":
+                cells = {("passkey", str(n)): acc for n, acc in zip(res["lengths"], res[who])}
+            else:
+                cells = {(f"multikey {k}", str(n)): acc for k, accs in res[who].items()
+                         for n, acc in zip(res["lengths"], accs)}
+            for (name, n), acc in cells.items():
+                if acc is None:
+                    continue
+                target = row[part] if part == "passkey" else row[part].setdefault(name.split()[1], {})
+                target[n] = acc
+                row.setdefault("cells_from", {})[f"{name} {n}"] = source
     write_recall(recall, out)
     return recall
 
@@ -176,6 +231,10 @@ def main(argv=None):
     if args.real_text:
         merge_real_text(Path(args.real_text), out)
         print(f"written {out} ('{REAL_TEXT}') and {out.with_suffix('.md')}")
+        return
+    if args.cells:
+        merge_cells(Path(args.cells), out)
+        print(f"written {out} (cells of {args.cells}) and {out.with_suffix('.md')}")
         return
     device, dtype = placement(args.device, args.dtype)
     student, tokenizer = load_student(args.run, device, dtype, TrainingFree(cache=args.cache or None,

@@ -125,6 +125,11 @@ class EvalSettings:
 # the flags of a part's own settings, for part_command
 PART_FLAGS = {
     "long": lambda s: ["--long-texts", ",".join(s.long_texts), "--long-length", str(s.long_length)],
+    "passkey": lambda s: ["--passkey-lengths", ",".join(map(str, s.passkey_lengths)),
+                          "--passkey-trials", str(s.passkey_trials)],
+    "multikey": lambda s: ["--multikey-keys", ",".join(map(str, s.multikey_keys)),
+                           "--multikey-lengths", ",".join(map(str, s.multikey_lengths)),
+                           "--multikey-trials", str(s.multikey_trials)],
     "realrecall": lambda s: ["--recall-texts", ",".join(s.recall_texts),
                              "--recall-lengths", ",".join(map(str, s.recall_lengths)),
                              "--recall-keys", ",".join(map(str, s.recall_keys)),
