@@ -133,6 +133,7 @@ def test_bench_passes_the_students_training_free_settings_to_its_processes(tiny_
     assert student.flags() == flags
     name = bench_file(BenchSettings(student=student))
     assert name == "bench_cache4_every2_packed.json"
+    assert bench_file(BenchSettings(student=student, eager_decode=True)) == "bench_cache4_every2_packed_eager_decode.json"
     res = json.loads((student_dir / name).read_text())
     assert res["settings"]["student"] == {"cache": 4, "cache_every": 2, "cache_position": "packed"}
     def prefilled_bytes(model):  # what a point reports: the state after its prompt (any tokens: shapes only)

@@ -35,6 +35,8 @@ def add(sub):
                         "linearize/ops/decode_linear.py) or stock nn.Linear (default: decode on the CPU, stock on CUDA)")
     add_arguments(p)
     add_placement(p, "both models")
+    p.add_argument("--eager-decode", action="store_true",
+                   help="decode the student by its eager step on CUDA too, not the captured graph (for comparison)")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="load both models once and run every point in this process (always so on CUDA)")
     p.set_defaults(run=run)
@@ -46,7 +48,7 @@ def run(args):
     settings = BenchSettings(contexts=args.contexts, decode_contexts=args.decode_contexts,
                              decode_tokens=args.decode_tokens, teacher_max_context=args.teacher_max_context,
                              timeout=args.timeout, repeats=args.repeats, linears=args.linears, device=args.device,
-                             dtype=args.dtype, in_process=args.in_process,
+                             dtype=args.dtype, in_process=args.in_process, eager_decode=args.eager_decode,
                              student=TrainingFree.from_args(args))
     res = bench(args.path, settings, args.teacher)
     print_tables(res)

@@ -87,18 +87,20 @@ def linear_layers_ms(model, repeats: int = 8) -> float:
 
 
 @torch.no_grad()
-def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dict:
+def measure_point(model, context: int, decode_tokens: int, seed: int = 0, captured: bool | None = None) -> dict:
     """Prefill `context` random tokens, then `decode_tokens` timed greedy steps after DECODE_WARMUP_STEPS untimed
     ones (0 = prefill only), on the model's device (CUDA: clocks read after synchronising).
     Returns {context, prefill_s, prefill_tokens_per_s, prefill_peak_bytes, cache_bytes, decode_ms_per_token
     (median), decode_tokens_per_s, decode_peak_bytes (incl. the cache), linear_layers_ms (the
-    weight-streaming floor of one step), threads, and model_rss_bytes (CPU) or model_allocated_bytes (CUDA)}."""
+    weight-streaming floor of one step), threads, decode_step (how the student decoded: "captured graph", "fixed
+    buffers" or "eager"; generate/captured.py) and model_rss_bytes (CPU) or model_allocated_bytes (CUDA)}.
+    captured: Decoder's (None: its default, on CUDA)."""
     device = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(vocab, (1, context), generator=torch.Generator().manual_seed(seed)).to(device)
-    dec = Decoder(model)
+    dec = Decoder(model, captured)
     dec.step(dec.prefill(ids[:, :WARMUP_TOKENS]).argmax(-1, keepdim=True))  # warm-up: first-call costs
-    dec = Decoder(model)
+    dec = Decoder(model, captured)
     mem = PeakMemory(device)
     mem.start()
     base = mem.base
@@ -119,8 +121,10 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0) -> dic
             logits = dec.step(token)
             times.append(now(device) - t0)
         ms = statistics.median(times) * 1000
+        step = "eager" if not dec._live else "captured graph" if dec._step.graphs else "fixed buffers"
         out.update(decode_ms_per_token=ms, decode_tokens_per_s=1000 / ms, decode_peak_bytes=mem.peak(),
-                   cache_bytes_after_decode=dec.cache_bytes(), linear_layers_ms=linear_layers_ms(model))
+                   cache_bytes_after_decode=dec.cache_bytes(), linear_layers_ms=linear_layers_ms(model),
+                   decode_step=step)
     return out
 
 

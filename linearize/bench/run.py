@@ -55,6 +55,7 @@ class BenchSettings:
     device: str = "auto"  # "auto" (CUDA when torch sees one) | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     in_process: bool | None = None  # load both models once and measure here (default: on CUDA only)
+    eager_decode: bool = False  # the student decodes by the eager step even on CUDA (no captured graph)
     student: TrainingFree = field(default_factory=TrainingFree)  # the student's training-free settings (`--cache 64
     # --cache-position edge` ...; None: as converted)
     # the targets (issue: SmolLM2-135M on a 2-core CPU), judged at context target_at
@@ -152,13 +153,16 @@ class InProcess:
         self.models = {which: load_model(path, which, teacher, device, dtype, linears, student)
                        for which in ("student", "teacher")}
 
-    def point(self, which: str, context: int, decode_tokens: int, linears: str) -> dict:
+    def point(self, which: str, context: int, decode_tokens: int, linears: str, captured: bool | None = None) -> dict:
+        """captured: the student's decoding step on fixed buffers, captured as a graph on CUDA (None: the
+        Decoder's default, so on CUDA; generate/captured.py)."""
         import torch
 
         from .measure import measure_point
 
         try:
-            return {"which": which, "linears": linears, **measure_point(self.models[which], context, decode_tokens)}
+            return {"which": which, "linears": linears,
+                    **measure_point(self.models[which], context, decode_tokens, captured=captured)}
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             return {"which": which, "context": context, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
         finally:
@@ -174,6 +178,7 @@ def bench_file(settings: BenchSettings) -> str:
     """bench.json, or for a student given training-free settings a name that says which: bench_cache64_edge.json
     for --cache 64 --cache-position edge, _every / _cap / _heavy for --cache-every / --memory-cap / --heavy."""
     tags = "".join(BENCH_FILE_TAGS[name].format(value) for name, value in settings.student.given().items())
+    tags += "_eager_decode" if settings.eager_decode else ""
     return f"bench{tags}.json" if tags else BENCH
 
 
@@ -207,7 +212,8 @@ def bench(path: str | Path, settings: BenchSettings | None = None, teacher: str 
                 turn = f" ({r + 1} of {settings.repeats})" if settings.repeats > 1 else ""
                 log(f"bench: {which} at context {context} ({'prefill + decode' if n_decode else 'prefill'}){turn} ...")
                 if here is not None:
-                    measured[which].append(here.point(which, context, n_decode, settings.linears))
+                    measured[which].append(here.point(which, context, n_decode, settings.linears,
+                                                      False if settings.eager_decode else None))
                 else:
                     measured[which].append(run_point(path, which, context, n_decode, spec, settings.timeout,
                                                      settings.linears, dtype_name, settings.student))

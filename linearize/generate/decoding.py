@@ -16,6 +16,7 @@ import torch
 
 from ..device import model_device
 from ..models.linearized import LinearizedForCausalLM
+from .captured import CapturedStep
 
 PREFILL_BLOCK = 2048  # prompt tokens per forward pass: bounds prefill memory, whatever the prompt length
 TOP_P = 0.9  # nucleus sampling: sample from the smallest set of tokens with this much probability
@@ -61,13 +62,31 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = TOP_P,
 
 class Decoder:
     """Prefill and step either kind of model. Logits come back on the model's device, where inputs are moved;
-    `cache` is the KV cache (teacher) or DecodingState (student); cache_bytes() its size per sequence."""
+    `cache` is the KV cache (teacher) or DecodingState (student); cache_bytes() its size per sequence.
 
-    def __init__(self, model):
+    captured (student; default: on CUDA): once the prompt has filled the window and sinks, decode on fixed buffers
+    (generate/captured.py), on CUDA with the step captured as a graph and replayed; `cache` reads them back (a copy)
+    when asked for. Where the model's attention has no fixed-shape step, the eager step."""
+
+    def __init__(self, model, captured: bool | None = None):
         self.model = model.eval()
         self.linear = isinstance(model, LinearizedForCausalLM)
         self.device = model_device(model)
-        self.cache = None
+        self.captured = self.linear and (self.device.type == "cuda" if captured is None else captured) \
+            and CapturedStep.model_unsupported(model) is None
+        self._cache = None
+        self._step = None  # the CapturedStep, made at the first step it can take
+        self._live = False  # True while the captured step's buffers, not _cache, hold the current state
+
+    @property
+    def cache(self):
+        if self._live:
+            self._cache, self._live = self._step.export(), False
+        return self._cache
+
+    @cache.setter
+    def cache(self, value):
+        self._cache, self._live = value, False
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, state=None, logits=None) -> torch.Tensor:
@@ -89,6 +108,13 @@ class Decoder:
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         token = token.to(self.device)
+        if self.captured and not self._live and CapturedStep.unsupported(self.model, self._cache) is None:
+            if self._step is None:
+                self._step = CapturedStep(self.model, capture=self.device.type == "cuda")
+            self._step.load(self._cache)
+            self._live = True
+        if self._live:
+            return self._step(token)
         if self.linear:
             out = step_forward(self.model, token, self.cache)
         else:
@@ -96,6 +122,8 @@ class Decoder:
         return out.logits[:, -1]
 
     def cache_bytes(self) -> int:
+        if self._live:
+            return self._step.nbytes()
         if self.cache is None:
             return 0
         if self.linear:

@@ -2,7 +2,8 @@
 
 attention_recurrent(streams, spec, layer, initial_state, output_final_state) -> (y, state | None): each token a
 step of the sparse cache (sparse_cache/recurrent.py) or of the window + sinks + linear memory hybrid (hybrid_step,
-with heavy hitters where spec.heavy: heavy_hitters/recurrent.py).
+with heavy hitters where spec.heavy: heavy_hitters/recurrent.py); a StaticCacheState (sparse_cache/static.py: fixed
+buffers, what a captured step replays) takes one token of static_step.
 """
 
 from dataclasses import replace
@@ -12,6 +13,7 @@ import torch
 from ..heavy_hitters.recurrent import step_terms
 from ..sparse_cache.recurrent import cached_step
 from ..sparse_cache.segment import attention_cached
+from ..sparse_cache.static import StaticCacheState, static_step
 from .spec import AttentionSpec, LayerConstants
 from .state import LinearAttentionState, Streams
 from .terms import capped, combine, keys_in_memory, ones_column
@@ -24,6 +26,10 @@ def attention_recurrent(streams: Streams, spec: AttentionSpec, layer: LayerConst
     else None). initial_state (None: an empty one) is advanced in place, so the returned state is that object:
     decoding writes its window ring without copies. Query heads are grouped as (B, Hkv, G, .) so every product is a
     plain batched matmul (no broadcast copies of the state): decoding is latency-bound, so a step is few ops."""
+    if isinstance(initial_state, StaticCacheState):  # fixed buffers (a captured step): one token, no selection
+        if len(streams) != 1:
+            raise ValueError("a fixed-shape decoding state takes one token at a time; its selections are the caller's")
+        return static_step(streams, spec, layer, initial_state), initial_state if output_final_state else None
     state = empty_state(streams, spec) if initial_state is None else initial_state
     if spec.cache and not spec.window:  # no ring to write: the chunked form, one token at a time
         y = attention_cached(streams, spec, layer, state, 1)

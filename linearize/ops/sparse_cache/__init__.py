@@ -38,7 +38,8 @@ the same way). It needs the keys held with their RoPE undone (a cache_distance).
 - selection.py: ranking the cached keys by the memory's self-recall error; positions.py: where the cache's keys
   (and the sinks outside the window) are scored (their own positions, or at a distance);
 - naive.py: the quadratic reference (replays the selections); segment.py: the chunked form, segment by segment
-  between selections, and the selection on a state; recurrent.py: one decoding step.
+  between selections, and the selection on a state; recurrent.py: one decoding step; static.py: that step and the
+  selection in buffers of fixed shape (what a captured CUDA graph replays: generate/captured.py).
 """
 
 from .selection import (gather_time, keep_worst_recalled, learned_score, pooled, read_out, score_features,
