@@ -15,6 +15,8 @@ what the tests compare with the eager decoder.
 generate/decoding.Decoder uses it on CUDA (generate, serve, bench and the evals decode through it).
 """
 
+import warnings
+
 import torch
 
 from ..layers.linear_attention import DecodingState
@@ -68,6 +70,7 @@ class CapturedStep:
             self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
             self.position = torch.zeros(1, 1, dtype=torch.long, device=device)
             self.graphs = self._captured() if self.capture else None
+            self.capture = self.graphs is not None
         else:
             for mine, new in zip(self.state, statics):
                 for a, b in zip(mine.tensors(), new.tensors()):
@@ -124,9 +127,16 @@ class CapturedStep:
         for t, s in zip([t for s in self.state for t in s.tensors()], saved):
             t.copy_(s)
         step, select = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.no_grad():
-            with torch.cuda.graph(step):
-                self.logits = self._forward()
-            with torch.cuda.graph(select, pool=step.pool()):
-                self._select()
+        try:
+            with torch.no_grad():
+                with torch.cuda.graph(step):
+                    self.logits = self._forward()
+                with torch.cuda.graph(select, pool=step.pool()):
+                    self._select()
+        except RuntimeError as e:  # an op that cannot be captured (a host sync): the same step, uncaptured
+            warnings.warn(f"decoding without a CUDA graph: capturing the step failed ({str(e).splitlines()[0]})")
+            torch.cuda.synchronize()
+            for t, s in zip([t for s in self.state for t in s.tensors()], saved):
+                t.copy_(s)
+            return None
         return step, select
