@@ -4,6 +4,7 @@ every way of scoring the cache; its state converts back to the eager one; its bu
 address."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -190,3 +191,18 @@ def test_bench_point_says_how_the_student_decoded(tiny_teacher):
     assert measure_point(student, context=40, decode_tokens=3)["decode_step"] == "eager"  # the CPU's default
     fixed = measure_point(student, context=40, decode_tokens=3, captured=True)
     assert fixed["decode_step"] == "fixed buffers" and fixed["decode_ms_per_token"] > 0
+
+
+def test_static_step_in_bfloat16_follows_the_eager_step():
+    """bfloat16 buffers (what a GPU decodes in): the fixed-shape step stays within bfloat16's rounding of the eager
+    one over several selections (the memory cap's counts are taken in float32 by both)."""
+    B, H, Hkv, T, d, window, sinks, cache, every, prompt = CASES[0]
+    streams, mix, key_features, _ = attention_inputs(B, H, Hkv, T, d, dtype=torch.bfloat16)
+    spec, layer = spec_and_layer(H, Hkv, d, window, sinks, cache, every, "packed", "learned", True, mix, key_features)
+    layer = replace(layer, cache_scorer=layer.cache_scorer.float())  # a model's buffer: float32 at most
+    with torch.no_grad():
+        _, state = attention_chunked(streams.slice(slice(0, prompt)), spec, layer, None, True, chunk=4)
+        y, _ = decode_static(streams, spec, layer, state, prompt)
+        eager, _ = attention_recurrent(streams.slice(slice(prompt, T)), spec, layer, copy.deepcopy(state), True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, eager, rtol=2e-2, atol=2e-2)

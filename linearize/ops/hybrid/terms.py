@@ -74,8 +74,8 @@ def capped(lin, n_keys, spec: AttentionSpec):
         return lin
     if isinstance(n_keys, int):
         return lin * (spec.memory_cap / max(n_keys, spec.memory_cap))
-    n = n_keys.to(device=lin.device, dtype=lin.dtype)
-    return lin * (spec.memory_cap / n.clamp(min=spec.memory_cap)).unsqueeze(-1)
+    n = n_keys.to(device=lin.device, dtype=torch.promote_types(lin.dtype, torch.float32))  # counts exact in bf16
+    return lin * (spec.memory_cap / n.clamp(min=spec.memory_cap)).unsqueeze(-1).to(lin.dtype)
 
 
 def keys_in_memory(position, spec: AttentionSpec):
