@@ -210,7 +210,7 @@ def real_text_markdown(rr: dict) -> str:
     lengths, models = rr["lengths"], list(rr["models"])
     lines = ["## Facts in real text", "", f"`{rr['command']}` ({rr['trials']} questions per text, k and length; texts: "
              f"{', '.join(rr['texts'])}; StreamingLLM of equal state bytes: {rr.get('sinks')} sinks + "
-             f"{rr.get('window')} tokens). Per format and depth: recall.json.", "",
+             f"{rr.get('window')} tokens). Per format and depth: the JSON beside this file.", "",
              "| model | " + " | ".join(f"k = {k}, {n}" for k in rr["keys"] for n in lengths) + " |",
              "|---|" + "---|" * (len(rr["keys"]) * len(lengths))]
     for who in models:
