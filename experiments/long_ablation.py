@@ -17,21 +17,21 @@ import torch
 
 from linearize.evaluate.long import BLOCK, _ppl, band_sums, long_documents, token_nll
 from linearize.loading.student import load_student
-from linearize.training_free import TrainingFree
+from linearize.training_free import TrainingFree, add_arguments
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--reference", required=True, help="an eval.json with the part long (same texts and length)")
-    ap.add_argument("--memory-cap", type=int, default=None, help="the students' memory cap (default: as converted)")
+    add_arguments(ap)  # the students' training-free settings (--memory-cap, --cache-position, ...; as converted)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ref = json.loads(Path(args.reference).read_text())["long"]
     length, bands = ref["length"], [tuple(b) for b in ref["bands"]]
     rows = {}
     for run in args.runs:
-        student, tokenizer = load_student(run, "cpu", torch.float32, TrainingFree(memory_cap=args.memory_cap))
+        student, tokenizer = load_student(run, "cpu", torch.float32, TrainingFree.from_args(args))
         docs = long_documents(list(ref["texts"]), tokenizer, length)
         per_text, pooled, beyond = {}, [[0.0, 0] for _ in bands], [0.0, 0]
         for name, doc in docs.items():
