@@ -121,10 +121,9 @@ def measure_point(model, context: int, decode_tokens: int, seed: int = 0, captur
             logits = dec.step(token)
             times.append(now(device) - t0)
         ms = statistics.median(times) * 1000
-        step = "eager" if not dec._live else "captured graph" if dec._step.graphs else "fixed buffers"
         out.update(decode_ms_per_token=ms, decode_tokens_per_s=1000 / ms, decode_peak_bytes=mem.peak(),
                    cache_bytes_after_decode=dec.cache_bytes(), linear_layers_ms=linear_layers_ms(model),
-                   decode_step=step)
+                   decode_step=dec.step_kind)
     return out
 
 

@@ -167,9 +167,7 @@ def merge_cells(eval_json: Path, out: Path) -> dict:
         raise LinearizeError(f"{out} has no teacher and student rows to add cells to; run "
                              "`python scripts/recall_table.py --run RUN` first")
     settings = EvalSettings.from_dict(ev.get("settings", {}))
-    table = recall[ABOUT]["settings"]
-    table_given = TrainingFree(cache=table.get("cache") or None, cache_every=table.get("cache_every"),
-                               memory_cap=table.get("memory_cap"), cache_position=table.get("cache_position")).given()
+    table_given = student_settings(recall[ABOUT]["settings"]).given()
     if settings.student.given() != table_given:
         raise LinearizeError(f"{eval_json} measured the student with {settings.student.given() or 'its own settings'}, "
                              f"{out} with {table_given or 'its own settings'}: rerun eval with the table's flags")
@@ -180,19 +178,23 @@ def merge_cells(eval_json: Path, out: Path) -> dict:
                                  "trials": ev[part]["trials"]}
         for who in ("teacher", "student"):
             row = recall[who]
-            if part == "passkey":
-                cells = {("passkey", str(n)): acc for n, acc in zip(res["lengths"], res[who])}
-            else:
-                cells = {(f"multikey {k}", str(n)): acc for k, accs in res[who].items()
-                         for n, acc in zip(res["lengths"], accs)}
-            for (name, n), acc in cells.items():
-                if acc is None:
-                    continue
-                target = row[part] if part == "passkey" else row[part].setdefault(name.split()[1], {})
-                target[n] = acc
-                row.setdefault("cells_from", {})[f"{name} {n}"] = source
+            by_keys = {None: res[who]} if part == "passkey" else res[who]  # k -> accuracy per length
+            for k, accuracies in by_keys.items():
+                target = row[part] if k is None else row[part].setdefault(k, {})
+                for n, acc in zip(res["lengths"], accuracies):
+                    if acc is not None:
+                        target[str(n)] = acc
+                        cell = f"{part} {n}" if k is None else f"{part} {k} {n}"
+                        row.setdefault("cells_from", {})[cell] = source
     write_recall(recall, out)
     return recall
+
+
+def student_settings(settings: dict) -> TrainingFree:
+    """The student's training-free settings of the table's settings (parsed flags as a dict, or about.settings):
+    a cache of 0 reads as "as converted"."""
+    return TrainingFree(cache=settings.get("cache") or None, cache_every=settings.get("cache_every"),
+                        memory_cap=settings.get("memory_cap"), cache_position=settings.get("cache_position"))
 
 
 def write_recall(recall: dict, out: Path) -> None:
@@ -237,10 +239,7 @@ def main(argv=None):
         print(f"written {out} (cells of {args.cells}) and {out.with_suffix('.md')}")
         return
     device, dtype = placement(args.device, args.dtype)
-    student, tokenizer = load_student(args.run, device, dtype, TrainingFree(cache=args.cache or None,
-                                                                             cache_every=args.cache_every,
-                                                                             memory_cap=args.memory_cap,
-                                                                             cache_position=args.cache_position))
+    student, tokenizer = load_student(args.run, device, dtype, student_settings(vars(args)))
     teacher, spec = load_teacher_of(args.run, None, device, dtype)
     rows = eval_sequences("sharegpt", tokenizer, 1024, args.ppl_sequences, data=training_data(args.run))
     candidates = linearized_layers(student.attention_modules())

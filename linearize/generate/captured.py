@@ -62,8 +62,8 @@ class CapturedStep:
         """Copy `state` (a DecodingState that `unsupported` accepts; left as it is) into the buffers, made (and the
         graphs captured) the first time or where its shapes differ."""
         statics = [StaticCacheState.from_state(s, self.modules[i].spec) for i, s in enumerate(state)]
-        shapes = [[t.shape for t in s.tensors()] for s in statics]
-        if self.state is None or shapes != [[t.shape for t in s.tensors()] for s in self.state]:
+        new = [t for s in statics for t in s.tensors()]
+        if self.state is None or [t.shape for t in new] != [t.shape for t in self.buffers()]:
             self.state = DecodingState(len(statics))
             self.state[:] = statics
             device = statics[0].win_k.device
@@ -72,11 +72,18 @@ class CapturedStep:
             self.graphs = self._captured() if self.capture else None
             self.capture = self.graphs is not None
         else:
-            for mine, new in zip(self.state, statics):
-                for a, b in zip(mine.tensors(), new.tensors()):
-                    a.copy_(b)
+            self.restore(new)
         self.seen, self.count = state.seen, int(statics[0].count)
         self.state.seen = self.seen
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every fixed buffer of every layer, in one order (what the graphs read and write)."""
+        return [t for s in self.state for t in s.tensors()]
+
+    def restore(self, values: list[torch.Tensor]):
+        """Copy `values` (in buffers() order and shapes) into the buffers."""
+        for t, value in zip(self.buffers(), values):
+            t.copy_(value)
 
     def export(self) -> DecodingState:
         """The current state as a DecodingState of LinearAttentionState (copies), for prefill, state files, ..."""
@@ -116,7 +123,7 @@ class CapturedStep:
     def _captured(self):
         """Record the step and the selection as CUDA graphs (after eager warm-up runs on a side stream; the
         buffers are restored after the warm-up, which moved them on)."""
-        saved = [t.clone() for s in self.state for t in s.tensors()]
+        saved = [t.clone() for t in self.buffers()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
@@ -124,8 +131,7 @@ class CapturedStep:
                 self._forward()
                 self._select()
         torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip([t for s in self.state for t in s.tensors()], saved):
-            t.copy_(s)
+        self.restore(saved)
         step, select = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         try:
             with torch.no_grad():
@@ -136,7 +142,6 @@ class CapturedStep:
         except RuntimeError as e:  # an op that cannot be captured (a host sync): the same step, uncaptured
             warnings.warn(f"decoding without a CUDA graph: capturing the step failed ({str(e).splitlines()[0]})")
             torch.cuda.synchronize()
-            for t, s in zip([t for s in self.state for t in s.tensors()], saved):
-                t.copy_(s)
+            self.restore(saved)
             return None
         return step, select

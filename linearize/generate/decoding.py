@@ -121,6 +121,13 @@ class Decoder:
             out = self.model(input_ids=token, cache=self.cache, use_cache=True)
         return out.logits[:, -1]
 
+    @property
+    def step_kind(self) -> str:
+        """How the last step decoded: "captured graph", "fixed buffers" (captured.py, uncaptured) or "eager"."""
+        if not self._live:
+            return "eager"
+        return "captured graph" if self._step.graphs else "fixed buffers"
+
     def cache_bytes(self) -> int:
         if self._live:
             return self._step.nbytes()

@@ -32,13 +32,22 @@ def cached_step(streams: Streams, spec: AttentionSpec, layer: LayerConstants, st
         far_k = in_row(torch.cat([p.k for p in parts[1:]], dim=2), 0, spec, inv_freq)
         far = (cache_queries(qg, pos_q, spec, inv_freq, far_k.shape[2]) @ far_k.transpose(-1, -2)) * spec.scale
         scores = torch.cat([near, far], dim=-1)
+    y = step_output(scores, n_ref, v, streams.fq, state.kv, in_memory, spec, layer)
+    select_when_due(state, spec, layer)
+    return y
+
+
+def step_output(scores, n_ref: int, v, fq, kv, in_memory, spec: AttentionSpec, layer: LayerConstants):
+    """One token's output from its scores (B, Hkv, G, n) against the exact keys (window and sinks first, n_ref of
+    them), their values v (B, Hkv, n, d), and the memory kv (B, Hkv, F, d + 1) read by fq (B, H, 1, F), holding
+    in_memory keys (an int or a () tensor): the shared normaliser in the units of the largest window/sink score.
+    Returns y (B, H, 1, d). (cached_step here and static.static_step share it.)"""
+    B, Hkv = v.shape[:2]
     m_ref = scores[..., :n_ref].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
     m = scores.amax(-1, keepdim=True)
     num_sm = (torch.exp(scores - m) @ ones_column(v)).unsqueeze(3)
     lin = None
     if spec.memory:
-        lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
+        lin = (fq.reshape(B, Hkv, -1, fq.shape[-1]) @ kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
         lin = capped(lin * torch.exp(m_ref - m).unsqueeze(3), in_memory, spec)
-    y = combine(num_sm, lin, layer.mix, Hkv)
-    select_when_due(state, spec, layer)
-    return y
+    return combine(num_sm, lin, layer.mix, Hkv)

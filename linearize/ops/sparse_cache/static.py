@@ -28,11 +28,12 @@ import torch
 from ..heavy_hitters.selection import split
 from ..hybrid.spec import AttentionSpec, LayerConstants
 from ..hybrid.state import LinearAttentionState, Streams
-from ..hybrid.terms import capped, combine, ones_column
+from ..hybrid.terms import ones_column
 from ..rotary import rotate
 from .positions import cache_queries, in_row, rope_keys
+from .recurrent import step_output
 from .segment import ranking
-from .selection import gather_time, pooled, worst_recalled
+from .selection import pooled, worst_recalled
 
 
 @dataclass
@@ -151,15 +152,8 @@ def static_step(streams: Streams, spec: AttentionSpec, layer: LayerConstants, st
            @ in_row(state.far_k, 0, spec, inv_freq).transpose(-1, -2)) * spec.scale
     far = far.masked_fill(torch.arange(far.shape[-1], device=q.device) >= n_far, float("-inf"))
     scores = torch.cat([near, far], dim=-1)
-    m_ref = scores[..., : W + S].amax(-1, keepdim=True)  # the largest window/sink score: the memory's units
-    m = scores.amax(-1, keepdim=True)
     v = torch.cat([state.win_v, state.far_v], dim=2)
-    num_sm = (torch.exp(scores - m) @ ones_column(v)).unsqueeze(3)
-    lin = None
-    if spec.memory:
-        lin = (streams.fq.reshape(B, Hkv, -1, streams.fq.shape[-1]) @ state.kv).unsqueeze(3)  # (B, Hkv, G, 1, d+1)
-        lin = capped(lin * torch.exp(m_ref - m).unsqueeze(3), in_memory, spec)
-    return combine(num_sm, lin, layer.mix, Hkv)
+    return step_output(scores, W + S, v, streams.fq, state.kv, in_memory, spec, layer)
 
 
 def static_select(spec: AttentionSpec, layer: LayerConstants, state: StaticCacheState):
@@ -179,8 +173,7 @@ def static_select(spec: AttentionSpec, layer: LayerConstants, state: StaticCache
         state.kv.add_((fk * evicted).transpose(-1, -2) @ ones_column(cache.v))  # S += sum phi(k)^T [v, 1]
     for buffer in (state.far_k, state.far_v, state.far_position):
         if buffer is not None:
-            kept_values = gather_time(buffer[:, :, S:].unsqueeze(-1), kept).squeeze(-1) if buffer.dim() == 3 \
-                else gather_time(buffer[:, :, S:], kept)
+            kept_values = torch.take_along_dim(buffer[:, :, S:], kept if buffer.dim() == 3 else kept[..., None], 2)
             buffer[:, :, S + M :].zero_()
             buffer[:, :, S : S + M].copy_(kept_values)
     state.count.fill_(M)
